@@ -1,0 +1,49 @@
+"""Backend selection shared by every op in ``gdnsq_kernels``.
+
+The environment variable ``GDNSQ_BACKEND`` picks the implementation:
+
+* ``auto`` (default): CUDA tensors -> ``triton``; CPU tensors -> ``cpu`` (the fused C++ path for
+  the quantizers, NumPy popcount for the bit-packed ops).
+* ``triton``: the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` (tests only).
+* ``reference``: the plain-PyTorch oracle in ``gdnsq_kernels.reference`` (slow, exact).
+* ``cpu``: the fused CPU path (CPU tensors only).
+* ``torch``: the eager closed-form PyTorch path (no compiler needed; CPU or CUDA).
+
+Each op may also take an explicit ``backend=`` keyword for tests and benchmarks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference", "cpu", "torch")
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors via NumPy."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def requested_backend(explicit: str | None = None) -> str:
+    """The backend asked for, by argument or by ``GDNSQ_BACKEND``; validated, not yet resolved."""
+    name = explicit if explicit is not None else os.environ.get("GDNSQ_BACKEND", "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"GDNSQ_BACKEND/backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def resolve_backend(tensor: torch.Tensor, explicit: str | None = None) -> str:
+    """Concrete backend for an op on ``tensor``: one of triton, reference, cpu, torch."""
+    name = requested_backend(explicit)
+    if name == "auto":
+        return "triton" if tensor.is_cuda else "cpu"
+    if name == "triton" and not tensor.is_cuda and not triton_interpreter_enabled():
+        raise RuntimeError(
+            "GDNSQ_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1 "
+            "(the Triton interpreter); use GDNSQ_BACKEND=cpu for real CPU work"
+        )
+    if name == "cpu" and tensor.is_cuda:
+        raise RuntimeError("GDNSQ_BACKEND=cpu was requested for a CUDA tensor; use auto or triton")
+    return name
