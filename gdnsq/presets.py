@@ -1,0 +1,160 @@
+"""Training hyper-parameters (``TrainConfig``) and the named presets ``"paper"`` and ``"cpu-fast"``.
+
+Units are part of every field's name or docstring: LR schedule lengths are counted in optimizer
+steps (= batches per rank), validation cadence and patience in epochs / validations.
+
+Example::
+
+    cfg = get_preset("cpu-fast", max_epochs=4, seed=1)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+ESTIMATORS = ("ste", "aewgs")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the :class:`gdnsq.Trainer` needs besides the model and the data.
+
+    Schedule (METHOD.md Part B §3.3, §4.4):
+        lr: initial (peak) learning rate of RAdam, lr0. Paper: 0.002 (CIFAR).
+        warmup_steps: batches of linear LR warm-up from 0 to ``lr``, with penalty weight t = 0.
+        t_scale: after warm-up, t grows by ``t_scale * lr`` per batch (paper: 2.0).
+        anneal: per-batch LR factor applied once the realised bit-widths meet the targets.
+    Stopping and selection (Part B §4.6):
+        max_epochs: hard limit on training epochs.
+        max_minutes: optional wall-clock budget in minutes (all resumed segments together); the
+            run stops cleanly at the first epoch end past the budget, after checkpointing.
+        val_every: validate every this many epochs (the last epoch is always validated).
+        patience: early stopping after this many validations without an improvement of more
+            than ``min_delta`` percentage points, counted only after the first convergence.
+        min_delta: minimum val top-1 improvement (percentage points) that resets patience.
+    Other:
+        batch_size: images per optimizer step per rank; used by loader helpers (the trainer
+            itself takes ready-made loaders and only records this value).
+        estimator: weight-gradient estimator requested from the quantizers, "ste" or "aewgs"
+            (recorded; conversion applies it).
+        epsilon: bit-width constraint margin of the penalty (bits <= target - epsilon).
+        seed: seeds torch (+ rank), numpy and python's random when the trainer is built.
+        device: "auto" (cuda:<local rank> when available, else cpu), or any torch device string.
+        log_every: write a step record to metrics.jsonl every this many batches.
+        num_workers: DataLoader workers for loader helpers.
+        probe_batches: batches of the validation loader run in eval mode at train-epoch ends
+            where no validation is due, to refresh the activation quantizers' observed bits
+            before the convergence test.
+        progress: show the progress bar on stderr (rank 0 only).
+    """
+
+    lr: float = 0.002
+    warmup_steps: int = 1000
+    t_scale: float = 2.0
+    anneal: float = 0.9985
+    max_epochs: int = 1000
+    max_minutes: Optional[float] = None
+    val_every: int = 2
+    patience: int = 50
+    min_delta: float = 1e-4
+    batch_size: int = 1000
+    estimator: str = "ste"
+    epsilon: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    num_workers: int = 0
+    probe_batches: int = 1
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError/TypeError naming the first bad field; return self."""
+        def positive(name, integer=False, allow_zero=False):
+            v = getattr(self, name)
+            kind = int if integer else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise TypeError(f"TrainConfig.{name}: expected {'an int' if integer else 'a number'}, got {v!r}")
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"TrainConfig.{name}: expected a {'non-negative' if allow_zero else 'positive'} value, got {v!r}")
+
+        positive("lr")
+        positive("warmup_steps", integer=True, allow_zero=True)
+        positive("t_scale", allow_zero=True)
+        positive("max_epochs", integer=True)
+        positive("val_every", integer=True)
+        positive("patience", integer=True)
+        positive("min_delta", allow_zero=True)
+        positive("batch_size", integer=True)
+        positive("epsilon", allow_zero=True)
+        positive("log_every", integer=True)
+        positive("num_workers", integer=True, allow_zero=True)
+        positive("probe_batches", integer=True)
+        if isinstance(self.anneal, bool) or not isinstance(self.anneal, (int, float)) or not 0 < self.anneal <= 1:
+            raise ValueError(f"TrainConfig.anneal: expected a per-batch factor in (0, 1], got {self.anneal!r}")
+        if self.max_minutes is not None:
+            positive("max_minutes")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"TrainConfig.estimator: expected one of {ESTIMATORS}, got {self.estimator!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"TrainConfig.seed: expected an int, got {self.seed!r}")
+        if not isinstance(self.device, str):
+            raise TypeError(f"TrainConfig.device: expected a string such as 'auto', 'cpu' or 'cuda:0', got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+# Batches per epoch on the default CIFAR split (45,000 training images after holding out 5,000
+# for validation) at batch 128: ceil(45000 / 128) = 352.
+_CPU_FAST_BATCHES_PER_EPOCH = 352
+
+PRESETS = {
+    # METHOD.md Part B §8 (CIFAR): batch 1000, RAdam lr 0.002, 1000 warm-up batches, t += 2*lr0
+    # per batch, LR x0.9985 per batch after convergence, validation every 2 epochs, patience 50
+    # validations, at most 1000 epochs.
+    "paper": dict(
+        lr=0.002, warmup_steps=1000, t_scale=2.0, anneal=0.9985, batch_size=1000,
+        val_every=2, patience=50, min_delta=1e-4, max_epochs=1000, log_every=10,
+    ),
+    # A short fine-tune from a pretrained FP ResNet-20 on a 2-core CPU. RAdam moves each
+    # log2 step by about lr per batch once the penalty dominates, so the bit-widths fall at
+    # roughly 2*lr bits per batch for activations and lr for weights: lr 0.004 lets 10 -> 4
+    # bits happen within ~2 epochs of 352 batches; t_scale 50 makes t reach ~70 after one
+    # epoch, so the penalty dominates the distillation gradient early. The LR then halves every
+    # epoch (0.5 ** (1/352) = 0.99803 per batch).
+    "cpu-fast": dict(
+        lr=0.004, warmup_steps=100, t_scale=50.0,
+        anneal=round(0.5 ** (1.0 / _CPU_FAST_BATCHES_PER_EPOCH), 5), batch_size=128,
+        val_every=1, patience=3, min_delta=1e-4, max_epochs=8, log_every=20,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> TrainConfig:
+    """Return a fresh :class:`TrainConfig` for preset ``name`` with ``overrides`` applied.
+
+    Raises ValueError for an unknown preset name or an unknown field in ``overrides``.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"get_preset: name must be one of {sorted(PRESETS)}, got {name!r}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"get_preset: unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+    values = dict(PRESETS[name])
+    values.update(overrides)
+    return TrainConfig(**values)
