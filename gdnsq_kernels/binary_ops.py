@@ -1,8 +1,565 @@
-"""Placeholder: bit-packed W1A1 ops land here (issue: bit-packed W1A1 arithmetic)."""
+"""Bit-packed W1A1 arithmetic: packed GEMMs and the affine binary linear / conv2d built on them.
+
+Public ops (all inference-only: no autograd):
+
+* ``pack_bits`` / ``unpack_bits`` (see :mod:`gdnsq_kernels.bitpack` for the bit order).
+* ``xnor_gemm(a_packed, b_packed, k)``: ``C[m, n] = sum_{i<k} (2a-1)(2b-1) = k - 2*popcount(a XOR b)``.
+* ``and_gemm(a_packed, b_packed, k)``: ``C[m, n] = sum_{i<k} a*b = popcount(a AND b)``.
+* ``pack_linear_weight`` / ``pack_conv_weight`` -> :class:`PackedBinaryWeight` (pack once, reuse).
+* ``binary_linear`` / ``binary_conv2d``: the float result of a layer with affine binary codes,
+  weights ``w = m_c + s_c*k`` (per output channel c, ``k in {0,1}``) and activations
+  ``a = beta + s_a*j`` (per tensor, ``j in {0,1}``), from one AND-popcount GEMM plus rank-1
+  corrections (METHOD.md Part B §7). Over the ``n`` real taps of an output position::
+
+      sum w*a = s_c*s_a*sum(k*j) + s_c*beta*sum(k) + m_c*s_a*sum(j) + m_c*beta*n
+
+  ``sum(k*j)`` is the packed GEMM; ``sum(j)`` is a per-position count; ``sum(k)`` and ``n`` are
+  counted over the taps that land inside the image, so zero padding stays exact when
+  ``beta != 0`` (a padded tap is the value 0, not the code 0 = beta).
+
+Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
+
+* ``triton``: the Triton kernel (:mod:`gdnsq_kernels.triton_xnor`); on CPU tensors only under
+  ``TRITON_INTERPRET=1``.
+* ``cpu``: CPU tensors. NumPy ``bitwise_count`` over uint64 views of the words for small M;
+  for large M an unpack to float32 +-1 / 0-1 matrices and one sgemm, which is exact while
+  ``k <= 2**24`` (integer partial sums stay exactly representable) and when float32 matmul runs
+  at full precision; otherwise float64. The switch point was measured (docs/readme/binary.md).
+* ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler).
+* ``reference``: :mod:`gdnsq_kernels.binary_reference` (unpack and multiply in float64; the
+  conv/linear dequantize and run float64 ``F.conv2d``/``F.linear``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import binary_reference as _ref
+from .backend import resolve_backend
+from .bitpack import (
+    WORD_BITS,
+    check_bits,
+    check_k,
+    check_packed,
+    num_words,
+    pack_bits,
+    tail_mask,
+    unpack_bits,
+)
+
+__all__ = [
+    "pack_bits",
+    "unpack_bits",
+    "xnor_gemm",
+    "and_gemm",
+    "PackedBinaryWeight",
+    "pack_linear_weight",
+    "pack_conv_weight",
+    "binary_linear",
+    "binary_conv2d",
+]
+
+# M at and above which the CPU backend unpacks to float and uses sgemm instead of NumPy
+# popcount (measured with benchmarks/bench_binary.py --crossover on this project's CPU).
+CPU_FLOAT_GEMM_MIN_M = 64
+# Largest k for which float32 sums of +-1 / 0-1 products are exact.
+_FLOAT32_EXACT_K = 1 << 24
 
 
-def _todo(*args, **kwargs):
-    raise NotImplementedError("bit-packed ops are being implemented")
+# ----------------------------------------------------------------------------- GEMM dispatch
+
+def _check_gemm_inputs(a_packed, b_packed, k):
+    check_packed(a_packed, "a_packed")
+    check_packed(b_packed, "b_packed")
+    if a_packed.dim() != 2:
+        raise ValueError(f"a_packed must be 2-D (M, W), got shape {tuple(a_packed.shape)}")
+    if b_packed.dim() != 2:
+        raise ValueError(f"b_packed must be 2-D (N, W), got shape {tuple(b_packed.shape)}")
+    if a_packed.shape[1] != b_packed.shape[1]:
+        raise ValueError(
+            f"b_packed has {b_packed.shape[1]} words per row but a_packed has {a_packed.shape[1]}; "
+            f"both must be packed from K = k columns"
+        )
+    if a_packed.device != b_packed.device:
+        raise ValueError(f"b_packed is on {b_packed.device} but a_packed is on {a_packed.device}")
+    check_k(k, a_packed.shape[1], "k", "a_packed/b_packed")
 
 
-pack_bits = unpack_bits = xnor_gemm = and_gemm = binary_linear = binary_conv2d = _todo
+def xnor_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """XNOR-popcount GEMM of +-1 codes.
+
+    Args:
+        a_packed: int32 (M, W), ``pack_bits`` of an (M, k) 0/1 matrix along dim 1.
+        b_packed: int32 (N, W), ``pack_bits`` of an (N, k) 0/1 matrix along dim 1.
+        k: number of valid bits per row; ``W == ceil(k/32)``. Bits past k are ignored.
+        backend: see module docstring.
+
+    Returns:
+        int32 (M, N): ``C[m, n] = sum_{i<k} (2a[m,i]-1)(2b[n,i]-1) = k - 2*popcount(a_m XOR b_n)``.
+    """
+    _check_gemm_inputs(a_packed, b_packed, k)
+    return _packed_gemm(a_packed, b_packed, int(k), True, backend)
+
+
+def and_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """AND-popcount GEMM of 0/1 codes: int32 (M, N) ``C[m, n] = sum_{i<k} a[m,i]*b[n,i]``.
+
+    Same arguments as :func:`xnor_gemm`.
+    """
+    _check_gemm_inputs(a_packed, b_packed, k)
+    return _packed_gemm(a_packed, b_packed, int(k), False, backend)
+
+
+def _packed_gemm(a, b, k, xnor, backend):
+    name = resolve_backend(a, backend)
+    M, N = a.shape[0], b.shape[0]
+    if k == 0 or M == 0 or N == 0:
+        return torch.zeros((M, N), dtype=torch.int32, device=a.device)
+    if name == "reference":
+        return (_ref.xnor_gemm_reference if xnor else _ref.and_gemm_reference)(a, b, k)
+    if name == "triton":
+        from .triton_xnor import packed_gemm_triton
+
+        return packed_gemm_triton(a, b, k, xnor)
+    if name == "torch":
+        return _gemm_torch_swar(a, b, k, xnor)
+    # cpu
+    if M >= CPU_FLOAT_GEMM_MIN_M:
+        return _gemm_cpu_float(a, b, k, xnor)
+    return _gemm_cpu_popcount(a, b, k, xnor)
+
+
+def _masked_tail(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Copy of ``x`` with bits past k cleared (no copy when k fills its last word)."""
+    m = tail_mask(k)
+    if m == -1:
+        return x
+    x = x.clone()
+    x[:, -1] &= m
+    return x
+
+
+def _swar_popcount_torch(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise popcount of int32 words with torch ops (masks after each arithmetic shift)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    return x & 0x3F
+
+
+def _gemm_torch_swar(a, b, k, xnor):
+    a = _masked_tail(a.contiguous(), k)
+    b = _masked_tail(b.contiguous(), k)
+    M, W = a.shape
+    N = b.shape[0]
+    out = torch.zeros((M, N), dtype=torch.int32, device=a.device)
+    rows = max(1, (1 << 22) // max(1, N * W))  # ~16 MB of int32 per chunk
+    for i in range(0, M, rows):
+        ai = a[i:i + rows, None, :]
+        x = (ai ^ b[None]) if xnor else (ai & b[None])
+        out[i:i + rows] = _swar_popcount_torch(x).sum(dim=-1, dtype=torch.int32)
+    return k - 2 * out if xnor else out
+
+
+def _u64_view(x: torch.Tensor) -> np.ndarray:
+    """(R, W) int32 tensor -> (R, ceil(W/2)) uint64 NumPy view (an extra zero word if W is odd)."""
+    arr = np.ascontiguousarray(x.numpy())
+    if arr.shape[1] % 2:
+        arr = np.concatenate([arr, np.zeros((arr.shape[0], 1), np.int32)], axis=1)
+    return arr.view(np.uint64)
+
+
+if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
+    def _np_popcount_sum(x: np.ndarray) -> np.ndarray:
+        return np.bitwise_count(x).sum(axis=-1, dtype=np.int32)
+else:  # pragma: no cover - older NumPy
+    _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def _np_popcount_sum(x: np.ndarray) -> np.ndarray:
+        by = np.ascontiguousarray(x).view(np.uint8)
+        return _BYTE_POPCOUNT[by].sum(axis=-1, dtype=np.int32)
+
+
+def _gemm_cpu_popcount(a, b, k, xnor):
+    a64 = _u64_view(_masked_tail(a, k))
+    b64 = _u64_view(_masked_tail(b, k))
+    M, N, W64 = a64.shape[0], b64.shape[0], b64.shape[1]
+    out = np.empty((M, N), dtype=np.int32)
+    rows = max(1, (1 << 20) // max(1, N * W64))  # ~8 MB of uint64 per chunk (stays in cache)
+    op = np.bitwise_xor if xnor else np.bitwise_and
+    for i in range(0, M, rows):
+        out[i:i + rows] = _np_popcount_sum(op(a64[i:i + rows, None, :], b64[None, :, :]))
+    res = torch.from_numpy(out)
+    return k - 2 * res if xnor else res
+
+
+def _full_precision_float32_matmul() -> bool:
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    prec = getattr(mk, "fp32_precision", "none")
+    return prec in ("none", "ieee")
+
+
+def _unpack_cpu(x: torch.Tensor, k: int) -> np.ndarray:
+    """(R, W) int32 CPU tensor -> (R, k) uint8 0/1 (NumPy unpackbits, LSB first)."""
+    by = np.ascontiguousarray(x.numpy()).view(np.uint8)
+    return np.unpackbits(by, axis=1, count=k, bitorder="little")
+
+
+def _gemm_cpu_float(a, b, k, xnor):
+    dtype = torch.float32 if (k <= _FLOAT32_EXACT_K and _full_precision_float32_matmul()) else torch.float64
+    A = torch.from_numpy(_unpack_cpu(a, k)).to(dtype)
+    B = torch.from_numpy(_unpack_cpu(b, k)).to(dtype)
+    if xnor:
+        A = A.mul_(2).sub_(1)
+        B = B.mul_(2).sub_(1)
+    # Every partial sum is an integer of magnitude <= k, exactly representable: the product is exact.
+    return (A @ B.T).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------- packed weights
+
+@dataclass(frozen=True)
+class PackedBinaryWeight:
+    """A binary weight ``w = minimum[c] + step[c]*k`` packed once for :func:`binary_linear` /
+    :func:`binary_conv2d`. Build it with :func:`pack_linear_weight` or :func:`pack_conv_weight`.
+
+    Fields:
+        packed: int32 (O, W) words of the codes k. Linear: ``W = ceil(in_features/32)``, bits in
+            input-feature order. Conv: ``W = kh*kw*ceil(C/32)``, tap-major: for tap (i, j) in
+            row-major order, ``ceil(C/32)`` words hold the channels LSB first, zero-padded.
+        step: float32 (O,) per-output-channel step ``s_c`` (same units as the weights).
+        minimum: float32 (O,) per-output-channel lowest level ``m_c``.
+        ones: int32 (O,) ``sum_i k`` per output channel.
+        tap_ones: int32 (O, kh, kw) ``sum over input channels of k`` per tap (conv only, else None).
+        in_features: C*kh*kw for conv, K for linear (the number of real codes per output).
+        in_channels: C (conv) or K (linear).
+        kernel_size: (kh, kw) for conv, None for linear.
+    """
+
+    packed: torch.Tensor
+    step: torch.Tensor
+    minimum: torch.Tensor
+    ones: torch.Tensor
+    tap_ones: Optional[torch.Tensor]
+    in_features: int
+    in_channels: int
+    kernel_size: Optional[Tuple[int, int]]
+
+    @property
+    def out_channels(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed codes alone (the metadata adds 8 bytes per output channel)."""
+        return self.packed.numel() * self.packed.element_size()
+
+    def to(self, device) -> "PackedBinaryWeight":
+        """Copy of this weight with every tensor on ``device``."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedBinaryWeight(mv(self.packed), mv(self.step), mv(self.minimum), mv(self.ones),
+                                  mv(self.tap_ones), self.in_features, self.in_channels, self.kernel_size)
+
+    def codes(self) -> torch.Tensor:
+        """The 0/1 codes as uint8: (O, K) for linear, (O, C, kh, kw) for conv."""
+        if self.kernel_size is None:
+            return unpack_bits(self.packed, self.in_features, dim=1)
+        kh, kw = self.kernel_size
+        cw = num_words(self.in_channels)
+        words = self.packed.reshape(self.out_channels, kh, kw, cw)
+        return unpack_bits(words, self.in_channels, dim=3).permute(0, 3, 1, 2).contiguous()
+
+
+def _per_channel(v, out_channels: int, name: str, device) -> torch.Tensor:
+    """float32 (O,) from a Python number or a 1-element / (O,) tensor."""
+    if isinstance(v, torch.Tensor):
+        if not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a float tensor, got {v.dtype}")
+        t = v.detach().reshape(-1).to(device=device, dtype=torch.float32)
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        t = torch.tensor([float(v)], dtype=torch.float32, device=device)
+    else:
+        raise TypeError(f"{name} must be a float or a tensor of shape ({out_channels},), got {type(v).__name__}")
+    if t.numel() == 1:
+        t = t.expand(out_channels)
+    if t.numel() != out_channels:
+        raise ValueError(f"{name} must have shape ({out_channels},) (one per output channel) or 1 element, got {t.numel()} elements")
+    return t.contiguous()
+
+
+def pack_linear_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> PackedBinaryWeight:
+    """Pack a linear layer's binary weight once.
+
+    Args:
+        weight_codes: (O, K) bool/integer 0/1 codes k.
+        weight_step: (O,) float step s_c (or a number / 1-element tensor for all channels).
+        weight_min: (O,) float lowest level m_c (or a number / 1-element tensor).
+
+    Returns:
+        :class:`PackedBinaryWeight` with ``packed`` of shape (O, ceil(K/32)), on the codes' device.
+    """
+    check_bits(weight_codes, "weight_codes")
+    if weight_codes.dim() != 2:
+        raise ValueError(f"weight_codes must be 2-D (out_features, in_features), got shape {tuple(weight_codes.shape)}")
+    O, K = weight_codes.shape
+    dev = weight_codes.device
+    return PackedBinaryWeight(
+        packed=pack_bits(weight_codes, dim=1),
+        step=_per_channel(weight_step, O, "weight_step", dev),
+        minimum=_per_channel(weight_min, O, "weight_min", dev),
+        ones=weight_codes.to(torch.int32).sum(dim=1, dtype=torch.int32),
+        tap_ones=None,
+        in_features=K,
+        in_channels=K,
+        kernel_size=None,
+    )
+
+
+def pack_conv_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> PackedBinaryWeight:
+    """Pack a conv layer's binary weight once.
+
+    Args:
+        weight_codes: (O, C, kh, kw) bool/integer 0/1 codes k.
+        weight_step: (O,) float step s_c (or a number / 1-element tensor for all channels).
+        weight_min: (O,) float lowest level m_c (or a number / 1-element tensor).
+
+    Returns:
+        :class:`PackedBinaryWeight` with ``packed`` of shape (O, kh*kw*ceil(C/32)) (tap-major,
+        channels LSB first within a tap), on the codes' device.
+    """
+    check_bits(weight_codes, "weight_codes")
+    if weight_codes.dim() != 4:
+        raise ValueError(f"weight_codes must be 4-D (O, C, kh, kw), got shape {tuple(weight_codes.shape)}")
+    O, C, kh, kw = weight_codes.shape
+    dev = weight_codes.device
+    # Channels innermost so that activations can be packed once per pixel (see binary_conv2d).
+    packed = pack_bits(weight_codes.permute(0, 2, 3, 1), dim=3).reshape(O, kh * kw * num_words(C))
+    tap_ones = weight_codes.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    return PackedBinaryWeight(
+        packed=packed.contiguous(),
+        step=_per_channel(weight_step, O, "weight_step", dev),
+        minimum=_per_channel(weight_min, O, "weight_min", dev),
+        ones=tap_ones.sum(dim=(1, 2), dtype=torch.int32),
+        tap_ones=tap_ones,
+        in_features=C * kh * kw,
+        in_channels=C,
+        kernel_size=(kh, kw),
+    )
+
+
+def _scalar_param(v, name: str, device) -> torch.Tensor:
+    """0-d float64 tensor from a number or a 0-d / 1-element tensor (per-tensor parameter)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a number or a 1-element tensor (per-tensor), got shape {tuple(v.shape)}")
+        return v.detach().reshape(()).to(device=device, dtype=torch.float64)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return torch.tensor(float(v), dtype=torch.float64, device=device)
+    raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(v).__name__}")
+
+
+def _resolve_weight(weight_codes, weight_step, weight_min, conv: bool) -> PackedBinaryWeight:
+    if isinstance(weight_codes, PackedBinaryWeight):
+        if weight_step is not None or weight_min is not None:
+            raise ValueError("weight_step and weight_min must be None when weight_codes is a "
+                             "PackedBinaryWeight (it stores them)")
+        if (weight_codes.kernel_size is not None) != conv:
+            kind = "pack_conv_weight" if conv else "pack_linear_weight"
+            raise ValueError(f"weight_codes is a PackedBinaryWeight of the wrong kind; build it with {kind}")
+        return weight_codes
+    if weight_step is None or weight_min is None:
+        raise ValueError("weight_step and weight_min are required when weight_codes is a tensor of codes")
+    return (pack_conv_weight if conv else pack_linear_weight)(weight_codes, weight_step, weight_min)
+
+
+def _bias(bias, out_channels, device):
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a tensor of shape ({out_channels},) or None, got {type(bias).__name__}")
+    if bias.numel() != out_channels:
+        raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    return bias.detach().reshape(-1).to(device=device, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- linear
+
+def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, weight_step=None,
+                  weight_min=None, bias: Optional[torch.Tensor] = None, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """``F.linear(beta + s_a*j, m + s*k, bias)`` from packed codes (inference, no autograd).
+
+    Args:
+        act_codes: (..., K) bool/integer 0/1 activation codes j.
+        act_step: activation step s_a (number or 1-element tensor).
+        act_offset: activation offset beta (number or 1-element tensor).
+        weight_codes: (O, K) 0/1 weight codes k, or a :class:`PackedBinaryWeight` from
+            :func:`pack_linear_weight` (then ``weight_step``/``weight_min`` must be None).
+        weight_step: (O,) step s_c, or a number.
+        weight_min: (O,) lowest level m_c, or a number.
+        bias: optional (O,) float.
+        backend: GEMM backend (see module docstring).
+
+    Returns:
+        float32 (..., O), the float64-accurate result rounded once to float32.
+    """
+    check_bits(act_codes, "act_codes")
+    pw = _resolve_weight(weight_codes, weight_step, weight_min, conv=False)
+    dev = act_codes.device
+    if pw.packed.device != dev:
+        raise ValueError(f"weight is on {pw.packed.device} but act_codes is on {dev}")
+    if act_codes.dim() < 1 or act_codes.shape[-1] != pw.in_features:
+        raise ValueError(f"act_codes must have shape (..., {pw.in_features}), got {tuple(act_codes.shape)}")
+    s_a = _scalar_param(act_step, "act_step", dev)
+    beta = _scalar_param(act_offset, "act_offset", dev)
+    b = _bias(bias, pw.out_channels, dev)
+    lead = act_codes.shape[:-1]
+    K = pw.in_features
+    j = act_codes.reshape(-1, K)
+    name = resolve_backend(j, backend)
+    if name == "reference":
+        out = _ref.binary_linear_reference(j, s_a, beta, pw.codes(), pw.step, pw.minimum, b)
+        return out.reshape(*lead, pw.out_channels)
+    kj = _packed_gemm(pack_bits(j, dim=1), pw.packed, K, False, name).to(torch.float64)  # (M, O)
+    jsum = j.to(torch.int32).sum(dim=1, dtype=torch.int32).to(torch.float64)[:, None]  # (M, 1)
+    s = pw.step.to(torch.float64)[None, :]
+    m = pw.minimum.to(torch.float64)[None, :]
+    ones = pw.ones.to(torch.float64)[None, :]
+    out = s * s_a * kj + s * beta * ones + m * s_a * jsum + m * beta * K
+    if b is not None:
+        out = out + b[None, :]
+    return out.to(torch.float32).reshape(*lead, pw.out_channels)
+
+
+# ----------------------------------------------------------------------------- conv2d
+
+def _pair(v, name: str, minimum: int) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def _conv_pads(padding, kernel, dilation, stride) -> Tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding, as F.conv2d interprets ``padding``."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in F.conv2d)")
+            tot_h = dilation[0] * (kernel[0] - 1)
+            tot_w = dilation[1] * (kernel[1] - 1)
+            # F.conv2d puts the odd extra row/column at the bottom/right.
+            return tot_h // 2, tot_h - tot_h // 2, tot_w // 2, tot_w - tot_w // 2
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    ph, pw = _pair(padding, "padding", 0)
+    return ph, ph, pw, pw
+
+
+def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, weight_step=None,
+                  weight_min=None, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
+                  dilation=1, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``F.conv2d(beta + s_a*j, m + s*k, bias, stride, padding, dilation)`` from packed codes.
+
+    Zero padding pads the dequantized activation with 0 (exact also for ``beta != 0``).
+    Inference only (no autograd); groups are not supported.
+
+    Args:
+        act_codes: (N, C, H, W) bool/integer 0/1 activation codes j.
+        act_step: activation step s_a (number or 1-element tensor).
+        act_offset: activation offset beta (number or 1-element tensor).
+        weight_codes: (O, C, kh, kw) 0/1 weight codes k, or a :class:`PackedBinaryWeight` from
+            :func:`pack_conv_weight` (then ``weight_step``/``weight_min`` must be None).
+        weight_step: (O,) step s_c, or a number.
+        weight_min: (O,) lowest level m_c, or a number.
+        bias: optional (O,) float.
+        stride, padding, dilation: as in ``torch.nn.functional.conv2d`` (int, pair; padding also
+            'valid' / 'same').
+        backend: GEMM backend (see module docstring).
+
+    Returns:
+        float32 (N, O, H_out, W_out), the float64-accurate result rounded once to float32.
+
+    Example::
+
+        >>> j = torch.randint(0, 2, (1, 16, 8, 8)); k = torch.randint(0, 2, (32, 16, 3, 3))
+        >>> pw = pack_conv_weight(k, torch.full((32,), 0.1), torch.full((32,), -0.05))
+        >>> binary_conv2d(j, 0.5, 0.0, pw, padding=1).shape
+        torch.Size([1, 32, 8, 8])
+    """
+    check_bits(act_codes, "act_codes")
+    if act_codes.dim() != 4:
+        raise ValueError(f"act_codes must be 4-D (N, C, H, W), got shape {tuple(act_codes.shape)}")
+    pw = _resolve_weight(weight_codes, weight_step, weight_min, conv=True)
+    dev = act_codes.device
+    if pw.packed.device != dev:
+        raise ValueError(f"weight is on {pw.packed.device} but act_codes is on {dev}")
+    Nb, C, H, Wd = act_codes.shape
+    if C != pw.in_channels:
+        raise ValueError(f"act_codes has {C} channels but the weight expects {pw.in_channels}")
+    kh, kw = pw.kernel_size
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    pt, pb, pl, pr = _conv_pads(padding, (kh, kw), dilation, stride)
+    Ho = (H + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (Wd + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"act_codes of spatial size {(H, Wd)} is too small for kernel {(kh, kw)} "
+                         f"with padding {(pt, pb, pl, pr)} and dilation {dilation}")
+    s_a = _scalar_param(act_step, "act_step", dev)
+    beta = _scalar_param(act_offset, "act_offset", dev)
+    b = _bias(bias, pw.out_channels, dev)
+    O = pw.out_channels
+    name = resolve_backend(act_codes, backend)
+    if name == "reference":
+        # F.conv2d pads the dequantized float64 activation with zeros itself.
+        ref_pad = padding if isinstance(padding, str) else (pt, pl)
+        return _ref.binary_conv2d_reference(act_codes, s_a, beta, pw.codes(), pw.step, pw.minimum,
+                                            b, stride=stride, padding=ref_pad, dilation=dilation)
+
+    # Pack each pixel's C channel codes once, then gather the kh*kw tap words (im2col on words,
+    # 32x less data than on codes). A padded tap is word 0 = code 0; its value is fixed below.
+    cw = num_words(C)
+    pix = pack_bits(act_codes.permute(0, 2, 3, 1), dim=3)  # (N, H, W, cw) int32
+    pix = F.pad(pix, (0, 0, pl, pr, pt, pb))
+    sh, sw = stride
+    dh, dw = dilation
+    taps = [
+        pix[:, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw, :]
+        for i in range(kh) for j in range(kw)
+    ]
+    patches = torch.stack(taps, dim=3).reshape(Nb * Ho * Wo, kh * kw * cw)
+    # AND form: per-tap padding bits are 0 in both operands, so k can be the full word width.
+    kj = _packed_gemm(patches, pw.packed, kh * kw * cw * WORD_BITS, False, name)  # (N*L, O)
+    kj = kj.reshape(Nb, Ho, Wo, O).permute(0, 3, 1, 2).to(torch.float64)
+
+    # Per-position counts over the real (in-image) taps, from tiny float convs of small integers
+    # (exact in float32 below 2**24).
+    ones_img = F.pad(torch.ones((1, 1, H, Wd), dtype=torch.float32, device=dev), (pl, pr, pt, pb))
+    cargs = dict(stride=stride, dilation=dilation)
+    n_real = C * F.conv2d(ones_img, torch.ones((1, 1, kh, kw), dtype=torch.float32, device=dev), **cargs)
+    k_real = F.conv2d(ones_img, pw.tap_ones.to(torch.float32)[:, None], **cargs)  # (1, O, Ho, Wo)
+    jpix = act_codes.to(torch.float32).sum(dim=1, keepdim=True)  # (N, 1, H, W)
+    jsum = F.conv2d(F.pad(jpix, (pl, pr, pt, pb)),
+                    torch.ones((1, 1, kh, kw), dtype=torch.float32, device=dev), **cargs)
+
+    s = pw.step.to(torch.float64).reshape(1, O, 1, 1)
+    m = pw.minimum.to(torch.float64).reshape(1, O, 1, 1)
+    out = (s * s_a) * kj + (s * beta) * k_real.to(torch.float64) \
+        + (m * s_a) * jsum.to(torch.float64) + (m * beta) * n_real.to(torch.float64)
+    if b is not None:
+        out = out + b.reshape(1, O, 1, 1)
+    return out.to(torch.float32).contiguous()
