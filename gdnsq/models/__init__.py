@@ -31,7 +31,7 @@ from .resnet_cifar import DEPTHS, BasicBlock, CifarResNet, OptionAShortcut, resn
     resnet44, resnet56
 
 __all__ = ["MODELS", "get_model", "extract_state_dict", "load_fp_checkpoint", "fit_state_dict",
-           "save_fp_checkpoint", "CheckpointMismatch", "CifarResNet", "BasicBlock",
+           "save_fp_checkpoint", "read_checkpoint", "CheckpointMismatch", "CifarResNet", "BasicBlock",
            "OptionAShortcut", "resnet20", "resnet32", "resnet44", "resnet56"]
 
 #: name -> constructor(num_classes) -> nn.Module
@@ -52,7 +52,8 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
     return MODELS[name](num_classes)
 
 
-def _read(path) -> object:
+def read_checkpoint(path) -> object:
+    """``torch.load`` a checkpoint on the CPU; FileNotFoundError / one-line ValueError."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -109,11 +110,13 @@ def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
 def load_fp_checkpoint(model: nn.Module, path) -> dict:
     """Load an FP checkpoint (any layout above) into ``model``; return its metadata.
 
+    ``path`` may also be an already loaded checkpoint object (see :func:`read_checkpoint`).
+
     Returns ``{"normalization": str, "format": str, "model": name or None, "best_prec1": float
     or None, "epoch": int or None}``. Raises FileNotFoundError (no file), ValueError (unreadable
     file or no state dict) or :class:`CheckpointMismatch` (does not fit ``model``).
     """
-    obj = _read(path)
+    obj = path if isinstance(path, Mapping) else read_checkpoint(path)
     fit_state_dict(model, extract_state_dict(obj))
     meta = obj if isinstance(obj, Mapping) else {}
     fmt = meta.get("format") or ("akamaster" if "best_prec1" in meta else "state_dict")

