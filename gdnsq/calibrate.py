@@ -1,0 +1,140 @@
+"""Calibration: start every quantizer at 10 bits from min/max statistics (METHOD Part B §4.2).
+
+Run it after ``quantize_model`` and **before** the optimizer is built: it changes parameter
+values and ``requires_grad`` flags (pruned quantizers and unsigned offsets are frozen).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import QConv2d, QLinear
+from .quantizers import WEIGHT_LOG2_STEP_INIT
+
+
+def _batch_input(batch):
+    """The model input of a loader item: the tensor itself, or the first element of a tuple/list/dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict) and "input" in batch:
+        return batch["input"]
+    raise TypeError("loader must yield tensors or (input, target) tuples/lists")
+
+
+@torch.no_grad()
+def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: int | None = None,
+              device=None) -> dict:
+    """Set every weight and activation quantizer of ``student`` to ``bits`` bits.
+
+    Weights (per channel): ``log2_step_c = max(-12, log2((max_c - min_c)/(2**bits - 1)))``.
+    Activations: one FP pass over ``loader`` (the layers run unquantized, so the statistics are
+    those of the FP network) records the min and max of each quantized layer's raw input; then
+    ``lo`` = min (signed) or 0 (unsigned), ``log2_step = log2((max - lo)/(2**bits - 1))``,
+    ``log2_range = log2_step + bits``, ``offset = lo``, so the clamp top equals ``max``.
+    ``signed="auto"`` quantizers become unsigned (offset fixed at 0) when min >= 0, else signed.
+    A zero range (max == lo) prunes the quantizer: ``log2_step = log2_range = 0``, offset = lo,
+    all frozen and excluded from the penalty.
+
+    Args:
+        student: model from :func:`gdnsq.quantize_model`.
+        loader: iterable of input tensors or (input, target) pairs.
+        bits: starting precision in bits (> 0).
+        num_batches: stop after this many batches (default: the whole loader).
+        device: where to put the inputs (default: the student's parameter device).
+
+    Returns:
+        {layer name: {"min": float, "max": float, "signed": bool, "pruned": bool}} for the
+        calibrated activation quantizers.
+    """
+    if not (isinstance(bits, (int, float)) and not isinstance(bits, bool) and bits > 0):
+        raise ValueError(f"bits must be a positive number, got {bits!r}")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    levels = 2.0 ** bits - 1.0
+    layers = [(n, m) for n, m in student.named_modules() if isinstance(m, (QConv2d, QLinear))]
+    if not layers:
+        raise ValueError("student has no QConv2d/QLinear layers: call gdnsq.quantize_model first")
+
+    # Weights: per-channel range -> step, floored at the initial 2**-12.
+    for _, layer in layers:
+        wq = layer.weight_quantizer
+        w = layer.weight.detach().float().reshape(layer.weight.shape[0], -1)
+        span = w.amax(1) - w.amin(1)
+        if not wq.per_channel:
+            span = span.max().reshape(1)
+        with torch.no_grad():
+            step = torch.log2(span / levels).clamp_min(WEIGHT_LOG2_STEP_INIT)
+            wq.log2_step.copy_(step.to(wq.log2_step))
+
+    # Activations: min/max of each quantized layer's raw input over the loader.
+    act_layers = [(n, m) for n, m in layers if m.act_quantizer is not None and m.act_quantizer.enabled]
+    stats = {n: [math.inf, -math.inf] for n, _ in act_layers}
+    hooks = []
+
+    def make_hook(name):
+        def hook(_module, inputs):
+            x = inputs[0].detach()
+            if x.numel():
+                st = stats[name]
+                st[0] = min(st[0], float(x.min()))
+                st[1] = max(st[1], float(x.max()))
+        return hook
+
+    if act_layers:
+        if device is None:
+            p = next(student.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+        was_training = student.training
+        for n, m in act_layers:
+            hooks.append(m.register_forward_pre_hook(make_hook(n)))
+        for _, m in layers:
+            m._fp_passthrough = True
+        try:
+            student.eval()
+            seen = 0
+            for batch in loader:
+                student(_batch_input(batch).to(device))
+                seen += 1
+                if num_batches is not None and seen >= num_batches:
+                    break
+            if seen == 0:
+                raise ValueError("loader yielded no batches")
+        finally:
+            for h in hooks:
+                h.remove()
+            for _, m in layers:
+                m._fp_passthrough = False
+            student.train(was_training)
+
+    report = {}
+    for name, layer in act_layers:
+        aq = layer.act_quantizer
+        lo_obs, hi_obs = stats[name]
+        if not math.isfinite(lo_obs) or not math.isfinite(hi_obs):
+            raise ValueError(f"calibration saw no finite inputs for layer {name!r}")
+        signed = aq.signed
+        if signed == "auto":
+            signed = lo_obs < 0.0
+        aq.pruned.fill_(False)
+        aq.set_signed(bool(signed))
+        lo = lo_obs if signed else 0.0
+        span = hi_obs - lo
+        with torch.no_grad():
+            if span > 0.0:
+                step = math.log2(span / levels)
+                aq.log2_step.fill_(step)
+                aq.log2_range.fill_(step + bits)
+                aq.offset.fill_(lo)
+            else:
+                aq.log2_step.fill_(0.0)
+                aq.log2_range.fill_(0.0)
+                aq.offset.fill_(lo)
+                aq.pruned.fill_(True)
+        aq._apply_flags()
+        aq.observed_bits.fill_(math.inf)
+        report[name] = {"min": lo_obs, "max": hi_obs, "signed": bool(signed), "pruned": span <= 0.0}
+    return report

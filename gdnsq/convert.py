@@ -1,0 +1,176 @@
+"""Model conversion: ``quantize_model`` (FP model -> GDNSQ student) and ``teacher_of``.
+
+Default placement (METHOD Part A item 4, Part B §5):
+
+* every ``nn.Conv2d`` and ``nn.Linear`` is a candidate, in ``named_modules()`` order;
+* the first candidate (the layer that sees the network input: the first conv of a CNN, the
+  first linear of an MLP) and the last ``nn.Linear`` (the classifier) stay FP;
+* 1x1 convs stay FP (ResNet projection shortcuts);
+* every other candidate becomes :class:`~gdnsq.layers.QConv2d` / :class:`~gdnsq.layers.QLinear`:
+  per-channel weight quantizer plus one per-tensor activation quantizer on its input;
+* BatchNorm, ReLU, pooling and residual adds are untouched (FP, BN unfused, train mode).
+
+"First" and "last" follow registration order, which is execution order for the usual
+``nn.Sequential``/ResNet definitions; ``exclude`` / ``include`` override any rule.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from numbers import Real
+
+import torch
+from torch import nn
+
+from .layers import QConv2d, QLinear
+from .quantizers import ESTIMATORS, _check_bits
+
+_TEACHER_ATTR = "_gdnsq_teacher"
+
+
+def _names(arg, what: str) -> list[str]:
+    if arg is None:
+        return []
+    if isinstance(arg, str):
+        return [arg]
+    if isinstance(arg, Iterable):
+        out = list(arg)
+        if not all(isinstance(n, str) for n in out):
+            raise TypeError(f"{what} must be a module name or an iterable of module names (str)")
+        return out
+    raise TypeError(f"{what} must be a module name or an iterable of module names, got {type(arg).__name__}")
+
+
+def _expand(names: list[str], modules: dict[str, nn.Module], candidates: list[str], what: str) -> set[str]:
+    """Candidate layer names selected by ``names``: a layer itself, or every layer under a container."""
+    out: set[str] = set()
+    for n in names:
+        if n not in modules:
+            raise ValueError(f"{what}: no module named {n!r} in the model")
+        hits = [c for c in candidates if c == n or (n == "" or c.startswith(n + "."))]
+        if not hits:
+            raise ValueError(f"{what}: module {n!r} is not (and contains no) nn.Conv2d / nn.Linear")
+        out.update(hits)
+    return out
+
+
+def _per_layer(value, name: str, layers: list[str], allow_none: bool) -> dict[str, float | None]:
+    """Resolve a bits argument (number, None, or dict name -> bits with optional "*" default)."""
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k != "*" and k not in layers]
+        if unknown:
+            raise ValueError(f"{name}: {unknown} are not quantized layers (quantized: {layers})")
+        out = {}
+        for layer in layers:
+            if layer in value:
+                v = value[layer]
+            elif "*" in value:
+                v = value["*"]
+            else:
+                raise ValueError(f"{name}: no entry for layer {layer!r} and no '*' default")
+            out[layer] = None if (v is None and allow_none) else _check_bits(v, f"{name}[{layer!r}]")
+        return out
+    if value is None and allow_none:
+        return {layer: None for layer in layers}
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number of bits or a dict layer name -> bits, "
+                        f"got {type(value).__name__}")
+    b = _check_bits(value, name)
+    return {layer: b for layer in layers}
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, include=None,
+                   keep_first: bool = True, keep_last: bool = True, skip_1x1: bool = True,
+                   signed="auto", estimator: str = "ste", per_channel: bool = True,
+                   dither: bool = True, inplace: bool = False) -> nn.Module:
+    """Convert an FP model into a GDNSQ student; a frozen FP teacher is kept (see ``teacher_of``).
+
+    Args:
+        model: any ``nn.Module`` built from ``nn.Conv2d`` / ``nn.Linear`` (plus anything else,
+            which is left alone).
+        weight_bits: target weight bits, a number or a dict layer name -> bits (key "*" gives
+            the default for layers not listed).
+        act_bits: target activation bits, same forms; ``None`` (globally or per layer) leaves
+            the layer's input FP (weights-only quantization, "A32").
+        exclude: names of layers (or containers: every layer under them) to keep FP, on top of
+            the default rules. Unknown names raise ValueError.
+        include: names of layers (or containers) to quantize even where a default rule would keep
+            them FP (first/last layer, 1x1 conv). Unknown names raise ValueError.
+        keep_first / keep_last: keep the first candidate layer and the last nn.Linear FP.
+        skip_1x1: keep convs with a 1x1 kernel FP.
+        signed: activation offset rule: "auto" (default; decided at calibration from the data:
+            offset fixed at 0 when the calibration minimum of the input is >= 0, e.g. after a
+            ReLU, learnable otherwise), True (always learnable) or False (always 0).
+        estimator: weight-gradient estimator, "ste" (default) or "aewgs".
+        per_channel: per-output-channel weight steps (default) or one per tensor.
+        dither: use the dithered step gradient (METHOD Part A item 1).
+        inplace: convert ``model`` itself instead of a deep copy.
+
+    Returns:
+        The student: same module tree with the chosen layers replaced by QConv2d / QLinear
+        (state_dict keys of the original layers are kept: ``<name>.weight``, ``<name>.bias``,
+        plus ``<name>.weight_quantizer.*`` and ``<name>.act_quantizer.*``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if not (signed is True or signed is False or signed == "auto"):
+        raise ValueError(f"signed must be 'auto', True or False, got {signed!r}")
+    exclude, include = _names(exclude, "exclude"), _names(include, "include")
+
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    student = model if inplace else copy.deepcopy(model)
+
+    modules = dict(student.named_modules())
+    if any(isinstance(m, (QConv2d, QLinear)) for m in modules.values()):
+        raise ValueError("model already contains QConv2d/QLinear layers (quantize_model applied twice?)")
+    candidates = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    excluded = _expand(exclude, modules, candidates, "exclude")
+    included = _expand(include, modules, candidates, "include")
+    both = excluded & included
+    if both:
+        raise ValueError(f"layers both included and excluded: {sorted(both)}")
+
+    default_fp: set[str] = set()
+    if keep_first and candidates:
+        default_fp.add(candidates[0])
+    linears = [n for n in candidates if isinstance(modules[n], nn.Linear)]
+    if keep_last and linears:
+        default_fp.add(linears[-1])
+    if skip_1x1:
+        default_fp.update(n for n in candidates
+                          if isinstance(modules[n], nn.Conv2d) and tuple(modules[n].kernel_size) == (1, 1))
+    chosen = [n for n in candidates if n not in excluded and (n not in default_fp or n in included)]
+
+    w_bits = _per_layer(weight_bits, "weight_bits", chosen, allow_none=False)
+    a_bits = _per_layer(act_bits, "act_bits", chosen, allow_none=True)
+    for name in chosen:
+        layer = modules[name]
+        cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
+        q = cls.from_float(layer, weight_bits=w_bits[name], act_bits=a_bits[name], signed=signed,
+                           estimator=estimator, per_channel=per_channel, dither=dither)
+        _set_submodule(student, name, q)
+
+    # Not a registered submodule: the teacher stays out of the student's state_dict/parameters.
+    object.__setattr__(student, _TEACHER_ATTR, teacher)
+    return student
+
+
+def teacher_of(student: nn.Module) -> nn.Module:
+    """The frozen FP copy taken by ``quantize_model`` (eval mode, requires_grad False).
+
+    It is a plain attribute, not a submodule: ``student.to(device)`` does not move it.
+    """
+    teacher = student.__dict__.get(_TEACHER_ATTR)
+    if teacher is None:
+        raise ValueError("student has no teacher: it was not made by gdnsq.quantize_model")
+    return teacher
