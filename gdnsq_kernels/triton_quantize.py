@@ -1,0 +1,275 @@
+"""Triton kernels for the GDNSQ quantizers: one fused forward and one fused backward per op.
+
+* The parameters are read from device pointers inside the kernels (no ``.item()``, no host
+  synchronisation); ``2**log2_step`` etc. are computed in-kernel.
+* The dither ``r`` is regenerated in the backward from ``(key, flat index)`` with the hash of
+  ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored.
+* Activation backward: each program writes ``dx`` for its block and three partial sums to a
+  small ``(programs, 3)`` buffer; a one-program kernel reduces that buffer in a fixed order
+  (deterministic, no atomics) and applies ``ln2*s`` / ``ln2*Q``.
+* Weights: one program per output channel loops over the channel's row (min, then quantize;
+  the backward loops once for the per-channel sum). ResNet-sized rows are 144..4608 long, so a
+  row is 1..5 blocks; a second stage is only needed for a per-tensor step (a ``sum`` over C_out).
+* Rounding is half-to-even via the ``(v + 2**23) - 2**23`` trick (exact in float32 for
+  ``|v| < 2**23``; larger values are integers already), which runs identically on the GPU
+  and in the interpreter (libdevice is not available there).
+* Division uses ``div_rn`` (correctly rounded) so codes match the reference exactly.
+
+Inputs are made contiguous, so element ``i`` of the flat row-major order is the dither index.
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests only).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _checks
+from .dither import DITHER_MAGNITUDE, seed_key_i32
+from .reference import is_per_channel
+
+LN2 = math.log(2.0)
+ACT_BLOCK = 1024
+FINISH_BLOCK = 1024
+
+
+@triton.jit
+def _lowbias32(x):
+    # x: uint32. Constants >= 2**31 are typed uint32 by Triton, so products wrap mod 2**32.
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _dither(idx, key, MAG: tl.constexpr):
+    """+-MAG from bit 31 of lowbias32(idx ^ key); idx int64 flat indices, key int32 scalar."""
+    h = _lowbias32(idx.to(tl.uint32) ^ key.to(tl.uint32, bitcast=True))
+    return tl.where((h >> 31) == 1, MAG, -MAG)
+
+
+@triton.jit
+def _round_half_even(v, MAGIC: tl.constexpr):
+    c = tl.where(v < 0, -MAGIC, MAGIC)
+    r = (v + c) - c
+    return tl.where(tl.abs(v) < MAGIC, r, v)
+
+
+@triton.jit
+def _div(a, b, CT: tl.constexpr):
+    # div_rn (correctly rounded; plain `/` may be approximate on the GPU) exists for fp32 only;
+    # fp64 division is always correctly rounded.
+    if CT == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _act_fwd_kernel(x_ptr, y_ptr, step_ptr, range_ptr, off_ptr, n,
+                    BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.exp2(tl.load(step_ptr).to(CT))
+    q = tl.exp2(tl.load(range_ptr).to(CT))
+    lo = tl.load(off_ptr).to(CT)
+    hi = lo + q - s
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
+    xc = tl.where(x < lo, lo, x)  # comparisons, not min/max: NaN propagates like torch.clamp
+    xc = tl.where(xc > hi, hi, xc)
+    v = _div(xc - lo, s, CT)
+    y = lo + s * _round_half_even(v, MAGIC)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["key"])
+def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, step_ptr, range_ptr, off_ptr, n, key,
+                    BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
+                    NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, DITHER: tl.constexpr,
+                    MAG: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = tl.exp2(tl.load(step_ptr).to(CT))
+    q = tl.exp2(tl.load(range_ptr).to(CT))
+    lo = tl.load(off_ptr).to(CT)
+    hi = lo + q - s
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
+    above = x > hi
+    if NEED_DX:
+        inside = (x >= lo) & (x <= hi)  # False for NaN: no gradient through a NaN input
+        tl.store(dx_ptr + offs, tl.where(inside, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_PARAMS:
+        below = x < lo
+        xc = tl.where(below, lo, x)
+        xc = tl.where(xc > hi, hi, xc)
+        v = _div(xc - lo, s, CT)
+        t = (_round_half_even(v, MAGIC) - v) - above.to(CT)
+        if DITHER:
+            t = t + s * _dither(offs, key, MAG)
+        zero = tl.zeros_like(g)
+        s_step = tl.sum(tl.where(mask, g * t, zero), axis=0)
+        s_range = tl.sum(tl.where(mask & above, g, zero), axis=0)
+        s_off = tl.sum(tl.where(mask & (below | above), g, zero), axis=0)
+        tl.store(part_ptr + pid * 3 + 0, s_step)
+        tl.store(part_ptr + pid * 3 + 1, s_range)
+        tl.store(part_ptr + pid * 3 + 2, s_off)
+
+
+@triton.jit
+def _act_bwd_finish_kernel(part_ptr, out_ptr, step_ptr, range_ptr, n_parts,
+                           BLOCK: tl.constexpr, CT: tl.constexpr, LN2_C: tl.constexpr):
+    acc0 = tl.zeros([BLOCK], dtype=CT)
+    acc1 = tl.zeros([BLOCK], dtype=CT)
+    acc2 = tl.zeros([BLOCK], dtype=CT)
+    for start in range(0, n_parts, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        m = rows < n_parts
+        acc0 += tl.load(part_ptr + rows * 3 + 0, mask=m, other=0.0)
+        acc1 += tl.load(part_ptr + rows * 3 + 1, mask=m, other=0.0)
+        acc2 += tl.load(part_ptr + rows * 3 + 2, mask=m, other=0.0)
+    s = tl.exp2(tl.load(step_ptr).to(CT))
+    q = tl.exp2(tl.load(range_ptr).to(CT))
+    tl.store(out_ptr + 0, LN2_C * s * tl.sum(acc0, axis=0))
+    tl.store(out_ptr + 1, LN2_C * q * tl.sum(acc1, axis=0))
+    tl.store(out_ptr + 2, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, step_ptr, K, PER_CHANNEL: tl.constexpr,
+                  BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr):
+    c = tl.program_id(0)
+    base = c.to(tl.int64) * K
+    if PER_CHANNEL:
+        s = tl.exp2(tl.load(step_ptr + c).to(CT))
+    else:
+        s = tl.exp2(tl.load(step_ptr).to(CT))
+    m = tl.full([BLOCK], float("inf"), CT)
+    nan = tl.zeros([BLOCK], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mk = offs < K
+        w = tl.load(w_ptr + base + offs, mask=mk, other=float("inf")).to(CT)
+        m = tl.where(w < m, w, m)
+        nan += (w != w).to(tl.int32)  # min ignores NaN; track it so the zero point is NaN
+    z = tl.min(m, axis=0)
+    z = tl.where(tl.sum(nan, axis=0) > 0, float("nan"), z)
+    tl.store(z_ptr + c, z.to(z_ptr.dtype.element_ty))
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mk = offs < K
+        w = tl.load(w_ptr + base + offs, mask=mk, other=0.0).to(CT)
+        v = _div(w - z, s, CT)
+        y = z + s * _round_half_even(v, MAGIC)
+        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mk)
+
+
+@triton.jit(do_not_specialize=["key"])
+def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, step_ptr, out_ptr, K, key, PER_CHANNEL: tl.constexpr,
+                  BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
+                  DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr):
+    c = tl.program_id(0)
+    base = c.to(tl.int64) * K
+    if PER_CHANNEL:
+        s = tl.exp2(tl.load(step_ptr + c).to(CT))
+    else:
+        s = tl.exp2(tl.load(step_ptr).to(CT))
+    z = tl.load(z_ptr + c).to(CT)
+    acc = tl.zeros([BLOCK], dtype=CT)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        mk = offs < K
+        w = tl.load(w_ptr + base + offs, mask=mk, other=0.0).to(CT)
+        g = tl.load(g_ptr + base + offs, mask=mk, other=0.0).to(CT)
+        v = _div(w - z, s, CT)
+        t = _round_half_even(v, MAGIC) - v
+        if DITHER:
+            t = t + s * _dither(base + offs, key, MAG)
+        acc += tl.where(mk, g * t, tl.zeros_like(g))
+    tl.store(out_ptr + c, LN2_C * s * tl.sum(acc, axis=0))
+
+
+def _ct(dtype):
+    """(triton compute dtype, round-to-integer magic constant) for an input dtype."""
+    if dtype == torch.float64:
+        return tl.float64, 2.0**52
+    return tl.float32, 2.0**23
+
+
+def _row_block(k: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(max(k, 1))))
+
+
+def activation_forward(x, log2_step, log2_range, offset):
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    n = xc.numel()
+    ct, magic = _ct(x.dtype)
+    grid = (triton.cdiv(n, ACT_BLOCK),)
+    _act_fwd_kernel[grid](xc, y, log2_step, log2_range, offset, n,
+                          BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic)
+    return y
+
+
+def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
+                        need_grad_x=True, need_grad_params=True):
+    xc = x.contiguous()
+    g = grad_y.contiguous()
+    n = xc.numel()
+    ct, magic = _ct(x.dtype)
+    acc_dtype = _checks.compute_dtype(x.dtype)
+    n_prog = triton.cdiv(n, ACT_BLOCK)
+    dx = torch.empty_like(xc) if need_grad_x else xc  # dummy pointer when not written
+    part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device) if need_grad_params else g
+    _act_bwd_kernel[(n_prog,)](
+        g, xc, dx, part, log2_step, log2_range, offset, n, seed_key_i32(seed),
+        BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
+        NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
+    )
+    grad_x = dx if need_grad_x else None
+    if not need_grad_params:
+        return grad_x, None, None, None
+    out = torch.empty(3, dtype=acc_dtype, device=x.device)
+    _act_bwd_finish_kernel[(1,)](part, out, log2_step, log2_range, n_prog,
+                                 BLOCK=FINISH_BLOCK, CT=ct, LN2_C=LN2)
+    return grad_x, out[0], out[1], out[2]
+
+
+def weight_forward(w, log2_step):
+    wc = w.contiguous()
+    c_out = wc.shape[0]
+    k = wc.numel() // c_out
+    ct, magic = _ct(w.dtype)
+    y = torch.empty_like(wc)
+    z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype), device=w.device)
+    _w_fwd_kernel[(c_out,)](wc, y, z, log2_step, k, PER_CHANNEL=is_per_channel(log2_step, c_out),
+                            BLOCK=_row_block(k), CT=ct, MAGIC=magic)
+    return y, z
+
+
+def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
+                    need_grad_w=True, need_grad_step=True):
+    grad_w = grad_w_hat if need_grad_w else None
+    if not need_grad_step:
+        return grad_w, None
+    wc = w.contiguous()
+    g = grad_w_hat.contiguous()
+    c_out = wc.shape[0]
+    k = wc.numel() // c_out
+    ct, magic = _ct(w.dtype)
+    acc_dtype = _checks.compute_dtype(w.dtype)
+    per_channel = is_per_channel(log2_step, c_out)
+    out = torch.empty(c_out, dtype=acc_dtype, device=w.device)
+    _w_bwd_kernel[(c_out,)](g, wc, zero_point.to(acc_dtype).contiguous(), log2_step, out, k,
+                            seed_key_i32(seed), PER_CHANNEL=per_channel, BLOCK=_row_block(k),
+                            CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
+                            LN2_C=LN2)
+    grad = out if per_channel else out.sum()
+    return grad_w, grad.reshape(log2_step.shape)
