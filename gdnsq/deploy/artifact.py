@@ -61,7 +61,7 @@ def save(model: nn.Module, path, *, architecture: dict | None = None, normalizat
         model: the output of :func:`gdnsq.deploy.freeze`.
         path: destination file.
         architecture: ``{"name": "resnet20", "kwargs": {...}}`` so that :func:`load` can rebuild
-            the network through ``gdnsq.models.resnet_cifar.get_model``; defaults to the model's
+            the network through ``gdnsq.models.get_model``; defaults to the model's
             ``gdnsq_architecture`` attribute when it has one (freeze copies it from the model).
         normalization: ``{"mean": [...], "std": [...]}`` of the input pipeline (stored, returned by
             :func:`load` for the user's preprocessing).
@@ -190,7 +190,7 @@ def load(path, model: nn.Module | None = None, *, map_location="cpu") -> nn.Modu
         path: the artifact.
         model: a skeleton of the same architecture (an FP model, the fake-quant model, or a
             frozen one). Needed when the artifact names no architecture known to
-            ``gdnsq.models.resnet_cifar.get_model``; the skeleton is not modified.
+            ``gdnsq.models.get_model``; the skeleton is not modified.
         map_location: device of the returned model.
 
     Returns the frozen model in eval mode, with ``gdnsq_metadata`` (the JSON metadata),
@@ -204,9 +204,9 @@ def load(path, model: nn.Module | None = None, *, map_location="cpu") -> nn.Modu
         if not arch:
             raise ValueError(f"{path}: the artifact names no architecture; pass a model skeleton as model=")
         try:
-            from gdnsq.models.resnet_cifar import get_model
+            from gdnsq.models import get_model
         except ImportError as e:
-            raise ValueError(f"{path}: cannot rebuild {arch['name']!r}: gdnsq.models.resnet_cifar unavailable") from e
+            raise ValueError(f"{path}: cannot rebuild {arch['name']!r}: gdnsq.models unavailable") from e
         try:
             skeleton = get_model(arch["name"], **arch.get("kwargs", {}))
         except (KeyError, ValueError, TypeError) as e:

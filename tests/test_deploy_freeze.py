@@ -1,0 +1,172 @@
+"""gdnsq.deploy.freeze: frozen integer-code layers reproduce the fake-quant model."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from _deploy_helpers import Scale, ensure_ops, make_qmodel, quantized_layers, rel_err
+from gdnsq.deploy import DeployedConv2d, DeployedLinear, deployed_layers, freeze, layer_table, size_report
+from gdnsq.deploy.layers import pack_codes, unpack_codes
+
+
+@pytest.fixture(autouse=True)
+def _ops(monkeypatch):
+    ensure_ops(monkeypatch)
+    with torch.no_grad():
+        yield
+
+
+def _x(n=5, hw=12, seed=3):
+    return torch.randn(n, 3, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+def _oracle(layer, x):
+    """Plain float64 conv/linear of the dequantized codes (independent of the layer's paths)."""
+    k = layer.weight_codes().double()
+    view = (-1,) + (1,) * (k.dim() - 1)
+    w = layer.weight_min.double().view(view) + layer.weight_step.double().view(view) * k
+    j = layer.codes_of(x.float()).double()
+    a = layer.act_offset.double() + torch.exp2(layer.act_log2_step.float()).double() * j
+    b = None if layer.bias is None else layer.bias.double()
+    if isinstance(layer, DeployedConv2d):
+        c = layer.config
+        return F.conv2d(a, w, b, c["stride"], c["padding"], c["dilation"], c["groups"])
+    return F.linear(a, w, b)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("path", ["int", "bitplane", "binary"])
+def test_freeze_matches_fake_quant(bits, path):
+    q = make_qmodel(bits, bits)
+    x = _x()
+    ref = q(x)
+    frozen = freeze(q, path=path)
+    out = frozen(x)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    layers = dict(deployed_layers(frozen))
+    assert sorted(layers) == ["conv1", "conv2", "hidden"]
+    for layer in layers.values():
+        assert layer.config["weight_bits"] == bits and layer.config["act_bits"] == bits
+        want = path if path in layer.allowed_paths() else ("binary" if bits == 1 else "int")
+        assert layer.path == want
+    # the qmodel is not modified, FP layers / BN / unknown layers pass through untouched
+    assert len(quantized_layers(q)) == 3
+    assert type(frozen.conv0) is nn.Conv2d and torch.equal(frozen.conv0.weight, q.conv0.weight)
+    assert type(frozen.fc) is nn.Linear and isinstance(frozen.bn1, nn.BatchNorm2d)
+    assert type(frozen.scale) is Scale and torch.equal(frozen.scale.gain, q.scale.gain)
+
+
+@pytest.mark.parametrize("path", ["int", "bitplane", "binary"])
+def test_each_layer_matches_float64_oracle(path):
+    q = make_qmodel(1 if path == "binary" else 3, 1 if path == "binary" else 2)
+    frozen = freeze(q, path=path)
+    captured = {}
+    for n, m in deployed_layers(frozen):
+        m.register_forward_pre_hook(lambda mod, inp, n=n: captured.__setitem__(n, inp[0]))
+    frozen(_x(hw=11))  # odd size: stride-2 border
+    for n, m in deployed_layers(frozen):
+        assert m.path == path
+        ref = _oracle(m, captured[n])
+        assert rel_err(m(captured[n]).double(), ref) < 1e-6, n
+
+
+def test_auto_measures_and_w1a1_uses_binary():
+    for bits in (1, 2):
+        q = make_qmodel(bits, bits)
+        x = _x()
+        frozen = freeze(q, example_input=x, reps=1)
+        for row in layer_table(frozen):
+            if bits == 1:
+                assert row["path"] == "binary"
+            else:
+                assert row["chosen_by"] == "measured"
+                assert set(row["timings_ms"]) == {"int", "bitplane"}
+                assert row["path"] == min(row["timings_ms"], key=row["timings_ms"].get)
+        assert rel_err(frozen(x), q(x)) < 1e-5
+
+
+def test_mixed_bits_and_weight_only_layers():
+    q = make_qmodel(2, 4)
+    q.hidden.act_quantizer.enabled = False  # A32 layer: weights only
+    x = _x()
+    frozen = freeze(q)
+    assert frozen.hidden.path == "dequant" and frozen.hidden.config["act_bits"] is None
+    assert frozen.conv1.config["weight_bits"] == 2 and frozen.conv1.config["act_bits"] == 4
+    assert rel_err(frozen(x), q(x)) < 1e-5
+
+
+def test_wide_codes_switch_to_float64():
+    q = make_qmodel(10, 10)
+    frozen = freeze(q)
+    assert frozen.conv2.config["act_bits"] == 10
+    # 16 channels * 9 taps * 1023 * 1023 > 2**24: float32 would round the integer sums
+    assert frozen.conv2._int_dtype() == torch.float64
+    x = _x()
+    assert rel_err(frozen(x), q(x)) < 1e-5
+
+
+def test_realised_bits_above_target_warn_or_raise():
+    q = make_qmodel(2, 2)
+    q.conv1.weight_quantizer.target_bits.fill_(1)  # realised 2 bits > target 1
+    with pytest.warns(UserWarning, match="conv1: realised bits exceed"):
+        frozen = freeze(q)
+    assert frozen.conv1.config["weight_bits"] == 2
+    with pytest.raises(ValueError, match="conv1.*strict"):
+        freeze(q, strict=True)
+    q2 = make_qmodel(2, 2)
+    q2.conv2.act_quantizer.target_bits.fill_(1)
+    with pytest.raises(ValueError, match="conv2: realised bits exceed.*activation"):
+        freeze(q2, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freeze(make_qmodel(2, 2), strict=True)  # at target: no warning, no error
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="qmodel"):
+        freeze("model")
+    with pytest.raises(ValueError, match="path"):
+        freeze(make_qmodel(2, 2), path="fast")
+    frozen = freeze(make_qmodel(2, 2))
+    with pytest.raises(ValueError, match="x must be"):
+        frozen.conv1(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="path must be one of"):
+        frozen.conv1.set_path("binary")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
+def test_pack_codes_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (7, 3, 5), generator=g)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (bits, math.ceil(105 / 8))
+    assert torch.equal(unpack_codes(packed, bits, (7, 3, 5)), codes.to(torch.int32))
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_codes(codes + 2**bits, bits)
+    with pytest.raises(ValueError, match="packed must be uint8"):
+        unpack_codes(packed, bits, (7, 3, 6))
+
+
+def test_size_report_counts_bytes():
+    frozen = freeze(make_qmodel(1, 1))
+    rep = size_report(frozen)
+    conv1 = next(r for r in rep["layers"] if r["name"] == "conv1")
+    assert conv1["fp32_bytes"] == 4 * 16 * 8 * 9
+    # 1 bit per weight + step and min (4 bytes each per channel) + 3 activation parameters
+    assert conv1["deployed_bytes"] == math.ceil(16 * 8 * 9 / 8) + 2 * 16 * 4 + 3 * 4
+    assert rep["total_fp32_bytes"] > rep["total_deployed_bytes"]
+    assert rep["total_fp32_bytes"] - rep["quantized_fp32_bytes"] == rep["other_fp32_bytes"]
+
+
+def test_moves_to_device_and_back():
+    q = make_qmodel(2, 2)
+    frozen = freeze(q, path="bitplane")
+    x = _x()
+    before = frozen(x)
+    frozen.to(torch.float32)  # _apply clears the derived caches; results unchanged
+    assert torch.equal(frozen(x), before)
+    assert isinstance(frozen.hidden, DeployedLinear)
