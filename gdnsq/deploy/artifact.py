@@ -85,7 +85,7 @@ def save(model: nn.Module, path, *, architecture: dict | None = None, normalizat
         t = t.detach().cpu().contiguous()
         if t.dtype not in _DTYPE_NAMES:
             raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored")
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         pad = (-offset) % 8
         if pad:
             chunks.append(b"\0" * pad)
