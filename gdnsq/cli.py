@@ -587,7 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``gdnsq`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, one line)
+        return e.code if isinstance(e.code, int) else 2
     debug = os.environ.get("GDNSQ_DEBUG") == "1"
     try:
         out = args.func(args)

