@@ -22,7 +22,8 @@ Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
 * ``triton``: the Triton kernel (:mod:`gdnsq_kernels.triton_xnor`); on CPU tensors only under
   ``TRITON_INTERPRET=1``.
 * ``cpu``: CPU tensors. NumPy ``bitwise_count`` over uint64 views of the words for small M;
-  for large M an unpack to float32 +-1 / 0-1 matrices and one sgemm, which is exact while
+  for many rows against few columns an unpack to float32 +-1 / 0-1 matrices and one sgemm
+  (see ``_cpu_use_float_gemm``), which is exact while
   ``k <= 2**24`` (integer partial sums stay exactly representable) and when float32 matmul runs
   at full precision; otherwise float64. The switch point was measured (docs/readme/binary.md).
 * ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler).
@@ -63,9 +64,18 @@ __all__ = [
     "binary_conv2d",
 ]
 
-# M at and above which the CPU backend unpacks to float and uses sgemm instead of NumPy
-# popcount (measured with benchmarks/bench_binary.py --crossover on this project's CPU).
-CPU_FLOAT_GEMM_MIN_M = 64
+
+
+def _cpu_use_float_gemm(M: int, N: int) -> bool:
+    """Whether the CPU backend should unpack to float and use sgemm instead of NumPy popcount.
+
+    Measured on a 2-core x86 CPU (benchmarks/bench_binary.py --crossover): NumPy popcount costs
+    ~1 ns per uint64 word pair (more when rows are only a few words long); the float path pays
+    ~1.3 ns per unpacked code of both operands, then ~11 ps per multiply-add. So popcount wins
+    for batch-size inference against a wide weight (N=4096: every M up to 256 measured), the
+    float path wins for conv-shaped GEMMs (many rows, N <= a few hundred output channels).
+    """
+    return (M >= 64 and N < 1024) or min(M, N) >= 1024
 # Largest k for which float32 sums of +-1 / 0-1 products are exact.
 _FLOAT32_EXACT_K = 1 << 24
 
@@ -128,7 +138,7 @@ def _packed_gemm(a, b, k, xnor, backend):
     if name == "torch":
         return _gemm_torch_swar(a, b, k, xnor)
     # cpu
-    if M >= CPU_FLOAT_GEMM_MIN_M:
+    if _cpu_use_float_gemm(M, N):
         return _gemm_cpu_float(a, b, k, xnor)
     return _gemm_cpu_popcount(a, b, k, xnor)
 

@@ -75,10 +75,11 @@ def pack_bits(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     k = x.shape[-1]
     nw = num_words(k)
     lead = x.shape[:-1]
-    if x.device.type == "cpu":
-        out = _pack_last_numpy(x.reshape(-1, k), nw)
-    else:
-        out = _pack_last_torch(x.reshape(-1, k), nw)
+    rows = 1
+    for n in lead:
+        rows *= n
+    x2 = x.reshape(rows, k)
+    out = _pack_last_numpy(x2, nw) if x.device.type == "cpu" else _pack_last_torch(x2, nw)
     return out.reshape(*lead, nw).movedim(-1, dim).contiguous()
 
 

@@ -1,0 +1,134 @@
+"""xnor_gemm / and_gemm: exact equality with integer references on every backend."""
+import pytest
+import torch
+
+from gdnsq_kernels import and_gemm, pack_bits, xnor_gemm
+from gdnsq_kernels import binary_ops, binary_reference
+
+CUDA = torch.cuda.is_available()
+# (device, backend): every backend that runs on the device; 'triton' on CPU is the interpreter.
+CASES = [("cpu", b) for b in ("reference", "cpu", "torch", "triton")]
+if CUDA:
+    CASES += [("cuda", b) for b in ("reference", "torch", "triton")]
+IDS = [f"{d}-{b}" for d, b in CASES]
+
+
+def _int_ref(x, y):
+    """Integer oracle from the unpacked 0/1 matrices: (xnor, and) as int64."""
+    x = x.to(torch.int64).cpu()
+    y = y.to(torch.int64).cpu()
+    return (2 * x - 1) @ (2 * y - 1).T, x @ y.T
+
+
+@pytest.mark.parametrize("device,backend", CASES, ids=IDS)
+@pytest.mark.parametrize("M,N,K", [(5, 7, 1), (5, 7, 31), (5, 7, 32), (5, 7, 33), (3, 4, 1000), (1, 9, 65), (6, 1, 40), (1, 1, 33)])
+def test_gemm_exact(device, backend, M, N, K, poison_empty):
+    x = torch.randint(0, 2, (M, K), device=device)
+    y = torch.randint(0, 2, (N, K), device=device)
+    if M > 2:
+        x[0] = 0  # all-zero and all-one rows
+        x[1] = 1
+    if N > 2:
+        y[0] = 1
+        y[-1] = 0
+    a, b = pack_bits(x), pack_bits(y)
+    ref_x, ref_a = _int_ref(x, y)
+    cx = xnor_gemm(a, b, K, backend=backend)
+    ca = and_gemm(a, b, K, backend=backend)
+    assert cx.dtype == torch.int32 and ca.dtype == torch.int32
+    assert cx.device.type == device and cx.shape == (M, N)
+    assert torch.equal(cx.cpu().to(torch.int64), ref_x)
+    assert torch.equal(ca.cpu().to(torch.int64), ref_a)
+
+
+@pytest.mark.parametrize("device,backend", CASES, ids=IDS)
+def test_padding_bits_never_count(device, backend):
+    K = 45
+    x = torch.randint(0, 2, (4, K), device=device)
+    y = torch.randint(0, 2, (3, K), device=device)
+    a, b = pack_bits(x), pack_bits(y)
+    # Garbage in the 19 bits past k of the last word (including the sign bit).
+    a_dirty, b_dirty = a.clone(), b.clone()
+    a_dirty[:, -1] |= torch.tensor(-(1 << 13), dtype=torch.int32)
+    b_dirty[1:, -1] |= torch.tensor(-(1 << 20), dtype=torch.int32)
+    assert torch.equal(xnor_gemm(a_dirty, b_dirty, K, backend=backend), xnor_gemm(a, b, K, backend=backend))
+    assert torch.equal(and_gemm(a_dirty, b_dirty, K, backend=backend), and_gemm(a, b, K, backend=backend))
+    ref_x, ref_a = _int_ref(x, y)
+    assert torch.equal(and_gemm(a_dirty, b_dirty, K, backend=backend).cpu().to(torch.int64), ref_a)
+
+
+def test_xnor_and_identity():
+    """sum (2a-1)(2b-1) = 4 sum ab - 2 sum a - 2 sum b + k (METHOD.md Part B §7)."""
+    K = 77
+    x = torch.randint(0, 2, (6, K))
+    y = torch.randint(0, 2, (5, K))
+    a, b = pack_bits(x), pack_bits(y)
+    lhs = xnor_gemm(a, b, K)
+    rhs = 4 * and_gemm(a, b, K) - 2 * x.sum(1, keepdim=True) - 2 * y.sum(1)[None] + K
+    assert torch.equal(lhs.to(torch.int64), rhs)
+
+
+@pytest.mark.parametrize("M,N,K", [(70, 9, 100), (3, 5, 1000), (65, 1, 33)])
+def test_cpu_paths_agree(M, N, K):
+    """Both CPU strategies (NumPy popcount, float sgemm of unpacked codes) are exact."""
+    x = torch.randint(0, 2, (M, K))
+    y = torch.randint(0, 2, (N, K))
+    a, b = pack_bits(x), pack_bits(y)
+    ref_x, ref_a = _int_ref(x, y)
+    for xnor, ref in ((True, ref_x), (False, ref_a)):
+        assert torch.equal(binary_ops._gemm_cpu_popcount(a, b, K, xnor).to(torch.int64), ref)
+        assert torch.equal(binary_ops._gemm_cpu_float(a, b, K, xnor).to(torch.int64), ref)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("xnor", [True, False])
+def test_triton_multi_tile_and_word_loop(device, xnor, poison_empty):
+    """Small forced blocks: several M/N tiles with ragged edges and several word-loop steps."""
+    from gdnsq_kernels.triton_xnor import packed_gemm_triton
+
+    M, N, K = 5, 7, 161  # 6 words: 3 loop steps of 2 words, ragged last tile in M and N
+    x = torch.randint(0, 2, (M, K), device=device)
+    y = torch.randint(0, 2, (N, K), device=device)
+    out = packed_gemm_triton(pack_bits(x), pack_bits(y), K, xnor, blocks=(2, 4, 2))
+    ref_x, ref_a = _int_ref(x, y)
+    assert torch.equal(out.cpu().to(torch.int64), ref_x if xnor else ref_a)
+
+
+def test_reference_is_the_default_backend_semantics(monkeypatch):
+    x = torch.randint(0, 2, (4, 50))
+    y = torch.randint(0, 2, (3, 50))
+    a, b = pack_bits(x), pack_bits(y)
+    monkeypatch.setenv("GDNSQ_BACKEND", "reference")
+    r = xnor_gemm(a, b, 50)
+    monkeypatch.setenv("GDNSQ_BACKEND", "cpu")
+    assert torch.equal(xnor_gemm(a, b, 50), r)
+    assert torch.equal(r, binary_reference.xnor_gemm_reference(a, b, 50))
+
+
+def test_empty_and_k0():
+    a = torch.zeros((0, 2), dtype=torch.int32)
+    b = torch.zeros((3, 2), dtype=torch.int32)
+    assert xnor_gemm(a, b, 40).shape == (0, 3)
+    z = torch.zeros((2, 0), dtype=torch.int32)
+    assert torch.equal(xnor_gemm(z, z, 0), torch.zeros(2, 2, dtype=torch.int32))
+
+
+def test_errors():
+    a = torch.zeros((2, 2), dtype=torch.int32)
+    b3 = torch.zeros((3, 3), dtype=torch.int32)
+    with pytest.raises(ValueError, match="b_packed has 3 words per row but a_packed has 2"):
+        xnor_gemm(a, b3, 40)
+    with pytest.raises(ValueError, match="k=65 is larger than the packed width"):
+        xnor_gemm(a, a, 65)
+    with pytest.raises(ValueError, match="k=20 needs"):
+        and_gemm(a, a, 20)
+    with pytest.raises(TypeError, match="a_packed must be an int32"):
+        xnor_gemm(a.float(), a, 40)
+    with pytest.raises(TypeError, match="b_packed must be an int32"):
+        and_gemm(a, a.to(torch.float64), 40)
+    with pytest.raises(ValueError, match="a_packed must be 2-D"):
+        xnor_gemm(a[0], a, 40)
+    with pytest.raises(TypeError, match="k must be an int"):
+        xnor_gemm(a, a, 40.0)
+    with pytest.raises(ValueError, match="GDNSQ_BACKEND/backend"):
+        xnor_gemm(a, a, 40, backend="nope")
