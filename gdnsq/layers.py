@@ -20,7 +20,7 @@ from torch import nn
 
 from gdnsq_kernels import quantize as _kq
 
-from .quantizers import ActivationQuantizer, WeightQuantizer, aewgs_input_grad
+from .quantizers import ActivationQuantizer, WeightQuantizer, aewgs_grads
 
 
 @dataclass
@@ -105,11 +105,14 @@ class _FusedQuantLayer(torch.autograd.Function):
             else:
                 gx = g_xq
         if need_w:
-            aewgs = nw and cfg.estimator == "aewgs"
+            aewgs = cfg.estimator == "aewgs"
             gw, gws = _kq.weight_backward(g_w_hat, weight, w_step, zero_point, w_seed, cfg.w_dither,
                                           need_grad_w=nw and not aewgs, need_grad_step=nws)
             if aewgs:
-                gw = aewgs_input_grad(g_w_hat, weight, w_step, zero_point)
+                gw, extra = aewgs_grads(g_w_hat, weight, w_step, zero_point)
+                gw = gw if nw else None
+                if nws:
+                    gws = gws.reshape(w_step.shape).float() + extra
             gws = gws.reshape(w_step.shape).to(w_step.dtype) if nws else None
         return gx, gw, g_b, gas, gar, gao, gws, None
 

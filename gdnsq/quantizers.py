@@ -61,9 +61,24 @@ def _dist_mean_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def aewgs_input_grad(grad_w_hat: torch.Tensor, w: torch.Tensor, log2_step: torch.Tensor,
-                     zero_point: torch.Tensor) -> torch.Tensor:
-    """Weight gradient of the AEWGS estimator (METHOD Part B §2.1-§2.2).
+def aewgs_grads(grad_w_hat: torch.Tensor, w: torch.Tensor, log2_step: torch.Tensor,
+                zero_point: torch.Tensor):
+    """Weight gradient of the AEWGS estimator and its extra log2-step term (METHOD Part B §2.1).
+
+    The authors' graph is ``w_hat = (v + N(v, s)) * s + z`` with ``v = (w - z)/s`` and
+    ``z = amin_c(w)``; AEWGS makes ``dN/dv = -mu``. Autograd through that graph gives
+
+    * ``dL/dw = g*(1 - mu)``, plus ``sum_c(g*mu)`` on the arg-min element(s) of each channel
+      (through ``z``; ties share it equally, as ``amin`` does);
+    * ``dL/ds_c`` = the STE/GDNSQ term ``sum g*(e + s*r)`` **plus** ``sum_c g*mu*v`` (the
+      ``(1 - mu)`` factor also scales the path through ``v = (w - z)/s``), i.e.
+      ``dL/dlog2_step_c += ln2 * s_c * sum_c g*mu*v``. (Part B §2.2 lists the step gradient of
+      AEWGS as identical to STE's; the composition it describes has this extra term, and we
+      follow the composition.)
+
+    ``mu = min(delta*sign(g)*e, 0.99)``, ``delta = mean(sign(g)e) / max(var(e), 1e-3)`` with
+    means per output channel (over the whole tensor for a per-tensor step), all-reduced across
+    ranks when ``torch.distributed`` is initialised; ``e = round(v) - v``.
 
     Args:
         grad_w_hat: (C_out, ...) upstream gradient ``g`` of the quantized weight.
@@ -72,35 +87,36 @@ def aewgs_input_grad(grad_w_hat: torch.Tensor, w: torch.Tensor, log2_step: torch
         zero_point: (C_out,) per-channel minimum used by the forward.
 
     Returns:
-        (C_out, ...) ``g*(1-mu)``, plus ``sum_c(g*mu)`` on the arg-min element(s) of each channel
-        (what autograd gives through ``z = amin(w)``; ties share it equally, as ``amin`` does).
-        ``mu = min(delta*sign(g)*e, 0.99)``, ``delta = mean(sign(g)e) / max(var(e), 1e-3)`` with
-        means per output channel (over the whole tensor for a per-tensor step), all-reduced
-        across ranks when ``torch.distributed`` is initialised, ``e = round(v) - v``.
+        (grad_w shaped and typed like grad_w_hat, extra log2-step gradient shaped like log2_step
+        in the compute dtype: float32, float64 for float64 weights).
     """
     c = w.shape[0]
-    g = grad_w_hat.float().reshape(c, -1)
-    wf = w.float().reshape(c, -1)
-    s = torch.exp2(log2_step.detach().float()).reshape(-1, 1)
-    z = zero_point.float().reshape(-1, 1)
+    ct = torch.promote_types(w.dtype, torch.float32)  # float32 math (float64 for checks)
+    g = grad_w_hat.to(ct).reshape(c, -1)
+    wf = w.detach().to(ct).reshape(c, -1)
+    s = torch.exp2(log2_step.detach().to(ct)).reshape(-1, 1)
+    z = zero_point.to(ct).reshape(-1, 1)
     v = (wf - z) / s
     e = torch.round(v) - v
-    # sign(G) with G = g*s equals sign(g) because s > 0.
+    # sign(G) with G = dL/dn = g*s equals sign(g) because s > 0.
     sg = torch.sign(g)
-    dims = 1 if log2_step.numel() == c and c > 1 else None
-    if dims is None:
-        stats = torch.stack([(sg * e).mean(), e.mean(), (e * e).mean()]).reshape(3, 1)
-    else:
+    if log2_step.numel() == c and c > 1:
         stats = torch.stack([(sg * e).mean(1), e.mean(1), (e * e).mean(1)])  # (3, C)
+    else:
+        stats = torch.stack([(sg * e).mean(), e.mean(), (e * e).mean()]).reshape(3, 1)
     _dist_mean_(stats)
     num, m1, m2 = stats[0], stats[1], stats[2]
     delta = (num / torch.clamp_min(m2 - m1 * m1, AEWGS_VAR_FLOOR)).reshape(-1, 1)
     mu = torch.clamp_max(delta * sg * e, AEWGS_MU_MAX)
-    gw = g * (1.0 - mu)
+    gmu = g * mu
+    gw = g - gmu
     # The zero point z = amin(w) passes sum(g*mu) back to the minimum element(s).
     is_min = (wf == z).float()
-    gw = gw + is_min * ((g * mu).sum(1, keepdim=True) / is_min.sum(1, keepdim=True).clamp_min(1.0))
-    return gw.reshape(w.shape).to(grad_w_hat.dtype)
+    gw = gw + is_min * (gmu.sum(1, keepdim=True) / is_min.sum(1, keepdim=True).clamp_min(1.0))
+    extra = (gmu * v).sum(1) * (math.log(2.0) * s.reshape(-1))
+    if log2_step.numel() != c or c == 1:
+        extra = extra.sum()
+    return gw.reshape(w.shape).to(grad_w_hat.dtype), extra.reshape(log2_step.shape)
 
 
 class _AEWGSWeight(torch.autograd.Function):
@@ -118,13 +134,14 @@ class _AEWGSWeight(torch.autograd.Function):
     def backward(ctx, grad):
         w, log2_step, zero_point = ctx.saved_tensors
         need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_w = aewgs_input_grad(grad, w, log2_step, zero_point) if need_w else None
+        grad = grad.contiguous()
+        grad_w, extra = aewgs_grads(grad, w, log2_step, zero_point)
         grad_step = None
         if need_s:
-            _, grad_step = _kq.weight_backward(grad.contiguous(), w, log2_step, zero_point, ctx.seed,
+            _, grad_step = _kq.weight_backward(grad, w, log2_step, zero_point, ctx.seed,
                                                ctx.dither, need_grad_w=False, need_grad_step=True)
-            grad_step = grad_step.reshape(log2_step.shape).to(log2_step.dtype)
-        return grad_w, grad_step, None
+            grad_step = (grad_step.reshape(log2_step.shape).float() + extra).to(log2_step.dtype)
+        return (grad_w if need_w else None), grad_step, None
 
 
 class WeightQuantizer(nn.Module):
@@ -181,9 +198,10 @@ class WeightQuantizer(nn.Module):
         Differentiable in ``w`` (through max and min, not detached) and in ``log2_step``.
         """
         self._check(w)
-        flat = w.reshape(w.shape[0], -1).float()
+        ct = torch.promote_types(w.dtype, torch.float32)  # float32, or float64 for checks
+        flat = w.reshape(w.shape[0], -1).to(ct)
         span = flat.amax(1) - flat.amin(1)
-        return torch.log2(span / self.step().float() + 1.0)
+        return torch.log2(span / self.step().to(ct) + 1.0)
 
     @torch.no_grad()
     def codes(self, w: torch.Tensor):
