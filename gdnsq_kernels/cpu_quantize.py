@@ -1,0 +1,128 @@
+"""The ``cpu`` backend: fused C++ kernels (``csrc/quantize_cpu.cpp``) built on first use.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` (ninja, -O3, OpenMP through
+``at::parallel_for``, AVX2 when the CPU has it, no FP contraction so the forward matches the
+reference exactly) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``); later processes load the cached build in well under a second.
+If the compiler or ninja is missing or the build fails, ``implementation()`` warns once and
+returns the eager ``torch`` backend instead.
+
+Each op is one pass over the data forward and one backward (the activation backward writes
+``dx`` and reduces the three parameter sums in the same loop); only ``ln2*s`` scaling of the
+O(1)/O(C_out) sums happens in Python.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+
+import torch
+
+from . import _checks
+from .dither import DITHER_MAGNITUDE, seed_key
+from .reference import is_per_channel
+
+LN2 = math.log(2.0)
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantize_cpu.cpp")
+_lock = threading.Lock()
+_ext = None
+_failed: str | None = None
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return " avx2" in f.read()
+    except OSError:
+        return False
+
+
+def load_extension():
+    """Build (first call) or load the C++ extension; raises on failure."""
+    global _ext
+    with _lock:
+        if _ext is not None:
+            return _ext
+        from torch.utils.cpp_extension import load
+
+        flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+        name = "gdnsq_quantize_cpu"
+        if _has_avx2():
+            flags.append("-mavx2")
+            name += "_avx2"
+        _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"], verbose=False)
+        return _ext
+
+
+def implementation():
+    """This module when the extension builds, else ``_torch_quantize`` (warning once)."""
+    global _failed
+    if _failed is None and _ext is None:
+        try:
+            load_extension()
+        except Exception as exc:  # compiler, ninja or build failure: degrade, do not crash
+            _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            warnings.warn(
+                "gdnsq_kernels: the fused C++ CPU quantizer could not be built "
+                f"({_failed}); using the eager 'torch' backend instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    if _failed is not None:
+        from . import _torch_quantize
+
+        return _torch_quantize
+    import sys
+
+    return sys.modules[__name__]
+
+
+def _key_i64(seed: int) -> int:
+    return seed_key(seed)  # 0..2**32-1, the C++ side takes the low 32 bits
+
+
+def activation_forward(x, log2_step, log2_range, offset):
+    return _ext.act_forward(x.detach().contiguous(), log2_step.detach(), log2_range.detach(),
+                            offset.detach())
+
+
+def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
+                        need_grad_x=True, need_grad_params=True):
+    xc = x.detach().contiguous()
+    g = grad_y.detach().to(x.dtype).contiguous()
+    dx, sums = _ext.act_backward(g, xc, log2_step.detach(), log2_range.detach(), offset.detach(),
+                                 _key_i64(seed), bool(dither), bool(need_grad_x),
+                                 bool(need_grad_params), DITHER_MAGNITUDE)
+    if not need_grad_params:
+        return dx, None, None, None
+    ct = _checks.compute_dtype(x.dtype)
+    s = torch.exp2(log2_step.detach().to(ct).reshape(())).double()
+    q = torch.exp2(log2_range.detach().to(ct).reshape(())).double()
+    return dx, (LN2 * s * sums[0]).to(ct), (LN2 * q * sums[1]).to(ct), sums[2].to(ct)
+
+
+def weight_forward(w, log2_step):
+    c_out = w.shape[0]
+    y, z = _ext.w_forward(w.detach().contiguous().reshape(c_out, -1), log2_step.detach())
+    return y.reshape(w.shape), z
+
+
+def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
+                    need_grad_w=True, need_grad_step=True):
+    grad_w = grad_w_hat if need_grad_w else None
+    if not need_grad_step:
+        return grad_w, None
+    c_out = w.shape[0]
+    ct = _checks.compute_dtype(w.dtype)
+    sums = _ext.w_backward(grad_w_hat.detach().to(w.dtype).contiguous().reshape(c_out, -1),
+                           w.detach().contiguous().reshape(c_out, -1), log2_step.detach(),
+                           zero_point.detach(), _key_i64(seed), bool(dither), DITHER_MAGNITUDE)
+    s = torch.exp2(log2_step.detach().to(ct).reshape(-1)).double()
+    if is_per_channel(log2_step, c_out):
+        grad = LN2 * s * sums
+    else:
+        grad = LN2 * s.reshape(()) * sums.sum()
+    return grad_w, grad.to(ct).reshape(log2_step.shape)

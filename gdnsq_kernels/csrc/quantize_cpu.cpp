@@ -1,0 +1,274 @@
+// Fused CPU kernels for the GDNSQ quantizers (one forward pass, one backward pass per op).
+//
+// Same math as gdnsq_kernels/reference.py and the same dither hash as gdnsq_kernels/dither.py
+// (uint32 lowbias32 of flat_index ^ key). Built on first use by gdnsq_kernels/cpu_quantize.py
+// with torch.utils.cpp_extension.load (-O3, no fast-math and no FP contraction, so results
+// match the reference bit for bit in the forward).
+//
+// Design notes:
+// * Inputs arrive contiguous; element i of the flat buffer is the dither index.
+// * Loops are branch-free (ternaries) so the compiler vectorises them; round-half-to-even
+//   uses the (v + 2^23) - 2^23 trick instead of nearbyint, which does not vectorise on SSE2.
+// * Reductions use fixed-size chunks whose boundaries do not depend on the thread count,
+//   each accumulated into LANES float lanes (vectorisable without reassociation) and then
+//   summed in double; chunk totals are added in order, so results are deterministic.
+// * s = 2^log2_step etc. are computed with at::exp2 so they equal the reference's exactly.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per reduction chunk (and parallel grain)
+constexpr int kLanes = 16;
+
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+template <typename T>
+inline T dither_at(int64_t i, uint32_t key, T mag) {
+  uint32_t h = lowbias32(static_cast<uint32_t>(i) ^ key);
+  return (h >> 31) ? mag : -mag;
+}
+
+template <typename T>
+inline T round_half_even(T v) {
+  constexpr T magic = std::is_same<T, double>::value ? T(4503599627370496.0) : T(8388608.0);
+  T c = std::copysign(magic, v);
+  T r = (v + c) - c;
+  return std::fabs(v) < magic ? r : v;  // |v| >= magic (or NaN: comparison false) -> v
+}
+
+template <typename T>
+T scalar_of(const at::Tensor& t) {
+  return t.to(std::is_same<T, double>::value ? at::kDouble : at::kFloat).reshape({}).template item<T>();
+}
+
+void check_cpu_contig(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+// y = lo + s * round((clamp(x, lo, hi) - lo) / s)
+at::Tensor act_forward(const at::Tensor& x, const at::Tensor& log2_step,
+                       const at::Tensor& log2_range, const at::Tensor& offset) {
+  check_cpu_contig(x, "x");
+  at::Tensor y = at::empty_like(x);
+  const int64_t n = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "act_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto ct = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+    const acc_t s = at::exp2(log2_step.to(ct)).reshape({}).item<acc_t>();
+    const acc_t q = at::exp2(log2_range.to(ct)).reshape({}).item<acc_t>();
+    const acc_t lo = scalar_of<acc_t>(offset);
+    const acc_t hi = lo + q - s;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        acc_t xv = static_cast<acc_t>(xp[i]);
+        acc_t xc = xv < lo ? lo : xv;  // comparisons keep NaN, like torch.clamp
+        xc = xc > hi ? hi : xc;
+        acc_t v = (xc - lo) / s;
+        yp[i] = static_cast<scalar_t>(lo + s * round_half_even(v));
+      }
+    });
+  });
+  return y;
+}
+
+// Returns (grad_x or an undefined tensor, sums (3,) float64 = [sum g*t, sum_{x>hi} g, sum_out g])
+// with t = e - [x > hi] + s*r. The caller applies ln2*s and ln2*Q.
+std::vector<at::Tensor> act_backward(const at::Tensor& g, const at::Tensor& x,
+                                     const at::Tensor& log2_step, const at::Tensor& log2_range,
+                                     const at::Tensor& offset, int64_t key, bool dither,
+                                     bool need_dx, bool need_params, double mag) {
+  check_cpu_contig(x, "x");
+  check_cpu_contig(g, "grad_y");
+  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_y must have x's dtype");
+  const int64_t n = x.numel();
+  at::Tensor dx = need_dx ? at::empty_like(x) : at::Tensor();
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> part(need_params ? n_chunks * 3 : 0, 0.0);
+  const uint32_t ukey = static_cast<uint32_t>(key);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "act_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto ct = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+    const acc_t s = at::exp2(log2_step.to(ct)).reshape({}).item<acc_t>();
+    const acc_t q = at::exp2(log2_range.to(ct)).reshape({}).item<acc_t>();
+    const acc_t lo = scalar_of<acc_t>(offset);
+    const acc_t hi = lo + q - s;
+    const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t b = c * kChunk;
+        const int64_t e = std::min(n, b + kChunk);
+        if (need_dx) {
+          for (int64_t i = b; i < e; ++i) {
+            acc_t xv = static_cast<acc_t>(xp[i]);
+            acc_t gv = static_cast<acc_t>(gp[i]);
+            bool inside = (xv >= lo) & (xv <= hi);  // False for NaN
+            dxp[i] = static_cast<scalar_t>(inside ? gv : acc_t(0));
+          }
+        }
+        if (!need_params) continue;
+        acc_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
+        auto body = [&](int64_t i, int l) {
+          acc_t xv = static_cast<acc_t>(xp[i]);
+          acc_t gv = static_cast<acc_t>(gp[i]);
+          bool below = xv < lo;
+          bool above = xv > hi;
+          acc_t xc = below ? lo : xv;
+          xc = xc > hi ? hi : xc;
+          acc_t v = (xc - lo) / s;
+          acc_t t = (round_half_even(v) - v) - (above ? acc_t(1) : acc_t(0));
+          // r = +-mag from the hash; smag = s*mag (0 without dither)
+          t = t + (dither ? dither_at<acc_t>(i, ukey, smag) : acc_t(0));
+          a0[l] += gv * t;
+          a1[l] += above ? gv : acc_t(0);
+          a2[l] += (below | above) ? gv : acc_t(0);
+        };
+        int64_t i = b;
+        for (; i + kLanes <= e; i += kLanes) {
+          for (int l = 0; l < kLanes; ++l) body(i + l, l);
+        }
+        for (int l = 0; i < e; ++i, ++l) body(i, l);
+        double t0 = 0, t1 = 0, t2 = 0;
+        for (int l = 0; l < kLanes; ++l) {
+          t0 += a0[l];
+          t1 += a1[l];
+          t2 += a2[l];
+        }
+        part[c * 3 + 0] = t0;
+        part[c * 3 + 1] = t1;
+        part[c * 3 + 2] = t2;
+      }
+    });
+  });
+  at::Tensor sums = at::zeros({3}, at::kDouble);
+  if (need_params) {
+    double* sp = sums.data_ptr<double>();
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      sp[0] += part[c * 3 + 0];
+      sp[1] += part[c * 3 + 1];
+      sp[2] += part[c * 3 + 2];
+    }
+  }
+  return {dx, sums};
+}
+
+// w: contiguous (C, K). Returns (w_hat (C, K), zero_point (C,) in the compute dtype).
+std::vector<at::Tensor> w_forward(const at::Tensor& w, const at::Tensor& log2_step) {
+  check_cpu_contig(w, "w");
+  TORCH_CHECK(w.dim() == 2, "w must be 2-D (C, K) here");
+  const int64_t C = w.size(0), K = w.size(1);
+  at::Tensor y = at::empty_like(w);
+  const bool is_double = w.scalar_type() == at::kDouble;
+  at::Tensor z = at::empty({C}, is_double ? at::kDouble : at::kFloat);
+  const bool per_channel = log2_step.numel() == C && log2_step.dim() == 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "w_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto ct = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+    at::Tensor st = at::exp2(log2_step.to(ct)).reshape({-1}).contiguous();
+    const acc_t* sp = st.data_ptr<acc_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    acc_t* zp = z.data_ptr<acc_t>();
+    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(K, 1));
+    at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const scalar_t* row = wp + c * K;
+        scalar_t* yrow = yp + c * K;
+        const acc_t s = sp[per_channel ? c : 0];
+        acc_t m = std::numeric_limits<acc_t>::infinity();
+        bool has_nan = false;
+        for (int64_t i = 0; i < K; ++i) {
+          acc_t v = static_cast<acc_t>(row[i]);
+          m = v < m ? v : m;
+          has_nan |= (v != v);
+        }
+        const acc_t zc = K == 0 ? acc_t(0) : (has_nan ? std::numeric_limits<acc_t>::quiet_NaN() : m);
+        zp[c] = zc;
+        for (int64_t i = 0; i < K; ++i) {
+          acc_t v = (static_cast<acc_t>(row[i]) - zc) / s;
+          yrow[i] = static_cast<scalar_t>(zc + s * round_half_even(v));
+        }
+      }
+    });
+  });
+  return {y, z};
+}
+
+// Per-channel sums (C,) float64 of g*(e + s*r); the caller applies ln2*s (and sums for a
+// per-tensor step).
+at::Tensor w_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& log2_step,
+                      const at::Tensor& zero_point, int64_t key, bool dither, double mag) {
+  check_cpu_contig(w, "w");
+  check_cpu_contig(g, "grad_w_hat");
+  TORCH_CHECK(w.dim() == 2 && g.sizes() == w.sizes(), "w and grad must be (C, K)");
+  TORCH_CHECK(g.scalar_type() == w.scalar_type(), "grad_w_hat must have w's dtype");
+  const int64_t C = w.size(0), K = w.size(1);
+  const bool per_channel = log2_step.numel() == C && log2_step.dim() == 1;
+  at::Tensor out = at::empty({C}, at::kDouble);
+  const uint32_t ukey = static_cast<uint32_t>(key);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "w_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto ct = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+    at::Tensor st = at::exp2(log2_step.to(ct)).reshape({-1}).contiguous();
+    at::Tensor zt = zero_point.to(ct).contiguous();
+    const acc_t* sp = st.data_ptr<acc_t>();
+    const acc_t* zp = zt.data_ptr<acc_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    double* op = out.data_ptr<double>();
+    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(K, 1));
+    at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        const int64_t base = c * K;
+        const acc_t s = sp[per_channel ? c : 0];
+        const acc_t zc = zp[c];
+        const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
+        acc_t a[kLanes] = {};
+        auto body = [&](int64_t i, int l) {
+          acc_t v = (static_cast<acc_t>(wp[i]) - zc) / s;
+          acc_t t = round_half_even(v) - v;
+          t = t + (dither ? dither_at<acc_t>(i, ukey, smag) : acc_t(0));
+          a[l] += static_cast<acc_t>(gp[i]) * t;
+        };
+        int64_t i = base;
+        const int64_t end = base + K;
+        for (; i + kLanes <= end; i += kLanes) {
+          for (int l = 0; l < kLanes; ++l) body(i + l, l);
+        }
+        for (int l = 0; i < end; ++i, ++l) body(i, l);
+        double tot = 0;
+        for (int l = 0; l < kLanes; ++l) tot += a[l];
+        op[c] = tot;
+      }
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("act_forward", &act_forward, "GDNSQ activation quantizer forward (fused)");
+  m.def("act_backward", &act_backward, "GDNSQ activation quantizer backward (fused)");
+  m.def("w_forward", &w_forward, "GDNSQ weight quantizer forward (fused)");
+  m.def("w_backward", &w_backward, "GDNSQ weight quantizer backward (fused)");
+}
