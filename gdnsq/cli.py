@@ -417,8 +417,13 @@ def cmd_train_fp(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _call_calibrate(student, loader) -> None:
-    from . import calibrate as calib_mod
-    calib_mod.calibrate(student, loader)
+    from .calibrate import calibrate
+    calibrate(student, loader)
+
+
+def argv_of(args) -> List[str]:
+    """The command line as given (recorded in run.json and the report)."""
+    return list(getattr(args, "argv", None) or sys.argv[1:])
 
 
 def cmd_quantize(args) -> dict:
@@ -465,7 +470,7 @@ def cmd_quantize(args) -> dict:
     run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
            "act_bits": args.act_bits, "normalization": norm, "teacher": str(ckpt),
            "preset": args.preset, "config": cfg.to_dict(), "val_size": args.val_size,
-           "command": "gdnsq " + " ".join(sys.argv[1:]) if sys.argv else None,
+           "command": "gdnsq " + " ".join(argv_of(args)),
            "quantize_kwargs": {}}
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / RUN_FILE
@@ -483,18 +488,23 @@ def cmd_quantize(args) -> dict:
                                   progress=_log)
     student = convert.quantize_model(model, args.weight_bits, args.act_bits)
     teacher = convert.teacher_of(student)
-    resuming = (out / "checkpoint_last.pt").is_file()
-    if not resuming:
-        # 10-bit min/max start from un-augmented training images (the trainer restores the
-        # calibrated state from its checkpoint when resuming, so this runs once)
-        calib_loader = gdata.CifarLoader(
-            (loaders["train"].images.permute(0, 2, 3, 1).cpu(), loaders["train"].labels.cpu()),
-            cfg.batch_size, train=False, normalization=norm, device=device)
-        _call_calibrate(student.to(device), calib_loader)
-    else:
-        _log(f"resuming from {out / 'checkpoint_last.pt'}")
+    # 10-bit min/max start (METHOD Part B 4.2; the authors used their validation pass, we use
+    # the held-out validation split, never the test set). It also runs on a resume: it decides
+    # which quantizers are pruned (frozen), hence the optimizer's parameter list, which must
+    # match the checkpoint's; the trainer then restores the trained values.
+    calib = loaders.get("val")
+    if calib is None:
+        tr = loaders["train"]
+        calib = gdata.CifarLoader((tr.images[:5000].permute(0, 2, 3, 1).cpu(),
+                                   tr.labels[:5000].cpu()), 500, train=False,
+                                  normalization=norm, device=device)
+    _log(f"calibrating on {calib.num_samples} held-out training images")
+    _call_calibrate(student.to(device), calib)
     trainer = Trainer(student, teacher, loaders["train"], loaders.get("val"), config=cfg,
-                      out_dir=str(out))
+                      out_dir=str(out), command="gdnsq " + " ".join(argv_of(args)))
+    # the loader's shuffle/augmentation of epoch e depends on (seed, e); after k completed
+    # epochs (a resume) the next one is loader epoch k, as in an uninterrupted run
+    loaders["train"].set_epoch(trainer.epoch)
     trainer.fit()
     report = trainer.test(loaders["test"])
     report_md = out / "report.md"
@@ -591,6 +601,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, one line)
         return e.code if isinstance(e.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GDNSQ_DEBUG") == "1"
     try:
         out = args.func(args)

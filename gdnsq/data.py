@@ -21,11 +21,13 @@ do augmentation batched in torch; they yield ``(images float32 (B, 3, 32, 32) no
 labels int64 (B,))``.
 
 Seed / epoch contract: the sample order and the augmentation of epoch ``e`` depend only on
-``(seed, e)``. Iterating once runs one epoch and then advances ``epoch`` by one, so plain
-``for epoch ...: for x, y in loader`` gives a fresh shuffle each epoch; ``loader.set_epoch(e)``
-sets it explicitly (call it before iterating, as with a DistributedSampler).
-``state_dict()`` also records how many batches of the current epoch were consumed, so
-``load_state_dict`` resumes exactly at the next batch, with the same images and augmentation.
+``(seed, e)``. Every iteration starts at the first batch of epoch ``loader.epoch``; a *completed*
+iteration advances ``epoch`` by one (an abandoned one does not), so plain
+``for epoch ...: for x, y in loader`` gives a fresh shuffle each epoch. ``loader.set_epoch(e)``
+sets it explicitly (call it before iterating, as with a DistributedSampler; a trainer that
+resumes after k completed epochs calls ``set_epoch(k)``). ``state_dict()`` records the epoch and
+how many batches of the running iteration were consumed; after ``load_state_dict`` the *next*
+iteration starts at the following batch, with the same images and augmentation.
 """
 from __future__ import annotations
 
@@ -408,7 +410,8 @@ class CifarLoader:
         self.pad_mode = pad_mode
         self.shard = (rank, world)
         self.epoch = 0
-        self._batches_done = 0  # batches of the current epoch already yielded
+        self._batches_done = 0  # batches of the running iteration already yielded
+        self._resume_at = 0     # first batch of the next iteration (set by load_state_dict)
 
     # -- sizes --------------------------------------------------------------------------------
     @property
@@ -427,6 +430,7 @@ class CifarLoader:
         """Make the next iteration run epoch ``epoch`` from its first batch."""
         self.epoch = int(epoch)
         self._batches_done = 0
+        self._resume_at = 0
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "batches_done": self._batches_done}
@@ -435,6 +439,7 @@ class CifarLoader:
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self._batches_done = int(state.get("batches_done", 0))
+        self._resume_at = self._batches_done
 
     def _generator(self, *salt: int) -> torch.Generator:
         # Distinct streams per (seed, epoch, salt): a tiny integer hash keeps them independent.
@@ -455,7 +460,8 @@ class CifarLoader:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.device)
         nb = len(self)
-        start = self._batches_done
+        start, self._resume_at = self._resume_at, 0
+        self._batches_done = start
         for i in range(start, nb):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images.index_select(0, idx)

@@ -337,6 +337,21 @@ def test_train_loader_exact_mid_epoch_resume():
     assert resumed.epoch == 4 and resumed.state_dict()["batches_done"] == 0
 
 
+def test_abandoned_iteration_restarts_at_first_batch():
+    # e.g. a trainer probing the first validation batch: the next full pass must not skip it
+    x, y = _index_split(30)
+    ld = CifarLoader((x, y), 10, train=False)
+    next(iter(ld))
+    assert ld.state_dict()["batches_done"] == 1
+    assert torch.cat([yb for _, yb in ld]).tolist() == y.tolist()
+    tr = CifarLoader((x, y), 10, train=True, seed=3)
+    first = [yb.tolist() for _, yb in tr]
+    next(iter(tr))  # abandoned epoch 1 does not advance the epoch counter
+    assert tr.epoch == 1
+    tr.set_epoch(0)
+    assert [yb.tolist() for _, yb in tr] == first
+
+
 def test_shards_partition_the_epoch():
     n = 30
     x = np.zeros((n, 32, 32, 3), np.uint8)
