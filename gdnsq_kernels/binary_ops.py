@@ -48,6 +48,7 @@ from .bitpack import (
     check_packed,
     num_words,
     pack_bits,
+    pack_bits_unchecked,
     tail_mask,
     unpack_bits,
 )
@@ -438,8 +439,8 @@ def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     if name == "reference":
         out = _ref.binary_linear_reference(j, s_a, beta, pw.codes(), pw.step, pw.minimum, b)
         return out.reshape(*lead, pw.out_channels)
-    kj = _packed_gemm(pack_bits(j, dim=1), pw.packed, K, False, name).to(torch.float64)  # (M, O)
-    jsum = j.to(torch.int32).sum(dim=1, dtype=torch.int32).to(torch.float64)[:, None]  # (M, 1)
+    kj = _packed_gemm(pack_bits_unchecked(j, dim=1), pw.packed, K, False, name).to(torch.float64)  # (M, O)
+    jsum = j.sum(dim=1, dtype=torch.int32).to(torch.float64)[:, None]  # (M, 1)
     s = pw.step.to(torch.float64)[None, :]
     m = pw.minimum.to(torch.float64)[None, :]
     ones = pw.ones.to(torch.float64)[None, :]
@@ -540,36 +541,46 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         return _ref.binary_conv2d_reference(act_codes, s_a, beta, pw.codes(), pw.step, pw.minimum,
                                             b, stride=stride, padding=ref_pad, dilation=dilation)
 
-    # Pack each pixel's C channel codes once, then gather the kh*kw tap words (im2col on words,
-    # 32x less data than on codes). A padded tap is word 0 = code 0; its value is fixed below.
-    cw = num_words(C)
-    pix = pack_bits(act_codes.permute(0, 2, 3, 1), dim=3)  # (N, H, W, cw) int32
-    pix = F.pad(pix, (0, 0, pl, pr, pt, pb))
-    sh, sw = stride
-    dh, dw = dilation
-    taps = [
-        pix[:, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw, :]
-        for i in range(kh) for j in range(kw)
-    ]
-    patches = torch.stack(taps, dim=3).reshape(Nb * Ho * Wo, kh * kw * cw)
-    # AND form: per-tap padding bits are 0 in both operands, so k can be the full word width.
-    kj = _packed_gemm(patches, pw.packed, kh * kw * cw * WORD_BITS, False, name)  # (N*L, O)
-    kj = kj.reshape(Nb, Ho, Wo, O).permute(0, 3, 1, 2).to(torch.float64)
-
-    # Per-position counts over the real (in-image) taps, from tiny float convs of small integers
-    # (exact in float32 below 2**24).
-    ones_img = F.pad(torch.ones((1, 1, H, Wd), dtype=torch.float32, device=dev), (pl, pr, pt, pb))
     cargs = dict(stride=stride, dilation=dilation)
-    n_real = C * F.conv2d(ones_img, torch.ones((1, 1, kh, kw), dtype=torch.float32, device=dev), **cargs)
+    M = Nb * Ho * Wo
+    if name == "cpu" and _cpu_use_float_gemm(M, O) and pw.in_features <= _FLOAT32_EXACT_K:
+        # Measured: for conv-shaped GEMMs (many rows, few output channels) oneDNN's float conv
+        # of the 0/1 codes beats NumPy popcount; it is exact (integer sums < 2**24) at full
+        # float32 matmul precision, else float64. Padded taps are code 0: they add nothing.
+        ftype = torch.float32 if _full_precision_float32_matmul() else torch.float64
+        jp = F.pad(act_codes.to(ftype), (pl, pr, pt, pb))
+        kj = F.conv2d(jp, pw.codes().to(ftype), **cargs).to(torch.float64)  # (N, O, Ho, Wo)
+    else:
+        # Pack each pixel's C channel codes once, then gather the kh*kw tap words (im2col on
+        # words, 8x less data than on uint8 codes). A padded tap is word 0 = code 0.
+        cw = num_words(C)
+        pix = pack_bits_unchecked(act_codes.permute(0, 2, 3, 1), dim=3)  # (N, H, W, cw) int32
+        pix = F.pad(pix, (0, 0, pl, pr, pt, pb))
+        sh, sw = stride
+        dh, dw = dilation
+        taps = [
+            pix[:, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw, :]
+            for i in range(kh) for j in range(kw)
+        ]
+        patches = torch.stack(taps, dim=3).reshape(M, kh * kw * cw)
+        # AND form: per-tap padding bits are 0 in both operands, so k can be the full word width.
+        kj = _packed_gemm(patches, pw.packed, kh * kw * cw * WORD_BITS, False, name)  # (N*L, O)
+        kj = kj.reshape(Nb, Ho, Wo, O).permute(0, 3, 1, 2).to(torch.float64)
+
+    # Per-position counts over the real (in-image) taps, from small float convs of small
+    # integers (exact in float32 below 2**24).
+    ones_img = F.pad(torch.ones((1, 1, H, Wd), dtype=torch.float32, device=dev), (pl, pr, pt, pb))
+    ones_k = torch.ones((1, 1, kh, kw), dtype=torch.float32, device=dev)
+    n_real = C * F.conv2d(ones_img, ones_k, **cargs)  # (1, 1, Ho, Wo)
     k_real = F.conv2d(ones_img, pw.tap_ones.to(torch.float32)[:, None], **cargs)  # (1, O, Ho, Wo)
-    jpix = act_codes.to(torch.float32).sum(dim=1, keepdim=True)  # (N, 1, H, W)
-    jsum = F.conv2d(F.pad(jpix, (pl, pr, pt, pb)),
-                    torch.ones((1, 1, kh, kw), dtype=torch.float32, device=dev), **cargs)
+    jpix = act_codes.sum(dim=1, keepdim=True, dtype=torch.int32).to(torch.float32)  # (N, 1, H, W)
+    jsum = F.conv2d(F.pad(jpix, (pl, pr, pt, pb)), ones_k, **cargs)  # (N, 1, Ho, Wo)
 
     s = pw.step.to(torch.float64).reshape(1, O, 1, 1)
     m = pw.minimum.to(torch.float64).reshape(1, O, 1, 1)
-    out = (s * s_a) * kj + (s * beta) * k_real.to(torch.float64) \
-        + (m * s_a) * jsum.to(torch.float64) + (m * beta) * n_real.to(torch.float64)
+    # Position/channel constant (1, O, Ho, Wo), then in-place passes over the (N, O, Ho, Wo) GEMM.
+    const = (s * beta) * k_real.to(torch.float64) + (m * beta) * n_real.to(torch.float64)
     if b is not None:
-        out = out + b.reshape(1, O, 1, 1)
-    return out.to(torch.float32).contiguous()
+        const = const + b.reshape(1, O, 1, 1)
+    out = kj.mul_(s * s_a).addcmul_(jsum.to(torch.float64), m * s_a).add_(const)
+    return out.to(torch.float32, memory_format=torch.contiguous_format)

@@ -46,9 +46,14 @@ def check_bits(bits: torch.Tensor, name: str = "bits") -> None:
             f"(convert exact codes with .to(torch.uint8))"
         )
     if bits.dtype != torch.bool and bits.numel() > 0:
-        # One reduction (and one host sync on CUDA); a code outside {0, 1} would silently
+        # One min/max pass (and one host sync on CUDA); a code outside {0, 1} would silently
         # set a neighbouring bit when packed.
-        if bool(((bits != 0) & (bits != 1)).any()):
+        if bits.dtype == torch.uint8:
+            bad = int(bits.max()) > 1
+        else:
+            lo, hi = torch.aminmax(bits)
+            bad = int(lo) < 0 or int(hi) > 1
+        if bad:
             raise ValueError(f"{name} must contain only 0 and 1")
 
 
@@ -70,6 +75,11 @@ def pack_bits(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
         tensor([13], dtype=torch.int32)
     """
     check_bits(bits, "bits")
+    return pack_bits_unchecked(bits, dim)
+
+
+def pack_bits_unchecked(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """:func:`pack_bits` without the 0/1 value check (for callers that already checked)."""
     dim = _normalize_dim(dim, bits.dim())
     x = bits.movedim(dim, -1)
     k = x.shape[-1]
