@@ -85,3 +85,11 @@ def check_zero_point(zero_point, w: torch.Tensor) -> None:
         raise ValueError(
             f"zero_point must have shape (C_out,)=({w.shape[0]},), got {tuple(zero_point.shape)}"
         )
+
+
+def row_len(w: torch.Tensor) -> int:
+    """Elements per output channel of a (C_out, ...) tensor (works when C_out == 0)."""
+    n = 1
+    for d in w.shape[1:]:
+        n *= d
+    return n

@@ -57,7 +57,9 @@ def weight_forward(w, log2_step):
     ct = _checks.compute_dtype(w.dtype)
     c_out = w.shape[0]
     s = torch.exp2(log2_step.detach().to(ct).reshape(-1, 1))
-    t = w.to(ct).reshape(c_out, -1).clone() if w.dtype == ct else w.to(ct).reshape(c_out, -1)
+    t = w.to(ct).reshape(c_out, _checks.row_len(w))
+    if t.data_ptr() == w.data_ptr():
+        t = t.clone()  # float32 input: .to() aliased it, and the passes below are in place
     if t.shape[1] == 0:
         z = torch.zeros(c_out, dtype=ct, device=w.device)
     else:
@@ -75,11 +77,11 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     ct = _checks.compute_dtype(w.dtype)
     c_out = w.shape[0]
     s = torch.exp2(log2_step.detach().to(ct).reshape(-1, 1))
-    v = w.to(ct).reshape(c_out, -1).sub(zero_point.to(ct)[:, None]).div_(s)
+    v = w.to(ct).reshape(c_out, _checks.row_len(w)).sub(zero_point.to(ct)[:, None]).div_(s)
     e = torch.round(v).sub_(v)
     if dither:
-        e.add_(_dither(w.shape, seed, dtype=ct, device=w.device).reshape(c_out, -1).mul_(s))
-    per_channel = (grad_w_hat.to(ct).reshape(c_out, -1) * e).sum(dim=1)
+        e.add_(_dither(w.shape, seed, dtype=ct, device=w.device).reshape(c_out, _checks.row_len(w)).mul_(s))
+    per_channel = (grad_w_hat.to(ct).reshape(c_out, _checks.row_len(w)) * e).sum(dim=1)
     if is_per_channel(log2_step, c_out):
         grad = LN2 * s.reshape(-1) * per_channel
     else:

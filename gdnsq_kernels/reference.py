@@ -121,7 +121,7 @@ def weight_forward(w, log2_step):
     """Returns (w_hat with w's shape and dtype, zero_point (C_out,) float32). No autograd."""
     _checks.check_weight_args(w, log2_step)
     ct, s = _weight_params(w, log2_step)
-    w2 = w.detach().to(ct).reshape(w.shape[0], -1)
+    w2 = w.detach().to(ct).reshape(w.shape[0], _checks.row_len(w))
     z = _zero_point(w2)
     v = (w2 - z[:, None]) / s
     y = z[:, None] + s * torch.round(v)
@@ -132,7 +132,7 @@ def weight_codes(w, log2_step):
     """Returns (int32 codes k with w's shape, zero_point (C_out,)): ``w_hat = z + s * k``."""
     _checks.check_weight_args(w, log2_step)
     ct, s = _weight_params(w, log2_step)
-    w2 = w.detach().to(ct).reshape(w.shape[0], -1)
+    w2 = w.detach().to(ct).reshape(w.shape[0], _checks.row_len(w))
     z = _zero_point(w2)
     k = torch.round((w2 - z[:, None]) / s)
     return k.reshape(w.shape).to(torch.int32), z
@@ -150,12 +150,12 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
         return grad_w, None
     ct, s = _weight_params(w, log2_step)
     c_out = w.shape[0]
-    w2 = w.detach().to(ct).reshape(c_out, -1)
-    g = grad_w_hat.detach().to(ct).reshape(c_out, -1)
+    w2 = w.detach().to(ct).reshape(c_out, _checks.row_len(w))
+    g = grad_w_hat.detach().to(ct).reshape(c_out, _checks.row_len(w))
     v = (w2 - zero_point.to(ct)[:, None]) / s
     t = torch.round(v) - v
     if dither:
-        t = t + s * _dither(w.shape, seed, dtype=ct, device=w.device).reshape(c_out, -1)
+        t = t + s * _dither(w.shape, seed, dtype=ct, device=w.device).reshape(c_out, _checks.row_len(w))
     per_channel = (g * t).sum(dim=1)  # (C_out,)
     if is_per_channel(log2_step, c_out):
         grad = LN2 * s.reshape(-1) * per_channel
