@@ -1,0 +1,157 @@
+"""Command-line pieces of gdnsq.deploy, used by ``gdnsq/cli.py``.
+
+* :func:`add_subcommands(subparsers, common)` adds ``gdnsq export``::
+
+      gdnsq export --checkpoint RUN_CHECKPOINT --out FILE [--model resnet20] [--dataset cifar10]
+                   [--weight-bits B --act-bits B] [--strict] [--path auto|int|bitplane|binary]
+                   [--measure-batch 64] [--device cpu] [--json]
+
+  It loads a ``gdnsq quantize`` run checkpoint (file or run folder, as ``gdnsq evaluate``),
+  freezes it (:func:`gdnsq.deploy.freeze`, per-layer path chosen by timing a random batch of
+  ``--measure-batch`` CIFAR-sized inputs), writes the artifact (:func:`gdnsq.deploy.save`) and
+  prints the layer table and the size report (weight bytes per layer and in total, FP32 vs
+  deployed).
+
+* :func:`evaluate_deployed(args)` runs ``gdnsq evaluate --deployed FILE`` (``args`` is the
+  ``evaluate`` namespace: ``deployed``, ``dataset``, ``data_dir``, ``device``, ``split``,
+  ``val_size``, ``batch_size``); :func:`evaluate_deployed_file` is the same as a plain function.
+
+Both command functions return ``{"result": dict, "human": str}`` as the other subcommands do.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import torch
+
+from .artifact import load, save
+from .freeze import format_layer_table, format_size_report, freeze, layer_table, size_report
+from .layers import PATHS
+
+
+def add_subcommands(subparsers, common=None) -> None:
+    """Add ``export`` to the ``gdnsq`` subparsers; ``common(parser)`` adds the shared options
+    (--model, --dataset, --data-dir, --device, --seed, --json)."""
+    e = subparsers.add_parser("export", help="freeze a quantize run's checkpoint into a deployed file")
+    if common is not None:
+        common(e)
+    else:  # standalone use: the options cmd_export reads
+        e.add_argument("--model", default="resnet20")
+        e.add_argument("--dataset", default="cifar10")
+        e.add_argument("--data-dir", default=None)
+        e.add_argument("--device", default="cpu")
+        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--json", action="store_true")
+    e.add_argument("--checkpoint", required=True,
+                   help="a `gdnsq quantize` run checkpoint (file, or the run folder)")
+    e.add_argument("--out", required=True, help="deployed model file to write (atomically)")
+    e.add_argument("--weight-bits", type=int, default=None,
+                   help="target bits, when no run.json sits beside the checkpoint")
+    e.add_argument("--act-bits", type=int, default=None, help="see --weight-bits")
+    e.add_argument("--strict", action="store_true",
+                   help="fail when a layer's realised bits exceed its target (default: warn)")
+    e.add_argument("--path", default="auto", choices=("auto",) + PATHS[:3],
+                   help="GEMM path: auto (default: binary for W1A1, else the faster of int and "
+                        "bitplane, measured per layer) or force one where it applies")
+    e.add_argument("--measure-batch", type=int, default=64,
+                   help="batch size of the random input used to time the paths (default 64)")
+    e.set_defaults(func=cmd_export)
+
+
+def _device(name) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def cmd_export(args) -> dict:
+    """``gdnsq export``: checkpoint -> frozen model -> artifact; returns result + human text."""
+    import warnings
+
+    from gdnsq.cli import load_model_for_eval
+    from gdnsq.data import num_classes_of
+
+    if args.measure_batch < 1:
+        raise ValueError(f"--measure-batch must be a positive int, got {args.measure_batch}")
+    device = _device(getattr(args, "device", "cpu"))
+    torch.manual_seed(getattr(args, "seed", 0))
+    model, info = load_model_for_eval(args)
+    if info.get("kind") != "quantized":
+        raise ValueError(f"--checkpoint {args.checkpoint} is an FP model; export needs a `gdnsq quantize` run")
+    model = model.to(device).eval()
+    example = torch.randn(args.measure_batch, 3, 32, 32, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            frozen = freeze(model, strict=args.strict, example_input=example if args.path == "auto" else None,
+                            path=args.path)
+    notes = [str(w.message) for w in caught]
+    arch = {"name": args.model, "kwargs": {"num_classes": num_classes_of(args.dataset)}}
+    meta = {"source_checkpoint": str(info.get("checkpoint")), "weight_bits": info.get("weight_bits"),
+            "act_bits": info.get("act_bits"), "dataset": args.dataset, "warnings": notes}
+    save(frozen.cpu(), args.out, architecture=arch, normalization=info["normalization"], metadata=meta)
+    size = size_report(frozen)
+    result = {"out": str(args.out), "file_bytes": os.path.getsize(args.out), "architecture": arch,
+              "normalization": info["normalization"], "layers": layer_table(frozen), "size": size,
+              "warnings": notes, "device": str(device)}
+    human = "\n".join(
+        [f"wrote {args.out} ({result['file_bytes']} bytes; {args.model} W{info.get('weight_bits')}"
+         f"A{info.get('act_bits')})"]
+        + [f"warning: {n}" for n in notes]
+        + ["", format_layer_table(frozen), "", format_size_report(size)]
+    )
+    return {"result": result, "human": human}
+
+
+@torch.no_grad()
+def evaluate_deployed_file(path, *, dataset: str = "cifar10", data_dir=None, split: str = "test",
+                           val_size: int = 5000, batch_size: int = 500, device="cpu") -> dict:
+    """Top-1 (percent), image count and mean cross-entropy of a deployed file on CIFAR.
+
+    The input normalisation stored in the artifact is applied; ``split`` is "test" or "val"
+    (the last ``val_size`` training images).
+    """
+    from gdnsq import data as gdata
+    from gdnsq.cli import evaluate_model
+
+    device = _device(device)
+    model = load(path, map_location=device)
+    norm = model.gdnsq_normalization or "imagenet"
+    if not isinstance(norm, str):
+        raise ValueError(f"{path}: normalization {norm!r} is not a gdnsq.data normalisation name")
+    arch = model.gdnsq_architecture or {}
+    classes = arch.get("kwargs", {}).get("num_classes")
+    if classes is not None and classes != gdata.num_classes_of(dataset):
+        raise ValueError(f"{path} has {classes} classes but --dataset {dataset} has {gdata.num_classes_of(dataset)}")
+    if split == "test":
+        loader = gdata.build_loaders(dataset, data_dir=data_dir, with_train=False, eval_batch_size=batch_size,
+                                     device=device, normalization=norm)["test"]
+    elif split == "val":
+        loader = gdata.build_loaders(dataset, data_dir=data_dir, with_test=False, val_size=val_size,
+                                     eval_batch_size=batch_size, device=device, normalization=norm)["val"]
+    else:
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    t0 = time.time()
+    res = evaluate_model(model, loader, device, desc=f"evaluate deployed {split}")
+    res.update(split=split, dataset=dataset, deployed=str(path), kind="deployed", normalization=norm,
+               architecture=arch, seconds=round(time.time() - t0, 2),
+               paths={r["name"]: r["path"] for r in layer_table(model)})
+    return res
+
+
+def evaluate_deployed(args) -> dict:
+    """``gdnsq evaluate --deployed FILE`` (``args``: the evaluate namespace)."""
+    path = pathlib.Path(args.deployed)
+    if not path.is_file():
+        raise FileNotFoundError(f"--deployed: file not found: {path}")
+    res = evaluate_deployed_file(path, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                                 val_size=getattr(args, "val_size", 5000), batch_size=args.batch_size,
+                                 device=getattr(args, "device", "cpu"))
+    human = (f"{path} ({(res['architecture'] or {}).get('name', '?')}, deployed) {args.dataset} {args.split}: "
+             f"top-1 {res['top1']:.2f} % on {res['n']} images ({res['seconds']:.1f} s)")
+    return {"result": res, "human": human}
