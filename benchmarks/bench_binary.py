@@ -62,17 +62,23 @@ def _sync(device):
 
 
 def time_ms(fn, device, repeats: int, budget_s: float = 2.0):
-    """(median, p20, p80) wall milliseconds; repeats shrink so one case stays within budget_s."""
+    """dict(ms, median, p20, p80, stat) in wall milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` and ``ms`` = median. CPU: ``ms`` = the minimum over the
+    repeats, the estimate least contaminated by other processes on a shared machine (the
+    median and percentiles are recorded too). Repeats shrink so one case stays near budget_s,
+    but never below 3.
+    """
     if device.type == "cuda":
         import triton.testing
 
         med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.5, 0.2, 0.8])
-        return float(med), float(p20), float(p80)
+        return dict(ms=float(med), median=float(med), p20=float(p20), p80=float(p80), stat="median")
     fn()  # warm-up (first call may allocate / build)
     t0 = time.perf_counter()
     fn()
     one = time.perf_counter() - t0
-    n = max(1, min(repeats, int(budget_s / max(one, 1e-6))))
+    n = max(3, min(repeats, int(budget_s / max(one, 1e-6))))
     ts = [one]
     for _ in range(n - 1):
         t0 = time.perf_counter()
@@ -80,7 +86,7 @@ def time_ms(fn, device, repeats: int, budget_s: float = 2.0):
         ts.append(time.perf_counter() - t0)
     ts = sorted(x * 1e3 for x in ts)
     q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
-    return statistics.median(ts), q(0.2), q(0.8)
+    return dict(ms=ts[0], median=statistics.median(ts), p20=q(0.2), p80=q(0.8), stat="min")
 
 
 def env_info(device):
@@ -126,10 +132,10 @@ def bench_gemm(device, batches, repeats, rows, providers):
             x = torch.randn(M, K, device=device, dtype=w.dtype)
             cases[p] = ((lambda x=x, w=w: x @ w), w.numel() * w.element_size())
         for prov, (fn, nbytes) in cases.items():
-            med, p20, p80 = time_ms(fn, device, repeats)
-            rows.append(dict(kind="linear", shape=shape, batch=M, provider=prov, ms=med, p20=p20,
-                             p80=p80, weight_bytes=nbytes, macs=M * K * O))
-            print(f"{shape:32s} {prov:13s} {med:9.3f} ms  weight {nbytes/1e6:7.2f} MB", flush=True)
+            t = time_ms(fn, device, repeats)
+            rows.append(dict(kind="linear", shape=shape, batch=M, provider=prov, **t,
+                             weight_bytes=nbytes, macs=M * K * O))
+            print(f"{shape:32s} {prov:13s} {t['ms']:9.3f} ms  weight {nbytes/1e6:7.2f} MB", flush=True)
 
 
 def bench_conv(device, batches, repeats, rows, providers):
@@ -149,10 +155,10 @@ def bench_conv(device, batches, repeats, rows, providers):
                 x = torch.randn(N, C, H, H, device=device, dtype=w.dtype)
                 cases[p] = ((lambda x=x, w=w: F.conv2d(x, w, stride=s, padding=1)), w.numel() * w.element_size())
             for prov, (fn, nbytes) in cases.items():
-                med, p20, p80 = time_ms(fn, device, repeats)
-                rows.append(dict(kind="conv", shape=shape, batch=N, provider=prov, ms=med, p20=p20,
-                                 p80=p80, weight_bytes=nbytes, macs=N * Ho * Ho * O * C * 9))
-                print(f"{shape:32s} {prov:13s} {med:9.3f} ms  weight {nbytes/1e3:7.1f} kB", flush=True)
+                t = time_ms(fn, device, repeats)
+                rows.append(dict(kind="conv", shape=shape, batch=N, provider=prov, **t,
+                                 weight_bytes=nbytes, macs=N * Ho * Ho * O * C * 9))
+                print(f"{shape:32s} {prov:13s} {t['ms']:9.3f} ms  weight {nbytes/1e3:7.1f} kB", flush=True)
 
 
 def bench_crossover(repeats, rows):
@@ -165,9 +171,10 @@ def bench_crossover(repeats, rows):
             a = pack_bits(torch.randint(0, 2, (M, K)))
             for prov, fn in (("numpy popcount", binary_ops._gemm_cpu_popcount),
                              ("float sgemm", binary_ops._gemm_cpu_float)):
-                med, p20, p80 = time_ms(lambda: fn(a, b, K, True), torch.device("cpu"), repeats, 1.0)
+                t = time_ms(lambda: fn(a, b, K, True), torch.device("cpu"), repeats, 1.0)
+                med = t["ms"]
                 rows.append(dict(kind="cpu-crossover", shape=f"M={M} N={N} K={K}", batch=M, provider=prov,
-                                 ms=med, p20=p20, p80=p80, weight_bytes=None, macs=M * N * K,
+                                 **t, weight_bytes=None, macs=M * N * K,
                                  chosen=binary_ops._cpu_use_float_gemm(M, N) == (prov == "float sgemm")))
                 print(f"crossover M={M:5d} N={N:5d} K={K:5d} {prov:15s} {med:9.3f} ms", flush=True)
 
@@ -186,7 +193,9 @@ def render_md(jsonl: pathlib.Path) -> str:
     for r in recs:
         latest[r["device"]] = max(latest.get(r["device"], ""), r["run"])
     out = ["# Bit-packed W1A1 ops vs float (benchmarks/bench_binary.py)", "",
-           "Median wall time per call in ms (20th-80th percentile in the raw jsonl). `packed gemm`: "
+           "Wall time per call in ms: the minimum over repeats on CPU (the machine is shared; the "
+           "minimum is the least disturbed estimate), the median of `triton.testing.do_bench` on "
+           "CUDA; medians and 20th/80th percentiles are in the jsonl. `packed gemm`: "
            "`xnor_gemm` on pre-packed operands; `packed layer`: `binary_linear`/`binary_conv2d` with a "
            "pre-packed weight, including packing the activation codes and the affine epilogue. "
            "`speed-up` = float32 time / packed time (>1: packed wins). Weight bytes: stored weight "

@@ -567,20 +567,21 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         kj = _packed_gemm(patches, pw.packed, kh * kw * cw * WORD_BITS, False, name)  # (N*L, O)
         kj = kj.reshape(Nb, Ho, Wo, O).permute(0, 3, 1, 2).to(torch.float64)
 
-    # Per-position counts over the real (in-image) taps, from small float convs of small
-    # integers (exact in float32 below 2**24).
-    ones_img = F.pad(torch.ones((1, 1, H, Wd), dtype=torch.float32, device=dev), (pl, pr, pt, pb))
-    ones_k = torch.ones((1, 1, kh, kw), dtype=torch.float32, device=dev)
+    # Per-position counts over the real (in-image) taps, from single-input-channel convs of
+    # small integers. float64 keeps them exact even where cuDNN would use TF32 for float32.
+    f64 = torch.float64
+    ones_img = F.pad(torch.ones((1, 1, H, Wd), dtype=f64, device=dev), (pl, pr, pt, pb))
+    ones_k = torch.ones((1, 1, kh, kw), dtype=f64, device=dev)
     n_real = C * F.conv2d(ones_img, ones_k, **cargs)  # (1, 1, Ho, Wo)
-    k_real = F.conv2d(ones_img, pw.tap_ones.to(torch.float32)[:, None], **cargs)  # (1, O, Ho, Wo)
-    jpix = act_codes.sum(dim=1, keepdim=True, dtype=torch.int32).to(torch.float32)  # (N, 1, H, W)
+    k_real = F.conv2d(ones_img, pw.tap_ones.to(f64)[:, None], **cargs)  # (1, O, Ho, Wo)
+    jpix = act_codes.sum(dim=1, keepdim=True, dtype=torch.int32).to(f64)  # (N, 1, H, W)
     jsum = F.conv2d(F.pad(jpix, (pl, pr, pt, pb)), ones_k, **cargs)  # (N, 1, Ho, Wo)
 
     s = pw.step.to(torch.float64).reshape(1, O, 1, 1)
     m = pw.minimum.to(torch.float64).reshape(1, O, 1, 1)
     # Position/channel constant (1, O, Ho, Wo), then in-place passes over the (N, O, Ho, Wo) GEMM.
-    const = (s * beta) * k_real.to(torch.float64) + (m * beta) * n_real.to(torch.float64)
+    const = (s * beta) * k_real + (m * beta) * n_real
     if b is not None:
         const = const + b.reshape(1, O, 1, 1)
-    out = kj.mul_(s * s_a).addcmul_(jsum.to(torch.float64), m * s_a).add_(const)
+    out = kj.mul_(s * s_a).addcmul_(jsum, m * s_a).add_(const)
     return out.to(torch.float32, memory_format=torch.contiguous_format)

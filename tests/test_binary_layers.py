@@ -36,6 +36,13 @@ def _check_close(out, ref32, bound, taps):
     assert bool((err <= tol).all()), f"max err {err.max().item():.3g}, tol {tol.min().item():.3g}"
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """The float32 F.conv2d used as a reference must not run in TF32 on a GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def _conv_case(device, backend, N, C, O, H, stride, padding, beta, dilation=1, kernel=3, bias=True):
     j = torch.randint(0, 2, (N, C, H, H), device=device, dtype=torch.uint8)
     k = torch.randint(0, 2, (O, C, kernel, kernel), device=device, dtype=torch.uint8)
