@@ -28,13 +28,14 @@ def jeffreys_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tens
     Args:
         student_logits, teacher_logits: (N, K) logits (any float dtype; math in float32).
     Returns:
-        0-d float32 tensor (nats per sample).
+        0-d float32 tensor (float64 for float64 logits), nats per sample.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"student_logits and teacher_logits must both be (N, K), got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    ls = F.log_softmax(student_logits.float(), dim=1)
-    lt = F.log_softmax(teacher_logits.float(), dim=1)
+    ct = torch.promote_types(student_logits.dtype, torch.float32)  # float32 (float64 kept)
+    ls = F.log_softmax(student_logits.to(ct), dim=1)
+    lt = F.log_softmax(teacher_logits.to(ct), dim=1)
     # KL(T||S) + KL(S||T) = sum (p_T - p_S) (log p_T - log p_S)
     return ((lt.exp() - ls.exp()) * (lt - ls)).sum() / student_logits.shape[0]
 
@@ -63,11 +64,12 @@ class BitWidthPenalty:
             if wq.log2_step.requires_grad:
                 b = wq.continuous_bits(layer.weight)
                 wb.append(b)
-                wt.append(wq.target_bits.float().expand(b.shape[0]))
+                wt.append(wq.target_bits.to(b.dtype).expand(b.shape[0]))
             aq = layer.act_quantizer
             if aq is not None and aq.enabled and not bool(aq.pruned):
-                ab.append(aq.continuous_bits().float().reshape(1))
-                at.append(aq.target_bits.float().reshape(1))
+                b = aq.continuous_bits().reshape(1)
+                ab.append(b)
+                at.append(aq.target_bits.to(b.dtype).reshape(1))
         dev = next(student.parameters()).device
 
         def cat(xs):

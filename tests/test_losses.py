@@ -1,0 +1,163 @@
+"""Jeffreys divergence, bit-width penalty (values, weights, finite-difference gradients) and the
+GDNSQ objective's running-mean scaling."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdnsq import BitWidthPenalty, GDNSQObjective, jeffreys_divergence, quantize_model
+from gdnsq.stats import quantized_layers
+
+from _method_models import TinyResNet, tiny_vgg
+
+
+def test_jeffreys_matches_two_kl_and_gradcheck():
+    s = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 5, dtype=torch.float64)
+    ref = (F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
+           + F.kl_div(F.log_softmax(t, 1), F.log_softmax(s, 1), reduction="batchmean", log_target=True))
+    torch.testing.assert_close(jeffreys_divergence(s, t), ref)
+    assert torch.autograd.gradcheck(lambda a: jeffreys_divergence(a, t), (s,))
+    assert float(jeffreys_divergence(t, t)) == 0.0
+    assert jeffreys_divergence(s.float(), t.float()).dtype == torch.float32
+    with pytest.raises(ValueError, match="student_logits"):
+        jeffreys_divergence(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def _student(seed=0):
+    torch.manual_seed(seed)
+    st = quantize_model(TinyResNet(), {"layer1.conv1": 3, "*": 2}, 4).double()
+    for i, (_, layer) in enumerate(quantized_layers(st)):
+        with torch.no_grad():
+            c = layer.weight.shape[0]
+            layer.weight_quantizer.log2_step.copy_(torch.linspace(-3.0, -1.0, c, dtype=torch.float64) - 0.3 * i)
+            aq = layer.act_quantizer
+            aq.log2_step.fill_(-4.0 + 0.7 * i)
+            aq.log2_range.fill_(1.0)
+    return st
+
+
+def _manual(st, eps):
+    hw, ha = [], []
+    for _, layer in quantized_layers(st):
+        w = layer.weight.reshape(layer.weight.shape[0], -1)
+        b = torch.log2((w.amax(1) - w.amin(1)) / torch.exp2(layer.weight_quantizer.log2_step) + 1)
+        hw.append(torch.clamp_min(b - (float(layer.weight_quantizer.target_bits) - eps), 0))
+        aq = layer.act_quantizer
+        ha.append(torch.clamp_min((aq.log2_range - aq.log2_step) - (float(aq.target_bits) - eps), 0).reshape(1))
+    return torch.cat(hw), torch.cat(ha)
+
+
+def test_penalty_values_and_weights():
+    st = _student()
+    eps = 1e-3
+    pen = BitWidthPenalty(epsilon=eps)(st)
+    hw, ha = _manual(st, eps)
+    assert pen["count_w"] == 4 + 4 + 8 + 8 and pen["count_a"] == 4
+    torch.testing.assert_close(pen["loss_w"], hw.mean())
+    torch.testing.assert_close(pen["loss_a"], ha.mean())
+    n_w, n_a = int((hw > 0).sum()), int((ha > 0).sum())
+    assert 0 < n_w < hw.numel() and 0 < n_a < ha.numel()  # some constraints inactive
+    assert (pen["active_w"], pen["active_a"]) == (n_w, n_a)
+    assert pen["omega_w"] == pytest.approx((n_w + eps) / (n_w + n_a + eps))
+    assert pen["omega_a"] == pytest.approx((n_a + eps) / (n_w + n_a + eps))
+
+
+def test_penalty_gradient_finite_differences():
+    st = _student()
+    eps = 1e-3
+    pen_fn = BitWidthPenalty(epsilon=eps)
+
+    def total():
+        p = pen_fn(st)
+        return p["omega_w"] * p["loss_w"] + p["omega_a"] * p["loss_a"]
+
+    params = [p for n, p in st.named_parameters() if ("quantizer" in n and "offset" not in n) or (n.endswith("weight") and
+              any(n.startswith(q) for q, _ in quantized_layers(st)))]
+    grads = torch.autograd.grad(total(), params)
+    checked = 0
+    gen = torch.Generator().manual_seed(1)
+    for p, g in zip(params, grads):
+        flat, gflat = p.data.view(-1), g.reshape(-1)
+        for idx in torch.randperm(flat.numel(), generator=gen)[:6].tolist() + [int(gflat.abs().argmax())]:
+            old = float(flat[idx])
+            h = 1e-6
+            with torch.no_grad():
+                flat[idx] = old + h
+                up = float(total())
+                flat[idx] = old - h
+                down = float(total())
+                flat[idx] = old
+            fd = (up - down) / (2 * h)
+            assert fd == pytest.approx(float(gflat[idx]), rel=1e-5, abs=1e-8), (p.shape, idx)
+            checked += 1 if fd != 0 else 0
+    assert checked > 10
+
+
+def test_penalty_skips_pruned_and_disabled_and_frozen():
+    st = _student()
+    layers = [layer for _, layer in quantized_layers(st)]
+    layers[0].act_quantizer.pruned.fill_(True)
+    layers[1].act_quantizer.enabled = False
+    layers[2].weight_quantizer.log2_step.requires_grad_(False)
+    pen = BitWidthPenalty()(st)
+    assert pen["count_a"] == 2 and pen["count_w"] == 4 + 4 + 8
+    vgg = quantize_model(tiny_vgg(), 2, None)
+    pen = BitWidthPenalty()(vgg)
+    assert pen["count_a"] == 0 and float(pen["loss_a"]) == 0.0 and pen["omega_a"] < 1e-3
+
+
+def test_objective_running_mean_and_formula():
+    st = _student().train()
+    obj = GDNSQObjective(st)
+    gen = torch.Generator().manual_seed(0)
+    logits = [(torch.randn(4, 10, generator=gen, dtype=torch.float64),
+               torch.randn(4, 10, generator=gen, dtype=torch.float64)) for _ in range(3)]
+    ds = []
+    for k, (s, t) in enumerate(logits):
+        loss, parts = obj(s, t, 0.5)
+        d = float(jeffreys_divergence(s, t))
+        mu = sum(ds) / (1 + k)  # count starts at 1: mu = 0 at step 0
+        assert parts["mu"] == pytest.approx(mu)
+        pen = BitWidthPenalty()(st)
+        want = d + 0.5 * mu * (pen["omega_w"] * float(pen["loss_w"].detach())
+                               + pen["omega_a"] * float(pen["loss_a"].detach()))
+        assert float(loss) == pytest.approx(want) and parts["loss"] == pytest.approx(want)
+        assert parts["distill"] == pytest.approx(d) and parts["t"] == 0.5
+        ds.append(d)
+    state = obj.state_dict()
+    assert state == {"loss_sum": pytest.approx(sum(ds)), "count": 4}
+    # eval mode does not update mu
+    st.eval()
+    obj(*logits[0], 1.0)
+    assert obj.state_dict()["count"] == 4
+    # restore into a fresh objective; reduce_fn is applied before the update
+    st.train()
+    obj2 = GDNSQObjective(st)
+    obj2.load_state_dict(state)
+    assert obj2.mu == pytest.approx(obj.mu)
+    obj2.reduce_fn = lambda d: d * 0 + 2.0
+    obj2(*logits[0], 0.0)
+    assert obj2.state_dict()["loss_sum"] == pytest.approx(sum(ds) + 2.0)
+    with pytest.raises(ValueError, match="loss_sum"):
+        obj2.load_state_dict({})
+
+
+def test_objective_labels_and_gradient_reaches_quantizers():
+    st = quantize_model(TinyResNet(), 2, 2).train()
+    obj = GDNSQObjective(st)
+    x = torch.randn(2, 3, 8, 8)
+    y = torch.tensor([1, 3])
+    out = st(x)
+    loss, _ = obj(out, None, 0.0, labels=y)
+    torch.testing.assert_close(loss, F.cross_entropy(out, y))
+    with pytest.raises(ValueError, match="labels"):
+        obj(out, None, 0.0)
+    obj.loss_sum, obj.count = 3.0, 2  # mu = 1.5
+    loss, parts = obj(st(x), torch.randn(2, 10), 1.0)
+    loss.backward()
+    layer = st.layer1.conv1
+    assert parts["penalty_w"] > 0 and parts["penalty_a"] > 0
+    assert layer.act_quantizer.log2_range.grad is not None and float(layer.act_quantizer.log2_range.grad) > 0
+    assert math.isfinite(float(layer.weight_quantizer.log2_step.grad.sum()))
