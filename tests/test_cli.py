@@ -1,0 +1,210 @@
+"""The `gdnsq` command: argument errors (exit 2, one line), evaluate on real images, train-fp
+resume, and a tiny quantize run end to end."""
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gdnsq import cli
+from gdnsq.models import get_model, save_fp_checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = pathlib.Path(__file__).with_name("fixtures") / "cifar10_test_first50.npz"
+
+
+def _run(capsys, argv):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err):
+    lines = [ln for ln in err.splitlines() if ln.strip() and "%" not in ln]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def write_python_folder(root, train_x, train_y, test_x, test_y):
+    """Original CIFAR-10 python-batch layout (train split over the five batch files)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (xs, ys) in enumerate(zip(np.array_split(train_x, 5), np.array_split(train_y, 5)), 1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": xs.transpose(0, 3, 1, 2).reshape(len(xs), 3072),
+                         b"labels": [int(v) for v in ys]}, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": test_x.transpose(0, 3, 1, 2).reshape(len(test_x), 3072),
+                     b"labels": [int(v) for v in test_y]}, f)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """40 random training images + the 50 real CIFAR-10 test images of the fixture."""
+    rng = np.random.default_rng(0)
+    z = np.load(FIXTURE)
+    return write_python_folder(tmp_path / "data", rng.integers(0, 256, (40, 32, 32, 3), np.uint8),
+                               rng.integers(0, 10, 40), z["images"], z["labels"])
+
+
+# ----------------------------------------------------------------------------------------------
+# argument errors
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,needle", [
+    (["quantize", "--weight-bits", "0", "--act-bits", "2", "--out", "x"], "bits must be between 1"),
+    (["quantize", "--weight-bits", "2", "--act-bits", "two", "--out", "x"], "integer number of bits"),
+    (["quantize", "--weight-bits", "2", "--act-bits", "2"], "--out"),
+    (["evaluate", "--model", "resnet99", "--checkpoint", "x.th"], "invalid choice: 'resnet99'"),
+    (["train-fp", "--out", "x", "--epochs", "0"], "positive integer"),
+    (["frobnicate"], "invalid choice"),
+], ids=["bits0", "bits-text", "no-out", "unknown-model", "epochs0", "unknown-command"])
+def test_usage_errors_exit_2_one_line(capsys, argv, needle):
+    code, out, err = _run(capsys, argv)
+    assert code == 2
+    assert needle in _one_line_error(err)
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, _, err = _run(capsys, ["evaluate", "--checkpoint", str(tmp_path / "nope.th")])
+    assert code == 2 and "file not found" in _one_line_error(err)
+    code, _, err = _run(capsys, ["quantize", "--checkpoint", str(tmp_path / "nope.th"),
+                                 "--weight-bits", "2", "--act-bits", "2", "--out", str(tmp_path)])
+    assert code == 2 and "file not found" in _one_line_error(err)
+
+
+def test_checkpoint_that_does_not_fit(capsys, tmp_path):
+    p = tmp_path / "r32.pt"
+    save_fp_checkpoint(p, get_model("resnet32"), model_name="resnet32", num_classes=10,
+                       normalization="imagenet")
+    code, _, err = _run(capsys, ["evaluate", "--model", "resnet20", "--checkpoint", str(p)])
+    assert code == 2 and "does not fit the model" in _one_line_error(err)
+    (tmp_path / "junk.th").write_bytes(b"junk")
+    code, _, err = _run(capsys, ["evaluate", "--checkpoint", str(tmp_path / "junk.th")])
+    assert code == 2 and "cannot be read" in _one_line_error(err)
+
+
+def test_missing_cifar100_is_reported(capsys, tmp_path):
+    p = tmp_path / "c100.pt"
+    save_fp_checkpoint(p, get_model("resnet20", 100), model_name="resnet20", num_classes=100,
+                       normalization="cifar100")
+    code, _, err = _run(capsys, ["evaluate", "--dataset", "cifar100", "--checkpoint", str(p),
+                                 "--data-dir", str(tmp_path / "empty")])
+    assert code == 1 and "CIFAR-100 not found" in _one_line_error(err)
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "gdnsq.cli", "evaluate", "--checkpoint",
+                           str(tmp_path / "missing.th"), "--json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "file not found" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate on real images with the shared teacher
+# ----------------------------------------------------------------------------------------------
+
+def test_evaluate_real_images_with_shared_checkpoint(capsys, shared_models_dir, tiny_data):
+    ckpt = shared_models_dir / "resnet20_cifar10_akamaster.th"
+    if not ckpt.is_file():
+        pytest.skip(f"{ckpt} not found")
+    code, out, err = _run(capsys, ["evaluate", "--model", "resnet20", "--dataset", "cifar10",
+                                   "--checkpoint", str(ckpt), "--data-dir", str(tiny_data),
+                                   "--json"])
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["n"] == 50 and res["normalization"] == "imagenet" and res["kind"] == "fp"
+    # the same number computed here directly (ImageNet normalisation on [0, 1] RGB)
+    z = np.load(FIXTURE)
+    x = torch.from_numpy(z["images"]).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    m = get_model("resnet20")
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    m.load_state_dict({k[len("module."):]: v for k, v in sd.items()}, strict=False)
+    with torch.no_grad():
+        correct = (m.eval()(x).argmax(1) == torch.from_numpy(z["labels"])).sum().item()
+    assert res["top1"] == pytest.approx(100.0 * correct / 50)
+    assert res["top1"] >= 84.0  # a 91.7 % model; far above chance (10 %) on real images
+
+
+# ----------------------------------------------------------------------------------------------
+# train-fp: checkpoints, exact resume, the report; then quantize end to end
+# ----------------------------------------------------------------------------------------------
+
+def _train_fp(capsys, data, out, *extra):
+    return _run(capsys, ["train-fp", "--data-dir", str(data), "--out", str(out), "--epochs", "2",
+                         "--batch-size", "8", "--val-size", "8", "--device", "cpu", "--json",
+                         *extra])
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # identical reduction order in both runs
+    yield
+    torch.set_num_threads(old)
+
+
+def test_train_fp_resume_is_exact(capsys, tiny_data, tmp_path, one_thread):
+    code, out, err = _train_fp(capsys, tiny_data, tmp_path / "a")
+    assert code == 0, err
+    full = json.loads(out.strip().splitlines()[-1])
+    assert full["complete"] and full["test_n"] == 50 and full["epochs_done"] == 2
+    assert (tmp_path / "a" / "fp_report.json").is_file()
+    # interrupted after epoch 1 by the time budget, then resumed by the same command
+    code, out, _ = _train_fp(capsys, tiny_data, tmp_path / "b", "--max-minutes", "1e-9")
+    part = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and part["epochs_done"] == 1 and not part["complete"]
+    code, out, err = _train_fp(capsys, tiny_data, tmp_path / "b")
+    assert code == 0 and "resuming" in err
+    a = torch.load(tmp_path / "a" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert json.loads(out.strip().splitlines()[-1])["test_top1"] == full["test_top1"]
+    # the teacher it wrote is evaluated with the normalisation stored in it
+    code, out, _ = _run(capsys, ["evaluate", "--checkpoint", str(tmp_path / "a"),
+                                 "--data-dir", str(tiny_data), "--json"])
+    res = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and res["top1"] == pytest.approx(full["test_top1"])
+
+
+def test_quantize_tiny_end_to_end_and_evaluate(capsys, tiny_data, tmp_path):
+    pytest.importorskip("gdnsq.trainer")
+    fp = tmp_path / "fp.pt"
+    save_fp_checkpoint(fp, get_model("resnet20"), model_name="resnet20", num_classes=10,
+                       normalization="imagenet")
+    out_dir = tmp_path / "q"
+    argv = ["quantize", "--checkpoint", str(fp), "--weight-bits", "3", "--act-bits", "3",
+            "--out", str(out_dir), "--data-dir", str(tiny_data), "--val-size", "8",
+            "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--json"]
+    code, out, err = _run(capsys, argv)
+    assert code == 0, err
+    rep = json.loads(out.strip().splitlines()[-1])
+    assert rep["test_n"] == 50 and rep["epochs_run"] == 1
+    assert rep["target_weight_bits"] == 3 and rep["target_act_bits"] == 3
+    assert (out_dir / "report.md").is_file() and str(out_dir / "report.md") in out
+    run = json.loads((out_dir / "run.json").read_text())
+    assert run["weight_bits"] == 3 and run["normalization"] == "imagenet"
+    # the run folder evaluates as a quantized model and reproduces the reported number
+    code, out, err = _run(capsys, ["evaluate", "--checkpoint", str(out_dir), "--data-dir",
+                                   str(tiny_data), "--json"])
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["kind"] == "quantized" and res["weight_bits"] == 3
+    assert res["top1"] == pytest.approx(rep["test_top1"])
+    # the same folder with other bits is refused instead of mixing runs
+    argv[argv.index("--weight-bits") + 1] = "2"
+    code, _, err = _run(capsys, argv)
+    assert code == 2 and "weight_bits=3" in _one_line_error(err)
