@@ -61,32 +61,44 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, repeats: int, budget_s: float = 2.0):
-    """dict(ms, median, p20, p80, stat) in wall milliseconds.
+def time_group(fns: dict, device, repeats: int, budget_s: float = 3.0) -> dict:
+    """{name: dict(ms, median, p20, p80, stat)} in wall milliseconds for each callable.
 
-    CUDA: ``triton.testing.do_bench`` and ``ms`` = median. CPU: ``ms`` = the minimum over the
-    repeats, the estimate least contaminated by other processes on a shared machine (the
-    median and percentiles are recorded too). Repeats shrink so one case stays near budget_s,
+    CUDA: ``triton.testing.do_bench`` per callable; ``ms`` = median. CPU: the callables run
+    interleaved, one call each per round, so a burst of load from other processes hits all of
+    them alike; ``ms`` = the minimum over rounds, the estimate least disturbed on a shared
+    machine (median and percentiles are recorded too). Rounds shrink to stay near budget_s,
     but never below 3.
     """
     if device.type == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.5, 0.2, 0.8])
-        return dict(ms=float(med), median=float(med), p20=float(p20), p80=float(p80), stat="median")
-    fn()  # warm-up (first call may allocate / build)
-    t0 = time.perf_counter()
-    fn()
-    one = time.perf_counter() - t0
-    n = max(3, min(repeats, int(budget_s / max(one, 1e-6))))
-    ts = [one]
-    for _ in range(n - 1):
+        out = {}
+        for name, fn in fns.items():
+            med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.5, 0.2, 0.8])
+            out[name] = dict(ms=float(med), median=float(med), p20=float(p20), p80=float(p80), stat="median")
+        return out
+    ts = {name: [] for name in fns}
+    t_round = 0.0
+    for name, fn in fns.items():  # warm-up (first call may allocate / build), then one timed call
+        fn()
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
-    ts = sorted(x * 1e3 for x in ts)
-    q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]  # noqa: E731
-    return dict(ms=ts[0], median=statistics.median(ts), p20=q(0.2), p80=q(0.8), stat="min")
+        dt = time.perf_counter() - t0
+        ts[name].append(dt)
+        t_round += dt
+    rounds = max(3, min(repeats, int(budget_s / max(t_round, 1e-6))))
+    for _ in range(rounds - 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, v in ts.items():
+        v = sorted(x * 1e3 for x in v)
+        q = lambda f: v[min(len(v) - 1, int(f * len(v)))]  # noqa: E731
+        out[name] = dict(ms=v[0], median=statistics.median(v), p20=q(0.2), p80=q(0.8), stat="min")
+    return out
 
 
 def env_info(device):
@@ -131,8 +143,9 @@ def bench_gemm(device, batches, repeats, rows, providers):
         for p, w in wf.items():
             x = torch.randn(M, K, device=device, dtype=w.dtype)
             cases[p] = ((lambda x=x, w=w: x @ w), w.numel() * w.element_size())
+        times = time_group({p: c[0] for p, c in cases.items()}, device, repeats)
         for prov, (fn, nbytes) in cases.items():
-            t = time_ms(fn, device, repeats)
+            t = times[prov]
             rows.append(dict(kind="linear", shape=shape, batch=M, provider=prov, **t,
                              weight_bytes=nbytes, macs=M * K * O))
             print(f"{shape:32s} {prov:13s} {t['ms']:9.3f} ms  weight {nbytes/1e6:7.2f} MB", flush=True)
@@ -154,8 +167,9 @@ def bench_conv(device, batches, repeats, rows, providers):
             for p, w in wf.items():
                 x = torch.randn(N, C, H, H, device=device, dtype=w.dtype)
                 cases[p] = ((lambda x=x, w=w: F.conv2d(x, w, stride=s, padding=1)), w.numel() * w.element_size())
+            times = time_group({p: c[0] for p, c in cases.items()}, device, repeats)
             for prov, (fn, nbytes) in cases.items():
-                t = time_ms(fn, device, repeats)
+                t = times[prov]
                 rows.append(dict(kind="conv", shape=shape, batch=N, provider=prov, **t,
                                  weight_bytes=nbytes, macs=N * Ho * Ho * O * C * 9))
                 print(f"{shape:32s} {prov:13s} {t['ms']:9.3f} ms  weight {nbytes/1e3:7.1f} kB", flush=True)
@@ -169,9 +183,12 @@ def bench_crossover(repeats, rows):
             if N == 4096 and M > 256:
                 continue
             a = pack_bits(torch.randint(0, 2, (M, K)))
-            for prov, fn in (("numpy popcount", binary_ops._gemm_cpu_popcount),
-                             ("float sgemm", binary_ops._gemm_cpu_float)):
-                t = time_ms(lambda: fn(a, b, K, True), torch.device("cpu"), repeats, 1.0)
+            strategies = {"numpy popcount": binary_ops._gemm_cpu_popcount,
+                          "float sgemm": binary_ops._gemm_cpu_float}
+            times = time_group({p: (lambda fn=fn: fn(a, b, K, True)) for p, fn in strategies.items()},
+                               torch.device("cpu"), repeats, 1.5)
+            for prov in strategies:
+                t = times[prov]
                 med = t["ms"]
                 rows.append(dict(kind="cpu-crossover", shape=f"M={M} N={N} K={K}", batch=M, provider=prov,
                                  **t, weight_bytes=None, macs=M * N * K,
@@ -239,8 +256,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     ap.add_argument("--crossover", action="store_true", help="also time the two CPU GEMM strategies")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default); NumPy popcount is single-threaded")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch benchmarks/results")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                        (args.device if args.device != "auto" else "cpu"))
     providers = ["packed", "float32"] + (["bf16"] if dev.type == "cuda" else [])

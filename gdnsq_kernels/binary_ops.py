@@ -548,8 +548,11 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         # of the 0/1 codes beats NumPy popcount; it is exact (integer sums < 2**24) at full
         # float32 matmul precision, else float64. Padded taps are code 0: they add nothing.
         ftype = torch.float32 if _full_precision_float32_matmul() else torch.float64
-        jp = F.pad(act_codes.to(ftype), (pl, pr, pt, pb))
-        kj = F.conv2d(jp, pw.codes().to(ftype), **cargs).to(torch.float64)  # (N, O, Ho, Wo)
+        if pt == pb and pl == pr:
+            kj = F.conv2d(act_codes.to(ftype), pw.codes().to(ftype), padding=(pt, pl), **cargs)
+        else:
+            kj = F.conv2d(F.pad(act_codes.to(ftype), (pl, pr, pt, pb)), pw.codes().to(ftype), **cargs)
+        kj = kj.to(torch.float64)  # (N, O, Ho, Wo)
     else:
         # Pack each pixel's C channel codes once, then gather the kh*kw tap words (im2col on
         # words, 8x less data than on uint8 codes). A padded tap is word 0 = code 0.
@@ -567,15 +570,26 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         kj = _packed_gemm(patches, pw.packed, kh * kw * cw * WORD_BITS, False, name)  # (N*L, O)
         kj = kj.reshape(Nb, Ho, Wo, O).permute(0, 3, 1, 2).to(torch.float64)
 
-    # Per-position counts over the real (in-image) taps, from single-input-channel convs of
-    # small integers. float64 keeps them exact even where cuDNN would use TF32 for float32.
+    # Per-position counts over the real (in-image) taps, as integer window sums (exact).
+    sh, sw = stride
+    dh, dw = dilation
+
+    def tap(x, i, j):  # the (.., Ho, Wo) view of padded x that kernel tap (i, j) reads
+        return x[..., i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
+
+    valid = F.pad(torch.ones((1, 1, H, Wd), dtype=torch.int32, device=dev), (pl, pr, pt, pb))
+    jpix = F.pad(act_codes.sum(dim=1, keepdim=True, dtype=torch.int32), (pl, pr, pt, pb))
+    n_real = torch.zeros((1, 1, Ho, Wo), dtype=torch.int32, device=dev)
+    k_real = torch.zeros((1, O, Ho, Wo), dtype=torch.int32, device=dev)
+    jsum = torch.zeros((Nb, 1, Ho, Wo), dtype=torch.int32, device=dev)
+    for i in range(kh):
+        for j in range(kw):
+            v = tap(valid, i, j)
+            n_real += v
+            k_real += pw.tap_ones[:, i, j].reshape(1, O, 1, 1) * v
+            jsum += tap(jpix, i, j)
     f64 = torch.float64
-    ones_img = F.pad(torch.ones((1, 1, H, Wd), dtype=f64, device=dev), (pl, pr, pt, pb))
-    ones_k = torch.ones((1, 1, kh, kw), dtype=f64, device=dev)
-    n_real = C * F.conv2d(ones_img, ones_k, **cargs)  # (1, 1, Ho, Wo)
-    k_real = F.conv2d(ones_img, pw.tap_ones.to(f64)[:, None], **cargs)  # (1, O, Ho, Wo)
-    jpix = act_codes.sum(dim=1, keepdim=True, dtype=torch.int32).to(f64)  # (N, 1, H, W)
-    jsum = F.conv2d(F.pad(jpix, (pl, pr, pt, pb)), ones_k, **cargs)  # (N, 1, Ho, Wo)
+    n_real, k_real, jsum = C * n_real.to(f64), k_real.to(f64), jsum.to(f64)
 
     s = pw.step.to(torch.float64).reshape(1, O, 1, 1)
     m = pw.minimum.to(torch.float64).reshape(1, O, 1, 1)
