@@ -1,0 +1,67 @@
+"""Data-parallel training with 2 CPU processes (gloo): every rank takes identical steps.
+
+The ranks see different shards of the data (checked), so without the gradient all-reduce,
+the loss-mean reduction and the buffer averaging their weights would drift apart.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _trainer_tiny as tiny
+from gdnsq import distributed as gdist
+from gdnsq.trainer import LAST, METRICS, load_checkpoint
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_take_identical_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("GDNSQ_BACKEND", "torch")  # inherited by the spawned ranks
+    epochs = 2
+    mp.spawn(tiny.ddp_worker, args=(2, _free_port(), str(tmp_path), epochs), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["first_batch_sum"] != r1["first_batch_sum"]  # different shards
+    assert r0["steps"] == r1["steps"] == epochs * (256 // 2 // 16)  # 256 images, 2 shards, batch 16
+    assert r0["student"].keys() == r1["student"].keys()
+    for k in r0["student"]:
+        assert torch.equal(r0["student"][k], r1["student"][k]), k
+    assert r0["objective"] == r1["objective"] and r0["schedule"] == r1["schedule"]
+    # The weights moved (the ranks did not just keep their identical starting point).
+    start, _ = tiny.student_teacher()
+    assert not torch.equal(start.state_dict()["conv2.weight"], r0["student"]["conv2.weight"])
+    # Rank 0 alone wrote the files: one epoch record per epoch, a checkpoint with both RNGs.
+    with open(tmp_path / METRICS) as f:
+        kinds = [line.split('"kind": "')[1].split('"')[0] for line in f]
+    assert kinds.count("epoch") == epochs
+    ckpt = load_checkpoint(str(tmp_path / LAST))
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    # The val accuracy is over the whole validation set (both shards summed).
+    assert r0["report"]["val_top1"] == r1["report"]["val_top1"] or r0["report"]["val_top1"] is None
+
+
+def test_helpers_are_identity_without_process_group():
+    assert not gdist.is_distributed() and gdist.rank() == 0 and gdist.world_size() == 1 and gdist.is_main()
+    t = torch.arange(3.0)
+    assert gdist.all_reduce_mean(t) is t and gdist.all_reduce_max(2.5) == 2.5
+    assert gdist.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert gdist.make_sampler(list(range(4))) is None
+    info = gdist.init_from_env(device="cpu")  # no WORLD_SIZE: single process, nothing initialised
+    assert (info.rank, info.world_size, info.backend) == (0, 1, None) and not dist.is_initialized()
+    assert gdist.default_backend(torch.device("cpu")) == "gloo"
+    assert gdist.default_backend(torch.device("cuda", 0)) == "nccl"
+    with pytest.raises(ValueError, match="backend"):
+        gdist.init_from_env(backend="mpi")
+    with pytest.raises(ValueError, match="batch_size"):
+        gdist.make_loader(list(range(4)), 0, shuffle=True)
+    loader = gdist.make_loader(list(range(10)), 4, shuffle=True, seed=3)
+    assert sorted(x for b in loader for x in b.tolist()) == list(range(10))
