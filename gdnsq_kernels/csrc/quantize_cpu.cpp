@@ -26,6 +26,10 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per reduction chunk (and parallel grain)
 constexpr int kLanes = 16;
+// Work per thread below which a loop runs on the calling thread: waking OpenMP workers costs
+// more than it saves on small tensors (ResNet-20 weights are 2K..37K elements), and on a
+// loaded machine a barrier waiting for a descheduled worker costs milliseconds.
+constexpr int64_t kMinParallelWork = 65536;
 
 inline uint32_t lowbias32(uint32_t x) {
   x ^= x >> 16;
@@ -77,7 +81,7 @@ at::Tensor act_forward(const at::Tensor& x, const at::Tensor& log2_step,
     const acc_t hi = lo + q - s;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, n, kMinParallelWork, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         acc_t xv = static_cast<acc_t>(xp[i]);
         acc_t xc = xv < lo ? lo : xv;  // comparisons keep NaN, like torch.clamp
@@ -115,7 +119,7 @@ std::vector<at::Tensor> act_backward(const at::Tensor& g, const at::Tensor& x,
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+    at::parallel_for(0, n_chunks, kMinParallelWork / kChunk, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = c * kChunk;
         const int64_t e = std::min(n, b + kChunk);
@@ -190,7 +194,7 @@ std::vector<at::Tensor> w_forward(const at::Tensor& w, const at::Tensor& log2_st
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     acc_t* zp = z.data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(K, 1));
+    const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(K, 1));
     at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const scalar_t* row = wp + c * K;
@@ -237,7 +241,7 @@ at::Tensor w_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     double* op = out.data_ptr<double>();
-    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(K, 1));
+    const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(K, 1));
     at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t base = c * K;
