@@ -168,7 +168,10 @@ def _loader_generators(loader):
 
 
 def _set_loader_epoch(loader, epoch: int) -> None:
-    # DistributedSampler (and samplers like it) derive their order from seed + epoch.
+    # DistributedSampler (and samplers or loaders like it, e.g. gdnsq.data.CifarLoader) derive
+    # their order from seed + epoch, which makes the epoch's data independent of history.
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
     for sampler in (getattr(loader, "sampler", None),
                     getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
         if sampler is not None and hasattr(sampler, "set_epoch"):
@@ -215,7 +218,9 @@ class Trainer:
         train_loader: batches ``(images, labels)`` (labels unused for training: distillation).
             Under DDP give it a ``DistributedSampler`` (``gdnsq.distributed.make_loader``).
         val_loader: held-out batches ``(images, labels)`` for selection, early stopping and the
-            convergence probe. Sharded (DistributedSampler) or full on every rank.
+            convergence probe. Sharded (DistributedSampler) or full on every rank. None: no
+            validation; the convergence probe runs on the epoch's last training batch, the
+            selected checkpoint is the latest converged epoch and early stopping is off.
         config: a :class:`TrainConfig` (default: the "paper" preset).
         out_dir: folder for checkpoints, metrics and reports. If it holds
             ``checkpoint_last.pt`` the trainer resumes from it.
@@ -288,6 +293,7 @@ class Trainer:
         self.metrics_path = os.path.join(self.out_dir, METRICS)
         self._fit_start: Optional[float] = None
         self.resumed_from: Optional[int] = None
+        self._last_inputs = None
 
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -420,6 +426,7 @@ class Trainer:
         for batch in self.train_loader:
             x, _ = _split_batch(batch)
             x = x.to(self.device, non_blocking=True)
+            self._last_inputs = x
             lr, t = float(self.schedule.lr), float(self.schedule.t)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -461,11 +468,13 @@ class Trainer:
         cfg = self.cfg
         gdist.average_float_buffers(self.student)
         val_due = epoch % cfg.val_every == 0 or epoch >= cfg.max_epochs
-        if val_due:
+        val = None
+        if self.val_loader is None:
+            # Convergence needs fresh observed activation bits from an eval-mode batch.
+            self._probe_on(self._last_inputs)
+        elif val_due:
             val = self.evaluate(self.val_loader)
         else:
-            # Convergence needs fresh observed activation bits from an eval batch.
-            val = None
             self.evaluate(self.val_loader, max_batches=cfg.probe_batches)
         converged = bool(gstats.is_converged(self.student))
         self.converged = converged
@@ -474,6 +483,10 @@ class Trainer:
             self.first_converged_epoch = epoch
         realised = gstats.realised_bits(self.student)
         selected = False
+        if self.val_loader is None and converged:
+            # Without validation data the latest converged epoch is the selection.
+            self.best_epoch = epoch
+            selected = True
         if val is not None:
             self.last_val = {"epoch": epoch, "top1": val["top1"], "loss": val["loss"]}
             top1 = val["top1"] if val["top1"] is not None else 0.0
@@ -515,7 +528,7 @@ class Trainer:
                "realised_bits": realised}
         self._write_metrics(rec)
         if selected:
-            self._save_best(epoch, val, realised)
+            self._save_best(epoch, val or {"top1": None, "loss": None, "n": 0, "act_bits_max": None}, realised)
         self._save_last()
         if self.is_main:
             self._plot()
@@ -524,6 +537,22 @@ class Trainer:
             if val is not None:
                 msg += f" val top-1 {val['top1']:.2f}%" if val["top1"] is not None else ""
             self._log(msg)
+
+    @torch.no_grad()
+    def _probe_on(self, x) -> None:
+        """One eval-mode forward on ``x`` (refreshes the activation quantizers' observed bits);
+        under DDP the observed bits are then max-reduced over ranks."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            self.student(x)
+        finally:
+            self.student.train(was_training)
+        if gdist.is_distributed():
+            for _, l in gstats.quantized_layers(self.student):
+                aq = getattr(l, "act_quantizer", None)
+                if aq is not None and aq.enabled:
+                    aq.observed_bits.fill_(float(gdist.all_reduce_max(aq.observed_bits.float())))
 
     # ------------------------------------------------------------------ bits
 

@@ -178,3 +178,29 @@ def test_resume_warns_on_changed_training_fields(tmp_path):
     student, teacher = tiny.student_teacher(calib_loader=val)
     with pytest.warns(UserWarning, match="lr"):
         Trainer(student, teacher, train, val, config=tiny.fast_config(lr=0.05, max_epochs=2), out_dir=str(tmp_path))
+
+
+def _cifar_style_run(out_dir, max_epochs):
+    """gdnsq.data.CifarLoader (seed + epoch ordering and augmentation, no torch.utils.data)
+    and no validation loader."""
+    from gdnsq.data import CifarLoader
+    x, y = tiny.make_data(512, 1)
+    images = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    train = CifarLoader((images, y), 32, train=True, seed=3)
+    student, teacher = tiny.student_teacher(calib_loader=tiny.loaders()[1])
+    cfg = tiny.fast_config(max_epochs=max_epochs, log_every=4)
+    return Trainer(student, teacher, train, None, config=cfg, out_dir=str(out_dir))
+
+
+def test_resume_with_seeded_epoch_loader_and_no_validation(tmp_path):
+    straight = _cifar_style_run(tmp_path / "a", 5)
+    rep = straight.fit()
+    _cifar_style_run(tmp_path / "b", 3).fit()
+    _cifar_style_run(tmp_path / "b", 5).fit()
+    _assert_runs_equal(tmp_path / "a", tmp_path / "b")
+    # Without validation: no accuracy, selection = latest converged epoch, no early stopping.
+    epochs = [r for r in _metrics(tmp_path / "a") if r["kind"] == "epoch"]
+    assert all(r["val_top1"] is None for r in epochs)
+    converged = [r["epoch"] for r in epochs if r["converged"]]
+    assert rep["stop_reason"] == "max_epochs" and converged
+    assert rep["selected_epoch"] == converged[-1] and rep["converged"] is True and rep["val_top1"] is None
