@@ -118,7 +118,7 @@ def test_activation_quantizer_signedness_and_state_dict():
     assert aq.log2_step.requires_grad and aq.log2_range.requires_grad
     assert float(aq.continuous_bits().detach()) == 20.0
     sq = ActivationQuantizer(signed=True)
-    assert sq.offset.requires_grad and float(sq.offset) == -512.0
+    assert sq.offset.requires_grad and float(sq.offset.detach()) == -512.0
     au = ActivationQuantizer(signed="auto")
     assert au.signed == "auto" and au.offset.requires_grad
     au.set_signed(False)

@@ -1,0 +1,276 @@
+"""One GDNSQ training step of a CIFAR ResNet-20: FP vs the authors'-style eager composite vs gdnsq.
+
+A step is: teacher forward under no_grad, student forward, Jeffreys divergence, backward, RAdam
+step (batch 128 on 3x32x32 by default). Three providers run in the same process, interleaved
+round by round so that load from other processes on a shared machine hits them alike:
+
+* ``fp``: the FP ResNet-20 as the student (the floor).
+* ``eager``: the authors' construction: before every quantized conv a separate module
+  fake-quantizes the input with clamp, shift, divide, a rounding autograd Function (forward
+  ``round(v) - v``, backward: no gradient to ``v`` and the dithered ``G*r`` to the step), add,
+  multiply, shift back; the conv quantizes its weight with the same composite. Every
+  intermediate is kept by autograd.
+* ``gdnsq``: ``gdnsq.quantize_model`` (QConv2d with the fused, recomputing autograd path).
+
+Both quantized providers use the default placement (first conv, classifier FP) and the same
+calibrated parameters. Reported: median step time, bytes saved for backward (unique storages
+seen by ``torch.autograd.graph.saved_tensors_hooks`` during the forward), and ratios to FP.
+Results are appended to ``benchmarks/results/qat_step.jsonl`` and the latest run is written to
+``benchmarks/results/qat_step.md``.
+
+Run: ``python benchmarks/bench_qat_step.py`` (``--device cuda`` on a GPU; ``--profile`` prints
+where the gdnsq step spends its time).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import gdnsq  # noqa: E402
+from gdnsq import calibrate, jeffreys_divergence, quantize_model  # noqa: E402
+from gdnsq.stats import quantized_layers  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DITHER = 1.0 / (2.0 * math.sqrt(3.0))
+
+
+# ------------------------------------------------------------------ authors'-style eager composite
+class _RoundNoise(torch.autograd.Function):
+    """n = round(v) - v; backward: nothing to v (STE), G*r to the step, r = +-1/(2 sqrt 3)."""
+
+    @staticmethod
+    def forward(ctx, v, s):
+        ctx.s_shape = s.shape
+        return torch.round(v) - v
+
+    @staticmethod
+    def backward(ctx, g):
+        r = (torch.randint(0, 2, g.shape, device=g.device, dtype=g.dtype) * 2 - 1) * DITHER
+        gs = g * r
+        dims = [i for i, n in enumerate(ctx.s_shape) if n == 1] if len(ctx.s_shape) else None
+        gs = gs.sum() if dims is None else gs.sum(dim=dims, keepdim=True)
+        return None, gs
+
+
+class EagerActQuant(nn.Module):
+    """Per-tensor activation quantizer as separate eager ops (clamp, shift, divide, N, ...)."""
+
+    def __init__(self, log2_step, log2_range, offset, signed):
+        super().__init__()
+        self.log2_step = nn.Parameter(log2_step.detach().clone())
+        self.log2_range = nn.Parameter(log2_range.detach().clone())
+        self.offset = nn.Parameter(offset.detach().clone(), requires_grad=signed)
+
+    def forward(self, x):
+        s, q, lo = torch.exp2(self.log2_step), torch.exp2(self.log2_range), self.offset
+        v = (torch.clamp(x, lo, lo + q - s) - lo) / s
+        return (v + _RoundNoise.apply(v, s)) * s + lo
+
+
+class EagerQConv2d(nn.Conv2d):
+    """Conv whose weight goes through the eager composite (zero point = per-channel amin)."""
+
+    def forward(self, x):
+        w = self.weight
+        z = w.amin(dim=(1, 2, 3), keepdim=True)
+        s = torch.exp2(self.log2_step).reshape(-1, 1, 1, 1)
+        v = (w - z) / s
+        w_hat = (v + _RoundNoise.apply(v, s)) * s + z
+        return self._conv_forward(x, w_hat, self.bias)
+
+
+def eager_from_gdnsq(fp_model, student):
+    """The FP model with every gdnsq-quantized conv replaced by Sequential(EagerActQuant, EagerQConv2d)."""
+    model = copy.deepcopy(fp_model)
+    for name, layer in quantized_layers(student):
+        conv = model.get_submodule(name)
+        q = EagerQConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                         device=conv.weight.device)
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q.log2_step = nn.Parameter(layer.weight_quantizer.log2_step.detach().clone())
+        aq = layer.act_quantizer
+        mod = nn.Sequential(EagerActQuant(aq.log2_step, aq.log2_range, aq.offset, bool(aq.signed)), q)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, mod)
+    return model
+
+
+# ------------------------------------------------------------------ measurement
+def saved_bytes(student, teacher, x):
+    """Bytes of the unique storages autograd saves for backward during one forward."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[(st.data_ptr(), st.device)] = st.nbytes()
+        return t
+
+    with torch.no_grad():
+        teacher(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = student(x)
+    del out
+    return sum(storages.values())
+
+
+def make_step(student, teacher, optimizer, x, sync):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = jeffreys_divergence(student(x), t_logits)
+        loss.backward()
+        optimizer.step()
+        sync()
+    return step
+
+
+def build_model(num_classes):
+    try:
+        from gdnsq.models.resnet_cifar import resnet20
+        return resnet20(num_classes), "gdnsq.models.resnet_cifar.resnet20"
+    except ImportError:  # pragma: no cover - the model file is part of the package
+        raise
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def write_atomic(path, text, mode="w"):
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=12, help="timed steps per provider")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per provider")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the gdnsq step")
+    ap.add_argument("--no-save", action="store_true", help="do not write the results files")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
+        ap.error("--batch and --rounds must be >= 1, --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    torch.manual_seed(0)
+    fp_model, model_name = build_model(10)
+    fp_model = fp_model.to(device)
+    teacher = copy.deepcopy(fp_model).eval().requires_grad_(False)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+
+    student_g = quantize_model(fp_model, 4, 4)
+    calibrate(student_g, [x])
+    student_e = eager_from_gdnsq(fp_model, student_g)
+    student_f = copy.deepcopy(fp_model)
+
+    providers = {}
+    for name, student in (("fp", student_f), ("eager", student_e), ("gdnsq", student_g)):
+        student.train()
+        opt = torch.optim.RAdam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+        providers[name] = {"step": make_step(student, teacher, opt, x, sync),
+                           "bytes": saved_bytes(student, teacher, x), "times": []}
+    for p in providers.values():
+        for _ in range(args.warmup):
+            p["step"]()
+    for _ in range(args.rounds):  # interleaved: shared-machine noise hits every provider alike
+        for p in providers.values():
+            t0 = time.perf_counter()
+            p["step"]()
+            p["times"].append(time.perf_counter() - t0)
+
+    fp_t = statistics.median(providers["fp"]["times"])
+    fp_b = providers["fp"]["bytes"]
+    rows = []
+    for name, p in providers.items():
+        med = statistics.median(p["times"])
+        q = statistics.quantiles(p["times"], n=5) if len(p["times"]) >= 2 else [med] * 4
+        rows.append({"provider": name, "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3,
+                     "saved_MiB": p["bytes"] / 2**20, "time_vs_fp": med / fp_t, "bytes_vs_fp": p["bytes"] / fp_b})
+
+    record = {
+        "bench": "qat_step", "model": model_name, "batch": args.batch, "input": [3, 32, 32],
+        "rounds": args.rounds, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "backend": os.environ.get("GDNSQ_BACKEND", "auto"),
+        "torch": torch.__version__, "gdnsq": gdnsq.__version__, "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "results": rows,
+    }
+    try:
+        import triton
+        record["triton"] = triton.__version__
+    except ImportError:
+        record["triton"] = None
+
+    lines = [f"{'provider':<8} {'median ms':>10} {'p20-p80 ms':>16} {'saved MiB':>10} {'time/FP':>8} {'bytes/FP':>9}"]
+    for r in rows:
+        lines.append(f"{r['provider']:<8} {r['median_ms']:>10.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<8.1f} "
+                     f"{r['saved_MiB']:>10.1f} {r['time_vs_fp']:>8.2f} {r['bytes_vs_fp']:>9.3f}")
+    print("\n".join(lines))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        for name in ("fp", "gdnsq"):
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    providers[name]["step"]()
+            print(f"\n--- {name} (3 steps) ---")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+    if not args.no_save:
+        os.makedirs(RESULTS, exist_ok=True)
+        jsonl = os.path.join(RESULTS, "qat_step.jsonl")
+        old = open(jsonl).read() if os.path.exists(jsonl) else ""
+        write_atomic(jsonl, old + json.dumps(record) + "\n")
+        md = [f"QAT step of {model_name} (batch {args.batch}, 3x32x32, Jeffreys vs FP teacher, RAdam), "
+              f"{record['device']}, {record['threads']} threads, torch {record['torch']}, {record['date']}, "
+              f"median of {args.rounds} interleaved steps (load average at the end: "
+              f"{', '.join(f'{v:.1f}' for v in record['loadavg'] or [])}).",
+              "",
+              "| provider | median step (ms) | p20-p80 (ms) | saved for backward (MiB) | time / FP | bytes / FP |",
+              "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            md.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
+                      f"{r['saved_MiB']:.1f} | {r['time_vs_fp']:.2f} | {r['bytes_vs_fp']:.3f} |")
+        md += ["", "Command: `python benchmarks/bench_qat_step.py`", ""]
+        write_atomic(os.path.join(RESULTS, "qat_step.md"), "\n".join(md))
+    return record
+
+
+if __name__ == "__main__":
+    main()
