@@ -32,7 +32,7 @@ Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import numpy as np
@@ -263,6 +263,9 @@ class PackedBinaryWeight:
     in_features: int
     in_channels: int
     kernel_size: Optional[Tuple[int, int]]
+    # Derived tensors that depend only on the weight and the call geometry (float codes, the
+    # per-position real-tap counts), filled on first use so that repeated calls skip them.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def out_channels(self) -> int:
@@ -548,11 +551,13 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         # of the 0/1 codes beats NumPy popcount; it is exact (integer sums < 2**24) at full
         # float32 matmul precision, else float64. Padded taps are code 0: they add nothing.
         ftype = torch.float32 if _full_precision_float32_matmul() else torch.float64
+        ckey = ("codes", ftype)
+        if ckey not in pw.cache:
+            pw.cache[ckey] = pw.codes().to(ftype)
         if pt == pb and pl == pr:
-            kj = F.conv2d(act_codes.to(ftype), pw.codes().to(ftype), padding=(pt, pl), **cargs)
+            kj = F.conv2d(act_codes.to(ftype), pw.cache[ckey], padding=(pt, pl), **cargs)
         else:
-            kj = F.conv2d(F.pad(act_codes.to(ftype), (pl, pr, pt, pb)), pw.codes().to(ftype), **cargs)
-        kj = kj.to(torch.float64)  # (N, O, Ho, Wo)
+            kj = F.conv2d(F.pad(act_codes.to(ftype), (pl, pr, pt, pb)), pw.cache[ckey], **cargs)
     else:
         # Pack each pixel's C channel codes once, then gather the kh*kw tap words (im2col on
         # words, 8x less data than on uint8 codes). A padded tap is word 0 = code 0.
@@ -568,7 +573,7 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         patches = torch.stack(taps, dim=3).reshape(M, kh * kw * cw)
         # AND form: per-tap padding bits are 0 in both operands, so k can be the full word width.
         kj = _packed_gemm(patches, pw.packed, kh * kw * cw * WORD_BITS, False, name)  # (N*L, O)
-        kj = kj.reshape(Nb, Ho, Wo, O).permute(0, 3, 1, 2).to(torch.float64)
+        kj = kj.reshape(Nb, Ho, Wo, O).permute(0, 3, 1, 2)  # (N, O, Ho, Wo) view
 
     # Per-position counts over the real (in-image) taps, as integer window sums (exact).
     sh, sw = stride
@@ -577,19 +582,25 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     def tap(x, i, j):  # the (.., Ho, Wo) view of padded x that kernel tap (i, j) reads
         return x[..., i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
 
-    valid = F.pad(torch.ones((1, 1, H, Wd), dtype=torch.int32, device=dev), (pl, pr, pt, pb))
+    f64 = torch.float64
+    gkey = ("real_taps", H, Wd, pt, pb, pl, pr, stride, dilation)
+    if gkey not in pw.cache:  # depends on the weight and the geometry only
+        valid = F.pad(torch.ones((1, 1, H, Wd), dtype=torch.int32, device=dev), (pl, pr, pt, pb))
+        n_real = torch.zeros((1, 1, Ho, Wo), dtype=torch.int32, device=dev)
+        k_real = torch.zeros((1, O, Ho, Wo), dtype=torch.int32, device=dev)
+        for i in range(kh):
+            for j in range(kw):
+                v = tap(valid, i, j)
+                n_real += v
+                k_real += pw.tap_ones[:, i, j].reshape(1, O, 1, 1) * v
+        pw.cache[gkey] = (C * n_real.to(f64), k_real.to(f64))
+    n_real, k_real = pw.cache[gkey]
     jpix = F.pad(act_codes.sum(dim=1, keepdim=True, dtype=torch.int32), (pl, pr, pt, pb))
-    n_real = torch.zeros((1, 1, Ho, Wo), dtype=torch.int32, device=dev)
-    k_real = torch.zeros((1, O, Ho, Wo), dtype=torch.int32, device=dev)
     jsum = torch.zeros((Nb, 1, Ho, Wo), dtype=torch.int32, device=dev)
     for i in range(kh):
         for j in range(kw):
-            v = tap(valid, i, j)
-            n_real += v
-            k_real += pw.tap_ones[:, i, j].reshape(1, O, 1, 1) * v
             jsum += tap(jpix, i, j)
-    f64 = torch.float64
-    n_real, k_real, jsum = C * n_real.to(f64), k_real.to(f64), jsum.to(f64)
+    jsum = jsum.to(f64)
 
     s = pw.step.to(torch.float64).reshape(1, O, 1, 1)
     m = pw.minimum.to(torch.float64).reshape(1, O, 1, 1)
@@ -597,5 +608,8 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     const = (s * beta) * k_real + (m * beta) * n_real
     if b is not None:
         const = const + b.reshape(1, O, 1, 1)
-    out = kj.mul_(s * s_a).addcmul_(jsum, m * s_a).add_(const)
+    # Three passes over the output, all in float64: kj (exact integers, float32 or int32) is
+    # promoted inside addcmul, so no separate conversion pass.
+    out = torch.addcmul(const, kj, s * s_a)
+    out.addcmul_(jsum, m * s_a)
     return out.to(torch.float32, memory_format=torch.contiguous_format)

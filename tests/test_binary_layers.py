@@ -118,6 +118,13 @@ def test_packed_weight_reuse_and_round_trip(poison_empty):
     assert torch.equal(direct, reused)
     ref = binary_conv2d(j, s_a, b, pw, padding=1, stride=2, backend="reference")
     assert torch.allclose(direct, ref, rtol=1e-6, atol=1e-6)
+    # The weight caches per-geometry counts: other geometries and input sizes on the same
+    # object must not reuse them.
+    for kw, jj in ((dict(padding=0), j), (dict(padding=(2, 1), dilation=2), j), (dict(padding=1), j[:, :, :5, :4])):
+        for backend in ("cpu", "torch"):
+            got = binary_conv2d(jj, s_a, b, pw, **kw, backend=backend)
+            want = binary_conv2d(jj, s_a, b, k, s_c, m_c, **kw, backend="reference")
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
