@@ -64,6 +64,97 @@ void check_cpu_contig(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// Loop bodies as free functions over raw __restrict__ pointers and by-value scalars: inside
+// the dispatch lambdas the scalars are captured by reference, and the compiler then cannot
+// prove the output stores leave them unchanged, which blocks vectorisation.
+template <typename scalar_t, typename acc_t>
+void act_forward_range(const scalar_t* __restrict__ xp, scalar_t* __restrict__ yp, int64_t b,
+                       int64_t e, acc_t s, acc_t lo, acc_t hi) {
+  for (int64_t i = b; i < e; ++i) {
+    acc_t xv = static_cast<acc_t>(xp[i]);
+    acc_t xc = xv < lo ? lo : xv;  // comparisons keep NaN, like torch.clamp
+    xc = xc > hi ? hi : xc;
+    acc_t v = (xc - lo) / s;
+    yp[i] = static_cast<scalar_t>(lo + s * round_half_even(v));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void act_grad_x_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
+                      scalar_t* __restrict__ dxp, int64_t b, int64_t e, acc_t lo, acc_t hi) {
+  for (int64_t i = b; i < e; ++i) {
+    acc_t xv = static_cast<acc_t>(xp[i]);
+    bool inside = (xv >= lo) & (xv <= hi);  // False for NaN
+    dxp[i] = inside ? gp[i] : static_cast<scalar_t>(0);
+  }
+}
+
+// Adds [sum g*t, sum_{x>hi} g, sum_out g] over [b, e) to out[0..2]; t = e - [x>hi] + s*r.
+template <typename scalar_t, typename acc_t, bool kDither>
+void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
+                          int64_t b, int64_t e, acc_t s, acc_t lo, acc_t hi, acc_t smag,
+                          uint32_t key, double* out) {
+  acc_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
+  auto body = [=, &a0, &a1, &a2](int64_t i, int l) {
+    acc_t xv = static_cast<acc_t>(xp[i]);
+    acc_t gv = static_cast<acc_t>(gp[i]);
+    bool below = xv < lo;
+    bool above = xv > hi;
+    acc_t xc = below ? lo : xv;
+    xc = xc > hi ? hi : xc;
+    acc_t v = (xc - lo) / s;
+    acc_t t = (round_half_even(v) - v) - (above ? acc_t(1) : acc_t(0));
+    if (kDither) t = t + dither_at<acc_t>(i, key, smag);  // s*r
+    a0[l] += gv * t;
+    a1[l] += above ? gv : acc_t(0);
+    a2[l] += (below | above) ? gv : acc_t(0);
+  };
+  int64_t i = b;
+  for (; i + kLanes <= e; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) body(i + l, l);
+  }
+  for (int l = 0; i < e; ++i, ++l) body(i, l);
+  double t0 = 0, t1 = 0, t2 = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    t0 += a0[l];
+    t1 += a1[l];
+    t2 += a2[l];
+  }
+  out[0] = t0;
+  out[1] = t1;
+  out[2] = t2;
+}
+
+template <typename scalar_t, typename acc_t>
+void w_quantize_row(const scalar_t* __restrict__ row, scalar_t* __restrict__ yrow, int64_t K,
+                    acc_t s, acc_t zc) {
+  for (int64_t i = 0; i < K; ++i) {
+    acc_t v = (static_cast<acc_t>(row[i]) - zc) / s;
+    yrow[i] = static_cast<scalar_t>(zc + s * round_half_even(v));
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kDither>
+double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ gp,
+                  int64_t base, int64_t K, acc_t s, acc_t zc, acc_t smag, uint32_t key) {
+  acc_t a[kLanes] = {};
+  auto body = [=, &a](int64_t i, int l) {
+    acc_t v = (static_cast<acc_t>(wp[i]) - zc) / s;
+    acc_t t = round_half_even(v) - v;
+    if (kDither) t = t + dither_at<acc_t>(i, key, smag);
+    a[l] += static_cast<acc_t>(gp[i]) * t;
+  };
+  int64_t i = base;
+  const int64_t end = base + K;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) body(i + l, l);
+  }
+  for (int l = 0; i < end; ++i, ++l) body(i, l);
+  double tot = 0;
+  for (int l = 0; l < kLanes; ++l) tot += a[l];
+  return tot;
+}
+
 }  // namespace
 
 // y = lo + s * round((clamp(x, lo, hi) - lo) / s)
@@ -82,13 +173,7 @@ at::Tensor act_forward(const at::Tensor& x, const at::Tensor& log2_step,
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, n, kMinParallelWork, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        acc_t xv = static_cast<acc_t>(xp[i]);
-        acc_t xc = xv < lo ? lo : xv;  // comparisons keep NaN, like torch.clamp
-        xc = xc > hi ? hi : xc;
-        acc_t v = (xc - lo) / s;
-        yp[i] = static_cast<scalar_t>(lo + s * round_half_even(v));
-      }
+      act_forward_range<scalar_t, acc_t>(xp, yp, b, e, s, lo, hi);
     });
   });
   return y;
@@ -123,45 +208,13 @@ std::vector<at::Tensor> act_backward(const at::Tensor& g, const at::Tensor& x,
       for (int64_t c = cb; c < ce; ++c) {
         const int64_t b = c * kChunk;
         const int64_t e = std::min(n, b + kChunk);
-        if (need_dx) {
-          for (int64_t i = b; i < e; ++i) {
-            acc_t xv = static_cast<acc_t>(xp[i]);
-            acc_t gv = static_cast<acc_t>(gp[i]);
-            bool inside = (xv >= lo) & (xv <= hi);  // False for NaN
-            dxp[i] = static_cast<scalar_t>(inside ? gv : acc_t(0));
-          }
-        }
+        if (need_dx) act_grad_x_range<scalar_t, acc_t>(xp, gp, dxp, b, e, lo, hi);
         if (!need_params) continue;
-        acc_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
-        auto body = [&](int64_t i, int l) {
-          acc_t xv = static_cast<acc_t>(xp[i]);
-          acc_t gv = static_cast<acc_t>(gp[i]);
-          bool below = xv < lo;
-          bool above = xv > hi;
-          acc_t xc = below ? lo : xv;
-          xc = xc > hi ? hi : xc;
-          acc_t v = (xc - lo) / s;
-          acc_t t = (round_half_even(v) - v) - (above ? acc_t(1) : acc_t(0));
-          // r = +-mag from the hash; smag = s*mag (0 without dither)
-          t = t + (dither ? dither_at<acc_t>(i, ukey, smag) : acc_t(0));
-          a0[l] += gv * t;
-          a1[l] += above ? gv : acc_t(0);
-          a2[l] += (below | above) ? gv : acc_t(0);
-        };
-        int64_t i = b;
-        for (; i + kLanes <= e; i += kLanes) {
-          for (int l = 0; l < kLanes; ++l) body(i + l, l);
+        if (dither) {
+          act_param_sums_range<scalar_t, acc_t, true>(xp, gp, b, e, s, lo, hi, smag, ukey, &part[c * 3]);
+        } else {
+          act_param_sums_range<scalar_t, acc_t, false>(xp, gp, b, e, s, lo, hi, smag, ukey, &part[c * 3]);
         }
-        for (int l = 0; i < e; ++i, ++l) body(i, l);
-        double t0 = 0, t1 = 0, t2 = 0;
-        for (int l = 0; l < kLanes; ++l) {
-          t0 += a0[l];
-          t1 += a1[l];
-          t2 += a2[l];
-        }
-        part[c * 3 + 0] = t0;
-        part[c * 3 + 1] = t1;
-        part[c * 3 + 2] = t2;
       }
     });
   });
@@ -209,10 +262,7 @@ std::vector<at::Tensor> w_forward(const at::Tensor& w, const at::Tensor& log2_st
         }
         const acc_t zc = K == 0 ? acc_t(0) : (has_nan ? std::numeric_limits<acc_t>::quiet_NaN() : m);
         zp[c] = zc;
-        for (int64_t i = 0; i < K; ++i) {
-          acc_t v = (static_cast<acc_t>(row[i]) - zc) / s;
-          yrow[i] = static_cast<scalar_t>(zc + s * round_half_even(v));
-        }
+        w_quantize_row<scalar_t, acc_t>(row, yrow, K, s, zc);
       }
     });
   });
@@ -248,22 +298,8 @@ at::Tensor w_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor
         const acc_t s = sp[per_channel ? c : 0];
         const acc_t zc = zp[c];
         const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
-        acc_t a[kLanes] = {};
-        auto body = [&](int64_t i, int l) {
-          acc_t v = (static_cast<acc_t>(wp[i]) - zc) / s;
-          acc_t t = round_half_even(v) - v;
-          t = t + (dither ? dither_at<acc_t>(i, ukey, smag) : acc_t(0));
-          a[l] += static_cast<acc_t>(gp[i]) * t;
-        };
-        int64_t i = base;
-        const int64_t end = base + K;
-        for (; i + kLanes <= end; i += kLanes) {
-          for (int l = 0; l < kLanes; ++l) body(i + l, l);
-        }
-        for (int l = 0; i < end; ++i, ++l) body(i, l);
-        double tot = 0;
-        for (int l = 0; l < kLanes; ++l) tot += a[l];
-        op[c] = tot;
+        op[c] = dither ? w_grad_row<scalar_t, acc_t, true>(wp, gp, base, K, s, zc, smag, ukey)
+                       : w_grad_row<scalar_t, acc_t, false>(wp, gp, base, K, s, zc, smag, ukey);
       }
     });
   });
