@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gdnsq_kernels  # noqa: E402
-from gdnsq_kernels import binary_ops, pack_bits, xnor_gemm  # noqa: E402
+from gdnsq_kernels import binary_ops, cpu_xnor, pack_bits, xnor_gemm  # noqa: E402
 from gdnsq_kernels.binary_ops import (  # noqa: E402
     binary_conv2d,
     binary_linear,
@@ -121,6 +121,9 @@ def env_info(device):
         "numpy": np.__version__,
         "gdnsq": gdnsq_kernels.__version__,
         "commit": commit,
+        "cpu_gemm": "c++ popcount" if (device.type == "cpu" and cpu_xnor.available()) else
+                    ("numpy/float" if device.type == "cpu" else "triton"),
+        "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -175,6 +178,13 @@ def bench_conv(device, batches, repeats, rows, providers):
                 print(f"{shape:32s} {prov:13s} {t['ms']:9.3f} ms  weight {nbytes/1e3:7.1f} kB", flush=True)
 
 
+def _cpu_choice(M, N):
+    """The strategy the cpu backend runs for an (M, N) GEMM."""
+    if cpu_xnor.available():
+        return "c++ popcount"
+    return "float sgemm" if binary_ops._cpu_use_float_gemm(M, N) else "numpy popcount"
+
+
 def bench_crossover(repeats, rows):
     """The two CPU GEMM strategies on the GEMM shapes the layers produce (the switch rule)."""
     for (N, K) in [(4096, 4096), (64, 576), (16, 144)]:
@@ -185,6 +195,8 @@ def bench_crossover(repeats, rows):
             a = pack_bits(torch.randint(0, 2, (M, K)))
             strategies = {"numpy popcount": binary_ops._gemm_cpu_popcount,
                           "float sgemm": binary_ops._gemm_cpu_float}
+            if cpu_xnor.available():
+                strategies["c++ popcount"] = cpu_xnor.packed_gemm_cpp
             times = time_group({p: (lambda fn=fn: fn(a, b, K, True)) for p, fn in strategies.items()},
                                torch.device("cpu"), repeats, 1.5)
             for prov in strategies:
@@ -192,7 +204,7 @@ def bench_crossover(repeats, rows):
                 med = t["ms"]
                 rows.append(dict(kind="cpu-crossover", shape=f"M={M} N={N} K={K}", batch=M, provider=prov,
                                  **t, weight_bytes=None, macs=M * N * K,
-                                 chosen=binary_ops._cpu_use_float_gemm(M, N) == (prov == "float sgemm")))
+                                 chosen=prov == _cpu_choice(M, N)))
                 print(f"crossover M={M:5d} N={N:5d} K={K:5d} {prov:15s} {med:9.3f} ms", flush=True)
 
 
@@ -221,7 +233,8 @@ def render_md(jsonl: pathlib.Path) -> str:
         run = [r for r in recs if r["device"] == dev and r["run"] == latest[dev]]
         e = run[0]["env"]
         out += [f"## {dev}: {e['device_name']}", "",
-                f"torch {e['torch']}, triton {e['triton']}, numpy {e['numpy']}, commit {e['commit']}, "
+                f"torch {e['torch']}, triton {e['triton']}, numpy {e['numpy']}, packed GEMM: "
+                f"{e.get('cpu_gemm', '?')}, torch threads {e.get('threads', '?')}, commit {e['commit']}, "
                 f"{e['date']}, command `{run[0]['command']}`", ""]
         for kind in ("linear", "conv"):
             sel = [r for r in run if r["kind"] == kind]
@@ -240,12 +253,13 @@ def render_md(jsonl: pathlib.Path) -> str:
             out.append("")
         cross = [r for r in run if r["kind"] == "cpu-crossover"]
         if cross:
+            strat = [p for p in ("c++ popcount", "numpy popcount", "float sgemm") if any(r["provider"] == p for r in cross)]
             out += ["CPU GEMM strategies (XNOR form, ms; `*` = the one the `cpu` backend picks):", "",
-                    "| GEMM | numpy popcount | float sgemm |", "|---|---|---|"]
+                    "| GEMM | " + " | ".join(strat) + " |", "|---" * (len(strat) + 1) + "|"]
             for shape in dict.fromkeys(r["shape"] for r in cross):
                 by = {r["provider"]: r for r in cross if r["shape"] == shape}
-                c = [f"{by[p]['ms']:.3f}{'*' if by[p]['chosen'] else ''}" for p in ("numpy popcount", "float sgemm")]
-                out.append(f"| {shape} | {c[0]} | {c[1]} |")
+                c = [f"{by[p]['ms']:.3f}{'*' if by[p]['chosen'] else ''}" for p in strat]
+                out.append(f"| {shape} | " + " | ".join(c) + " |")
             out.append("")
     return "\n".join(out)
 

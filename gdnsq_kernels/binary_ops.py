@@ -21,9 +21,12 @@ Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
 
 * ``triton``: the Triton kernel (:mod:`gdnsq_kernels.triton_xnor`); on CPU tensors only under
   ``TRITON_INTERPRET=1``.
-* ``cpu``: CPU tensors. NumPy ``bitwise_count`` over uint64 views of the words for small M;
-  for many rows against few columns an unpack to float32 +-1 / 0-1 matrices and one sgemm
-  (see ``_cpu_use_float_gemm``), which is exact while
+* ``cpu``: CPU tensors. A C++ popcount GEMM over uint64 words (``csrc/xnor_cpu.cpp``, built on
+  first use; AVX-512 VPOPCNTDQ when the CPU has it), the fastest path measured at every shape.
+  Without a compiler (or with ``GDNSQ_NO_CPP_XNOR=1``) it falls back to NumPy
+  ``bitwise_count`` over uint64 views of the words for small M, and for many rows against few
+  columns an unpack to float32 +-1 / 0-1 matrices and one sgemm (see ``_cpu_use_float_gemm``;
+  ``binary_conv2d`` then runs a float conv of the 0/1 codes), which is exact while
   ``k <= 2**24`` (integer partial sums stay exactly representable) and when float32 matmul runs
   at full precision; otherwise float64. The switch point was measured (docs/readme/binary.md).
 * ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler).
@@ -139,9 +142,19 @@ def _packed_gemm(a, b, k, xnor, backend):
     if name == "torch":
         return _gemm_torch_swar(a, b, k, xnor)
     # cpu
+    if _cpp_gemm_available():
+        from .cpu_xnor import packed_gemm_cpp
+
+        return packed_gemm_cpp(_masked_tail(a, k), _masked_tail(b, k), k, xnor)
     if _cpu_use_float_gemm(M, N):
         return _gemm_cpu_float(a, b, k, xnor)
     return _gemm_cpu_popcount(a, b, k, xnor)
+
+
+def _cpp_gemm_available() -> bool:
+    from . import cpu_xnor
+
+    return cpu_xnor.available()
 
 
 def _masked_tail(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -546,7 +559,8 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
 
     cargs = dict(stride=stride, dilation=dilation)
     M = Nb * Ho * Wo
-    if name == "cpu" and _cpu_use_float_gemm(M, O) and pw.in_features <= _FLOAT32_EXACT_K:
+    if (name == "cpu" and not _cpp_gemm_available() and _cpu_use_float_gemm(M, O)
+            and pw.in_features <= _FLOAT32_EXACT_K):
         # Measured: for conv-shaped GEMMs (many rows, few output channels) oneDNN's float conv
         # of the 0/1 codes beats NumPy popcount; it is exact (integer sums < 2**24) at full
         # float32 matmul precision, else float64. Padded taps are code 0: they add nothing.

@@ -68,9 +68,11 @@ def test_xnor_and_identity():
     assert torch.equal(lhs.to(torch.int64), rhs)
 
 
-@pytest.mark.parametrize("M,N,K", [(70, 9, 100), (3, 5, 1000), (65, 1, 33)])
+@pytest.mark.parametrize("M,N,K", [(70, 9, 100), (3, 5, 1000), (65, 1, 33), (37, 130, 64), (1, 70, 2000)])
 def test_cpu_paths_agree(M, N, K):
-    """Both CPU strategies (NumPy popcount, float sgemm of unpacked codes) are exact."""
+    """Every CPU strategy (C++ popcount, NumPy popcount, float sgemm of unpacked codes) is exact."""
+    from gdnsq_kernels import cpu_xnor
+
     x = torch.randint(0, 2, (M, K))
     y = torch.randint(0, 2, (N, K))
     a, b = pack_bits(x), pack_bits(y)
@@ -78,6 +80,30 @@ def test_cpu_paths_agree(M, N, K):
     for xnor, ref in ((True, ref_x), (False, ref_a)):
         assert torch.equal(binary_ops._gemm_cpu_popcount(a, b, K, xnor).to(torch.int64), ref)
         assert torch.equal(binary_ops._gemm_cpu_float(a, b, K, xnor).to(torch.int64), ref)
+        if cpu_xnor.available():
+            assert torch.equal(cpu_xnor.packed_gemm_cpp(a, b, K, xnor).to(torch.int64), ref)
+
+
+def test_cpp_gemm_builds():
+    """The C++ popcount GEMM is the cpu backend wherever a compiler exists (it does in CI)."""
+    import shutil
+
+    from gdnsq_kernels import cpu_xnor
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the cpu backend uses NumPy popcount")
+    assert cpu_xnor.available(), cpu_xnor._failed
+
+
+@pytest.mark.parametrize("M,N,K", [(5, 7, 33), (70, 9, 100), (1, 130, 1000)])
+def test_cpu_backend_without_cpp(monkeypatch, M, N, K):
+    """The NumPy / float fallback of the cpu backend (no compiler) through the public op."""
+    monkeypatch.setattr(binary_ops, "_cpp_gemm_available", lambda: False)
+    x = torch.randint(0, 2, (M, K))
+    y = torch.randint(0, 2, (N, K))
+    ref_x, ref_a = _int_ref(x, y)
+    assert torch.equal(xnor_gemm(pack_bits(x), pack_bits(y), K, backend="cpu").to(torch.int64), ref_x)
+    assert torch.equal(and_gemm(pack_bits(x), pack_bits(y), K, backend="cpu").to(torch.int64), ref_a)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))

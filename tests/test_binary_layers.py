@@ -77,6 +77,17 @@ def test_conv_resnet20_layers(device, backend, C, O, H, stride, beta, poison_emp
     _conv_case(device, backend, 2, C, O, H, stride, 1, beta)
 
 
+@pytest.mark.parametrize("C,O,H,stride,padding", [(16, 32, 16, 2, 1), (33, 5, 6, 1, 1), (3, 4, 9, 1, "same")])
+@pytest.mark.parametrize("beta", [0.0, -0.5])
+def test_conv_cpu_without_cpp(monkeypatch, C, O, H, stride, padding, beta):
+    """The cpu backend's fallback (float conv of the codes, NumPy popcount) when no compiler."""
+    from gdnsq_kernels import binary_ops
+
+    monkeypatch.setattr(binary_ops, "_cpp_gemm_available", lambda: False)
+    _conv_case("cpu", "cpu", 2, C, O, H, stride, padding, beta, kernel=2 if padding == "same" else 3)
+    _conv_case("cpu", "cpu", 1, C, O, 3, 1, 0, beta)  # 1 output position: the NumPy popcount branch
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("C,O,H,stride", [(16, 32, 8, 2), (33, 5, 6, 1)])
 def test_conv_triton(device, C, O, H, stride, poison_empty):

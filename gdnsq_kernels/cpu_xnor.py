@@ -1,0 +1,81 @@
+"""C++ popcount GEMM for the ``cpu`` backend (``csrc/xnor_cpu.cpp``), built on first use.
+
+Built with ``torch.utils.cpp_extension.load`` (ninja, -O3, OpenMP through ``at::parallel_for``)
+into torch's extension cache; with AVX-512 VPOPCNTDQ (read from /proc/cpuinfo) the word loop
+is compiled to vector popcounts, else to scalar ``popcnt``. When the build is impossible (no
+compiler or ninja) ``available()`` is False and the caller uses the NumPy popcount instead.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "xnor_cpu.cpp")
+_lock = threading.Lock()
+_ext = None
+_failed = None
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def load_extension():
+    """Build (first call) or load the extension; raises on failure."""
+    global _ext
+    with _lock:
+        if _ext is not None:
+            return _ext
+        from torch.utils.cpp_extension import load
+
+        flags = ["-O3", "-fopenmp"]
+        name = "gdnsq_xnor_cpu"
+        cpu = _cpu_flags()
+        if {"avx512f", "avx512_vpopcntdq"} <= cpu:
+            flags += ["-mavx512f", "-mavx512vpopcntdq", "-mpopcnt"]
+            name += "_vpopcnt"
+        elif "popcnt" in cpu:
+            flags.append("-mpopcnt")
+            name += "_popcnt"
+        _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                    verbose=False)
+        return _ext
+
+
+def available() -> bool:
+    """True when the extension is built or builds now; warns once and returns False otherwise."""
+    global _failed
+    if _ext is not None:
+        return True
+    if _failed is not None or os.environ.get("GDNSQ_NO_CPP_XNOR", "0") == "1":
+        return False
+    try:
+        load_extension()
+        return True
+    except Exception as exc:  # compiler / ninja / build failure: degrade to NumPy, do not crash
+        msg = str(exc).strip().splitlines()
+        _failed = f"{type(exc).__name__}: {msg[-1] if msg else ''}"
+        warnings.warn(f"gdnsq_kernels: the C++ popcount GEMM could not be built ({_failed}); "
+                      "using NumPy popcount instead", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def packed_gemm_cpp(a: torch.Tensor, b: torch.Tensor, k: int, xnor: bool) -> torch.Tensor:
+    """(M, W), (N, W) int32 words with bits past k cleared -> int32 (M, N)."""
+    if a.shape[1] % 2:  # pair the int32 words into uint64 words (one zero word of padding)
+        a = F.pad(a, (0, 1))
+        b = F.pad(b, (0, 1))
+    a64 = a.contiguous().view(torch.int64)
+    b64 = b.contiguous().view(torch.int64)
+    return _ext.packed_gemm(a64, b64, int(k), bool(xnor))
