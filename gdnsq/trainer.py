@@ -294,6 +294,7 @@ class Trainer:
         self._fit_start: Optional[float] = None
         self.resumed_from: Optional[int] = None
         self._last_inputs = None
+        self._bar: Optional[ProgressBar] = None
 
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -434,6 +435,11 @@ class Trainer:
                 teacher_logits = self.teacher(x)
             student_logits = self.student(x)
             loss, parts = self.objective(student_logits, teacher_logits, t)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                # Stop before the update: checkpoint_last.pt still holds the last good epoch.
+                raise FloatingPointError(f"Trainer: the loss became {loss_value} at epoch {epoch}, step "
+                                         f"{self.global_step + 1} (lr {lr:g}, t {t:g}); lower lr or t_scale")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gdist.average_gradients(self.params)
@@ -441,10 +447,6 @@ class Trainer:
             self.schedule.step()
             self.global_step += 1
             n_batches += 1
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"Trainer: the loss became {loss_value} at epoch {epoch}, step "
-                                         f"{self.global_step} (lr {lr:g}, t {t:g}); lower lr or t_scale")
             sums["loss"] += loss_value
             last_parts = {k: float(v) for k, v in dict(parts).items()}
             for k, v in last_parts.items():
@@ -461,7 +463,7 @@ class Trainer:
                 bar.update(1)
         if n_batches == 0:
             raise ValueError("Trainer: train_loader produced no batches")
-        bar.close()
+        self._bar = bar  # closed at the epoch end with the validation result
         return {k: v / n_batches for k, v in sums.items()} | {"batches": n_batches}
 
     def _end_of_epoch(self, epoch: int, train: dict, epoch_seconds: float) -> None:
@@ -532,11 +534,12 @@ class Trainer:
         self._save_last()
         if self.is_main:
             self._plot()
-            msg = (f"epoch {epoch}: loss {train['loss']:.4f} bits W {mb['weight']:.2f} A {mb['act']:.2f} "
-                   f"realised W {rmax_w} A {rmax_a} converged {converged} lr {float(self.schedule.lr):.3g}")
-            if val is not None:
-                msg += f" val top-1 {val['top1']:.2f}%" if val["top1"] is not None else ""
-            self._log(msg)
+        fields = {"loss": train["loss"], "wbits": mb["weight"], "abits": mb["act"],
+                  "realised": f"W{rmax_w:.3g}/A{rmax_a:.3g}" if rmax_w is not None and rmax_a is not None else "-",
+                  "converged": converged, "lr": float(self.schedule.lr)}
+        if val is not None and val["top1"] is not None:
+            fields["val_top1"] = val["top1"]
+        self._bar.close(**fields)
 
     @torch.no_grad()
     def _probe_on(self, x) -> None:
