@@ -36,8 +36,9 @@ class TrainConfig:
     Other:
         batch_size: images per optimizer step per rank; used by loader helpers (the trainer
             itself takes ready-made loaders and only records this value).
-        estimator: weight-gradient estimator requested from the quantizers, "ste" or "aewgs"
-            (recorded; conversion applies it).
+        estimator: weight-gradient estimator, "ste" or "aewgs": the trainer sets it on every
+            weight quantizer of the student. None keeps what ``quantize_model`` chose (STE
+            unless ``estimator="aewgs"`` was passed there).
         epsilon: bit-width constraint margin of the penalty (bits <= target - epsilon).
         seed: seeds torch (+ rank), numpy and python's random when the trainer is built.
         device: "auto" (cuda:<local rank> when available, else cpu), or any torch device string.
@@ -59,7 +60,7 @@ class TrainConfig:
     patience: int = 50
     min_delta: float = 1e-4
     batch_size: int = 1000
-    estimator: str = "ste"
+    estimator: Optional[str] = None
     epsilon: float = 1e-3
     seed: int = 0
     device: str = "auto"
@@ -98,8 +99,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.anneal: expected a per-batch factor in (0, 1], got {self.anneal!r}")
         if self.max_minutes is not None:
             positive("max_minutes")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"TrainConfig.estimator: expected one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator is not None and self.estimator not in ESTIMATORS:
+            raise ValueError(f"TrainConfig.estimator: expected None or one of {ESTIMATORS}, got {self.estimator!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"TrainConfig.seed: expected an int, got {self.seed!r}")
         if not isinstance(self.device, str):

@@ -270,6 +270,11 @@ class Trainer:
         # Ranks start from rank 0's weights (calibration may have seen different data).
         gdist.broadcast_module(self.student)
 
+        if config.estimator is not None:
+            for _, layer in gstats.quantized_layers(self.student):
+                wq = getattr(layer, "weight_quantizer", None)
+                if wq is not None:
+                    wq.estimator = config.estimator
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.RAdam(self.params, lr=config.lr, weight_decay=0.0)
         self.schedule = GDNSQSchedule(config.lr, config.warmup_steps, t_scale=config.t_scale, anneal=config.anneal)

@@ -11,7 +11,7 @@ def test_paper_preset_matches_method_part_b_section_8():
     cfg = get_preset("paper")
     assert (cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.t_scale, cfg.anneal) == (1000, 0.002, 1000, 2.0, 0.9985)
     assert (cfg.val_every, cfg.patience, cfg.min_delta, cfg.max_epochs) == (2, 50, 1e-4, 1000)
-    assert cfg.estimator == "ste" and cfg.epsilon == 1e-3
+    assert cfg.estimator is None and cfg.epsilon == 1e-3  # None: keep the converted model's (STE)
 
 
 def test_cpu_fast_preset_schedule():

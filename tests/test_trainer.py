@@ -235,3 +235,16 @@ def test_non_finite_loss_is_reported(tmp_path):
     trainer = Trainer(student, teacher, train, val, config=tiny.fast_config(), out_dir=str(tmp_path))
     with pytest.raises(FloatingPointError, match="epoch 1"):
         trainer.fit()
+
+
+def test_estimator_from_config_is_applied(tmp_path):
+    train, val, _ = tiny.loaders()
+    student, teacher = tiny.student_teacher(calib_loader=val)
+    assert {student.conv2.weight_quantizer.estimator, student.conv3.weight_quantizer.estimator} == {"ste"}
+    Trainer(student, teacher, train, val, config=tiny.fast_config(), out_dir=str(tmp_path / "a"))
+    assert student.conv2.weight_quantizer.estimator == "ste"  # None keeps the conversion's choice
+    trainer = Trainer(student, teacher, train, val, config=tiny.fast_config(estimator="aewgs", max_epochs=1),
+                      out_dir=str(tmp_path / "b"))
+    assert {student.conv2.weight_quantizer.estimator, student.conv3.weight_quantizer.estimator} == {"aewgs"}
+    trainer.fit()  # one AEWGS epoch runs
+    assert trainer.global_step == len(train)
