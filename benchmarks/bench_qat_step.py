@@ -178,6 +178,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the gdnsq step")
     ap.add_argument("--no-save", action="store_true", help="do not write the results files")
+    ap.add_argument("--nodither-row", action="store_true",
+                    help="also time gdnsq with dither=False (diagnostic: cost of the dither hash)")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--batch and --rounds must be >= 1, --warmup >= 0")
@@ -196,9 +198,18 @@ def main(argv=None):
     calibrate(student_g, [x])
     student_e = eager_from_gdnsq(fp_model, student_g)
     student_f = copy.deepcopy(fp_model)
+    cases = [("fp", student_f), ("eager", student_e), ("gdnsq", student_g)]
+    if args.nodither_row:
+        # Diagnostic: the same gdnsq model with the step-gradient dither off (r = 0), to show
+        # how much of the overhead is the dither's hash.
+        student_n = copy.deepcopy(student_g)
+        for m in student_n.modules():
+            if isinstance(m, (gdnsq.WeightQuantizer, gdnsq.ActivationQuantizer)):
+                m.dither = False
+        cases.append(("gdnsq-nodither", student_n))
 
     providers = {}
-    for name, student in (("fp", student_f), ("eager", student_e), ("gdnsq", student_g)):
+    for name, student in cases:
         student.train()
         opt = torch.optim.RAdam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
         providers[name] = {"step": make_step(student, teacher, opt, x, sync),
@@ -223,7 +234,7 @@ def main(argv=None):
 
     record = {
         "bench": "qat_step", "model": model_name, "batch": args.batch, "input": [3, 32, 32],
-        "rounds": args.rounds, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "rounds": args.rounds, "argv": argv if argv is not None else sys.argv[1:], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "backend": os.environ.get("GDNSQ_BACKEND", "auto"),
         "torch": torch.__version__, "gdnsq": gdnsq.__version__, "python": platform.python_version(),
@@ -236,9 +247,9 @@ def main(argv=None):
     except ImportError:
         record["triton"] = None
 
-    lines = [f"{'provider':<8} {'median ms':>10} {'p20-p80 ms':>16} {'saved MiB':>10} {'time/FP':>8} {'bytes/FP':>9}"]
+    lines = [f"{'provider':<14} {'median ms':>10} {'p20-p80 ms':>16} {'saved MiB':>10} {'time/FP':>8} {'bytes/FP':>9}"]
     for r in rows:
-        lines.append(f"{r['provider']:<8} {r['median_ms']:>10.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<8.1f} "
+        lines.append(f"{r['provider']:<14} {r['median_ms']:>10.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<8.1f} "
                      f"{r['saved_MiB']:>10.1f} {r['time_vs_fp']:>8.2f} {r['bytes_vs_fp']:>9.3f}")
     print("\n".join(lines))
 
@@ -267,7 +278,8 @@ def main(argv=None):
         for r in rows:
             md.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
                       f"{r['saved_MiB']:.1f} | {r['time_vs_fp']:.2f} | {r['bytes_vs_fp']:.3f} |")
-        md += ["", "Command: `python benchmarks/bench_qat_step.py`", ""]
+        cmd = "python benchmarks/bench_qat_step.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+        md += ["", f"Command: `{cmd}`", ""]
         write_atomic(os.path.join(RESULTS, "qat_step.md"), "\n".join(md))
     return record
 
