@@ -118,12 +118,24 @@ def copy_bandwidth_gbps(device, nbytes=256 << 20, repeats=10):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def _median_backward_ms(forward, inputs, grad_out, device, repeats, warmup=2):
+    """Backward alone: a fresh graph per run (compiled graphs forbid retain_graph)."""
+    times = []
+    for k in range(warmup + repeats):
+        y = forward()
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.autograd.grad(y, inputs, grad_out)
+        _sync(device)
+        if k >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def bench_provider(name, forward, inputs, grad_out, device, repeats):
     """forward(): output tensor built from ``inputs`` (leaves requiring grad)."""
     fwd = _median_ms(forward, device, repeats)
-    y = forward()
-    bwd = _median_ms(lambda: torch.autograd.grad(y, inputs, grad_out, retain_graph=True),
-                     device, repeats)
+    bwd = _median_backward_ms(forward, inputs, grad_out, device, repeats)
     both = _median_ms(lambda: torch.autograd.grad(forward(), inputs, grad_out), device, repeats)
     return {"provider": name, "fwd_ms": fwd, "bwd_ms": bwd, "fwd_bwd_ms": both,
             "saved_bytes": saved_bytes(forward)}
@@ -204,6 +216,8 @@ def environment(device):
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
     }
+    if hasattr(os, "getloadavg"):
+        env["loadavg_1min"] = round(os.getloadavg()[0], 2)  # other jobs on a shared machine
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)
     else:
@@ -230,7 +244,8 @@ def markdown(results, env, command):
 
     lines = [
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-        f"{env['threads']} threads; {env['date']}.",
+        f"{env['threads']} threads; {env['date']}"
+        + (f"; 1-min load average at start {env['loadavg_1min']}" if "loadavg_1min" in env else "") + ".",
         f"Command: `{command}`",
         "",
         "| op | shape | provider | fwd ms | bwd ms | fwd+bwd ms | saved for backward (bytes/element) |"

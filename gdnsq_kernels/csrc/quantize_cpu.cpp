@@ -26,6 +26,7 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per reduction chunk (and parallel grain)
 constexpr int kLanes = 16;
+constexpr int kSub = 256;  // sub-block of the two-step (map, then lane-add) reductions
 // Work per thread below which a loop runs on the calling thread: waking OpenMP workers costs
 // more than it saves on small tensors (ResNet-20 weights are 2K..37K elements), and on a
 // loaded machine a barrier waiting for a descheduled worker costs milliseconds.
@@ -89,40 +90,56 @@ void act_grad_x_range(const scalar_t* __restrict__ xp, const scalar_t* __restric
   }
 }
 
+// Sums a buffer of kSub values into kLanes float lanes (vectorisable without reassociation).
+template <typename acc_t>
+inline void add_lanes(const acc_t* __restrict__ buf, acc_t* __restrict__ lanes) {
+  for (int j0 = 0; j0 < kSub; j0 += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += buf[j0 + l];
+  }
+}
+
 // Adds [sum g*t, sum_{x>hi} g, sum_out g] over [b, e) to out[0..2]; t = e - [x>hi] + s*r.
+// Each sub-block of kSub elements is first mapped elementwise into small buffers (a plain
+// loop the compiler vectorises, dither hash included), then added into lanes.
 template <typename scalar_t, typename acc_t, bool kDither>
 void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
                           int64_t b, int64_t e, acc_t s, acc_t lo, acc_t hi, acc_t smag,
                           uint32_t key, double* out) {
-  acc_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {};
-  auto body = [=, &a0, &a1, &a2](int64_t i, int l) {
-    acc_t xv = static_cast<acc_t>(xp[i]);
-    acc_t gv = static_cast<acc_t>(gp[i]);
-    bool below = xv < lo;
-    bool above = xv > hi;
-    acc_t xc = below ? lo : xv;
-    xc = xc > hi ? hi : xc;
-    acc_t v = (xc - lo) / s;
-    acc_t t = (round_half_even(v) - v) - (above ? acc_t(1) : acc_t(0));
-    if (kDither) t = t + dither_at<acc_t>(i, key, smag);  // s*r
-    a0[l] += gv * t;
-    a1[l] += above ? gv : acc_t(0);
-    a2[l] += (below | above) ? gv : acc_t(0);
-  };
-  int64_t i = b;
-  for (; i + kLanes <= e; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) body(i + l, l);
+  acc_t l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {};
+  alignas(64) acc_t t0[kSub], t1[kSub], t2[kSub];
+  for (int64_t sb = b; sb < e; sb += kSub) {
+    const int len = static_cast<int>(std::min<int64_t>(kSub, e - sb));
+    const scalar_t* __restrict__ xs = xp + sb;
+    const scalar_t* __restrict__ gs = gp + sb;
+    const uint32_t base = static_cast<uint32_t>(sb);
+    for (int j = 0; j < len; ++j) {
+      acc_t xv = static_cast<acc_t>(xs[j]);
+      acc_t gv = static_cast<acc_t>(gs[j]);
+      bool below = xv < lo;
+      bool above = xv > hi;
+      acc_t xc = below ? lo : xv;
+      xc = xc > hi ? hi : xc;
+      acc_t v = (xc - lo) / s;
+      acc_t t = (round_half_even(v) - v) - (above ? acc_t(1) : acc_t(0));
+      if (kDither) t = t + dither_at<acc_t>(base + static_cast<uint32_t>(j), key, smag);  // s*r
+      t0[j] = gv * t;
+      t1[j] = above ? gv : acc_t(0);
+      t2[j] = (below | above) ? gv : acc_t(0);
+    }
+    for (int j = len; j < kSub; ++j) t0[j] = t1[j] = t2[j] = acc_t(0);
+    add_lanes(t0, l0);
+    add_lanes(t1, l1);
+    add_lanes(t2, l2);
   }
-  for (int l = 0; i < e; ++i, ++l) body(i, l);
-  double t0 = 0, t1 = 0, t2 = 0;
+  double d0 = 0, d1 = 0, d2 = 0;
   for (int l = 0; l < kLanes; ++l) {
-    t0 += a0[l];
-    t1 += a1[l];
-    t2 += a2[l];
+    d0 += l0[l];
+    d1 += l1[l];
+    d2 += l2[l];
   }
-  out[0] = t0;
-  out[1] = t1;
-  out[2] = t2;
+  out[0] = d0;
+  out[1] = d1;
+  out[2] = d2;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -137,22 +154,54 @@ void w_quantize_row(const scalar_t* __restrict__ row, scalar_t* __restrict__ yro
 template <typename scalar_t, typename acc_t, bool kDither>
 double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ gp,
                   int64_t base, int64_t K, acc_t s, acc_t zc, acc_t smag, uint32_t key) {
-  acc_t a[kLanes] = {};
-  auto body = [=, &a](int64_t i, int l) {
-    acc_t v = (static_cast<acc_t>(wp[i]) - zc) / s;
-    acc_t t = round_half_even(v) - v;
-    if (kDither) t = t + dither_at<acc_t>(i, key, smag);
-    a[l] += static_cast<acc_t>(gp[i]) * t;
-  };
-  int64_t i = base;
-  const int64_t end = base + K;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) body(i + l, l);
+  acc_t lanes[kLanes] = {};
+  alignas(64) acc_t tb[kSub];
+  for (int64_t sb = base; sb < base + K; sb += kSub) {
+    const int len = static_cast<int>(std::min<int64_t>(kSub, base + K - sb));
+    const scalar_t* __restrict__ ws = wp + sb;
+    const scalar_t* __restrict__ gs = gp + sb;
+    const uint32_t ib = static_cast<uint32_t>(sb);
+    for (int j = 0; j < len; ++j) {
+      acc_t v = (static_cast<acc_t>(ws[j]) - zc) / s;
+      acc_t t = round_half_even(v) - v;
+      if (kDither) t = t + dither_at<acc_t>(ib + static_cast<uint32_t>(j), key, smag);
+      tb[j] = static_cast<acc_t>(gs[j]) * t;
+    }
+    for (int j = len; j < kSub; ++j) tb[j] = acc_t(0);
+    add_lanes(tb, lanes);
   }
-  for (int l = 0; i < end; ++i, ++l) body(i, l);
   double tot = 0;
-  for (int l = 0; l < kLanes; ++l) tot += a[l];
+  for (int l = 0; l < kLanes; ++l) tot += lanes[l];
   return tot;
+}
+
+// Per-row minimum, NaN if the row holds a NaN, 0 for an empty row.
+template <typename scalar_t, typename acc_t>
+acc_t row_min(const scalar_t* __restrict__ row, int64_t K) {
+  if (K == 0) return acc_t(0);
+  acc_t lanes[kLanes];
+  int nan_lanes[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) lanes[l] = std::numeric_limits<acc_t>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= K; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      acc_t v = static_cast<acc_t>(row[i + l]);
+      lanes[l] = v < lanes[l] ? v : lanes[l];
+      nan_lanes[l] |= (v != v);
+    }
+  }
+  acc_t m = std::numeric_limits<acc_t>::infinity();
+  int has_nan = 0;
+  for (; i < K; ++i) {
+    acc_t v = static_cast<acc_t>(row[i]);
+    m = v < m ? v : m;
+    has_nan |= (v != v);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    m = lanes[l] < m ? lanes[l] : m;
+    has_nan |= nan_lanes[l];
+  }
+  return has_nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
 }
 
 }  // namespace
@@ -253,14 +302,7 @@ std::vector<at::Tensor> w_forward(const at::Tensor& w, const at::Tensor& log2_st
         const scalar_t* row = wp + c * K;
         scalar_t* yrow = yp + c * K;
         const acc_t s = sp[per_channel ? c : 0];
-        acc_t m = std::numeric_limits<acc_t>::infinity();
-        bool has_nan = false;
-        for (int64_t i = 0; i < K; ++i) {
-          acc_t v = static_cast<acc_t>(row[i]);
-          m = v < m ? v : m;
-          has_nan |= (v != v);
-        }
-        const acc_t zc = K == 0 ? acc_t(0) : (has_nan ? std::numeric_limits<acc_t>::quiet_NaN() : m);
+        const acc_t zc = row_min<scalar_t, acc_t>(row, K);
         zp[c] = zc;
         w_quantize_row<scalar_t, acc_t>(row, yrow, K, s, zc);
       }
