@@ -123,7 +123,7 @@ def test_objective_running_mean_and_formula():
         pen = BitWidthPenalty()(st)
         want = d + 0.5 * mu * (pen["omega_w"] * float(pen["loss_w"].detach())
                                + pen["omega_a"] * float(pen["loss_a"].detach()))
-        assert float(loss) == pytest.approx(want) and parts["loss"] == pytest.approx(want)
+        assert float(loss.detach()) == pytest.approx(want) and parts["loss"] == pytest.approx(want)
         assert parts["distill"] == pytest.approx(d) and parts["t"] == 0.5
         ds.append(d)
     state = obj.state_dict()
