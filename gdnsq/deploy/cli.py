@@ -3,8 +3,8 @@
 * :func:`add_subcommands(subparsers, common)` adds ``gdnsq export``::
 
       gdnsq export --checkpoint RUN_CHECKPOINT --out FILE [--model resnet20] [--dataset cifar10]
-                   [--weight-bits B --act-bits B] [--strict] [--path auto|int|bitplane|binary]
-                   [--measure-batch 64] [--device cpu] [--json]
+                   [--weight-bits B --act-bits B] [--strict] [--path auto|int|bitplane|binary|float]
+                   [--measure-batch 16] [--device cpu] [--json]
 
   It loads a ``gdnsq quantize`` run checkpoint (file or run folder, as ``gdnsq evaluate``),
   freezes it (:func:`gdnsq.deploy.freeze`, per-layer path chosen by timing a random batch of
@@ -52,11 +52,13 @@ def add_subcommands(subparsers, common=None) -> None:
     e.add_argument("--act-bits", type=int, default=None, help="see --weight-bits")
     e.add_argument("--strict", action="store_true",
                    help="fail when a layer's realised bits exceed its target (default: warn)")
-    e.add_argument("--path", default="auto", choices=("auto",) + PATHS[:3],
+    e.add_argument("--path", default="auto", choices=("auto",) + PATHS[:4],
                    help="GEMM path: auto (default: binary for W1A1, else the faster of int and "
-                        "bitplane, measured per layer) or force one where it applies")
-    e.add_argument("--measure-batch", type=int, default=64,
-                   help="batch size of the random input used to time the paths (default 64)")
+                        "bitplane, measured per layer), or force one where it applies; float "
+                        "reproduces the fake-quant model bit for bit (float32 conv of the "
+                        "dequantized codes)")
+    e.add_argument("--measure-batch", type=int, default=16,
+                   help="batch size of the random input used to time the paths (default 16)")
     e.set_defaults(func=cmd_export)
 
 

@@ -108,7 +108,7 @@ def _layer_from(name: str, layer: nn.Module, strict: bool) -> _DeployedBase:
 
 
 def freeze(qmodel: nn.Module, strict: bool = False, example_input: torch.Tensor | None = None,
-           path: str = "auto", reps: int = 3) -> nn.Module:
+           path: str = "auto", reps: int = 2) -> nn.Module:
     """Inference copy of ``qmodel`` with every quantized layer on integer codes.
 
     Args:
@@ -121,8 +121,10 @@ def freeze(qmodel: nn.Module, strict: bool = False, example_input: torch.Tensor 
             every layer with more than one exact path times each on its real input from this
             batch and keeps the fastest. Without it the default is used: ``binary`` for W1A1
             layers, ``int`` otherwise.
-        path: ``"auto"`` or one of ``binary``/``bitplane``/``int`` to force a path wherever it
-            is allowed (layers that cannot take it keep their default).
+        path: ``"auto"`` or one of ``binary``/``bitplane``/``int``/``float`` to force a path
+            wherever it is allowed (layers that cannot take it keep their default). ``float``
+            runs the float32 conv of the dequantized codes: bit-identical to the fake-quant
+            model on the same device, but no integer arithmetic.
         reps: timed calls per path in the measurement.
 
     Returns:
@@ -166,7 +168,7 @@ def deployed_layers(model: nn.Module) -> list:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _DeployedBase)]
 
 
-def measure_paths(model: nn.Module, example_input: torch.Tensor, reps: int = 3) -> dict:
+def measure_paths(model: nn.Module, example_input: torch.Tensor, reps: int = 2) -> dict:
     """Time every allowed path of every deployed layer on its input from ``example_input``.
 
     Each layer keeps its fastest path; returns ``{name: {path: ms}}``.

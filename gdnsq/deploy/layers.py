@@ -27,6 +27,13 @@ computed once per input size and cached. Only ``S_kj`` is a real GEMM; three way
   stays below 2**24 in float32; the layer switches to float64 when the worst case
   ``taps * k_max * j_max`` does not fit.
 
+``float`` (never chosen automatically) dequantizes the codes (``beta + s_a*j``, ``m + s_w*k``)
+and runs the same float32 conv/linear as the fake-quant layer, so it reproduces the fake-quant
+model bit for bit on the same device; use it when predictions must equal the fake-quant
+model's exactly (the integer paths are the exact value of the quantized layer, which differs
+from the fake-quant layer's float32 accumulation by ~1e-7 relative; rarely, that moves a
+downstream activation across a rounding boundary).
+
 ``dequant`` is used when the layer has no activation quantizer (A32): the weight is rebuilt
 once from its codes and the layer runs as a float layer.
 
@@ -44,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PATHS = ("binary", "bitplane", "int", "dequant")
+PATHS = ("binary", "bitplane", "int", "float", "dequant")
 _FP32_EXACT = float(2**24)  # float32 represents every integer up to 2**24 exactly
 
 
@@ -186,12 +193,15 @@ class _DeployedBase(nn.Module):
         if bw <= 4 and ba <= 4 and self.config.get("groups", 1) == 1:
             paths.append("bitplane")
         paths.append("int")
+        paths.append("float")
         return tuple(paths)
 
     def candidate_paths(self) -> tuple:
         """Paths the measurement chooses among: W1A1 layers always run on the binary ops."""
         allowed = self.allowed_paths()
-        return ("binary",) if "binary" in allowed else allowed
+        if "binary" in allowed:
+            return ("binary",)
+        return tuple(p for p in allowed if p in ("bitplane", "int")) or allowed
 
     def _binary_ok(self) -> bool:
         return True
@@ -218,6 +228,11 @@ class _DeployedBase(nn.Module):
             self._cache["w_hat"] = k * self.weight_step.view(view) + self.weight_min.view(view)
         return self._cache["w_hat"]
 
+    def _dequant_act(self, codes: torch.Tensor) -> torch.Tensor:
+        """float32 ``beta + s_a*j``: the fake-quant layer's quantized input, bit for bit."""
+        s_a = torch.exp2(self.act_log2_step.float())
+        return self.act_offset.float() + s_a * codes.float()
+
     def _int_dtype(self) -> torch.dtype:
         """float32 when every integer partial sum fits 2**24, else float64 (still exact)."""
         taps = math.prod(self.config["weight_shape"][1:])
@@ -230,13 +245,18 @@ class _DeployedBase(nn.Module):
         return activation_codes(x, self.act_log2_step, self.act_log2_range, self.act_offset)
 
     def _epilogue(self, s_kj: torch.Tensor, s_j: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
-        """``s_w s_a S_kj + m s_a S_j + C`` with channels on dim 1; float32 result."""
+        """``s_w s_a S_kj + m s_a S_j + C`` with channels on dim 1, rounded once to float32.
+
+        The terms are evaluated in float64 (the integer sums are exact there), so the result is
+        the correctly rounded value of the quantized layer: the only float error left between
+        this and the fake-quant layer is the fake-quant layer's own float32 accumulation.
+        """
         # the fake-quant layer computes s_a = 2**alpha in float32; use that exact value
         s_a = torch.exp2(self.act_log2_step.float()).double()
         shape = (1, -1) + (1,) * (s_kj.dim() - 2)
-        a = (self.weight_step.double() * s_a).float().view(shape)
-        b = (self.weight_min.double() * s_a).float().view(shape)
-        return (a * s_kj.float() + b * s_j.float() + const).float()
+        a = (self.weight_step.double() * s_a).view(shape)
+        b = (self.weight_min.double() * s_a).view(shape)
+        return (a * s_kj.double() + b * s_j.double() + const).float()
 
     def extra_repr(self) -> str:
         c = self.config
@@ -300,7 +320,7 @@ class DeployedConv2d(_DeployedBase):
             ) * n_valid
             if self.bias is not None:
                 const = const + self.bias.double().view(1, -1, 1, 1)
-            self._cache[key] = const.float()
+            self._cache[key] = const  # float64: added in the float64 epilogue
         return self._cache[key]
 
     def _sum_j(self, j: torch.Tensor) -> torch.Tensor:
@@ -324,6 +344,9 @@ class DeployedConv2d(_DeployedBase):
         codes = self.codes_of(x.float())
         if path == "binary":
             return self._binary(codes)
+        if path == "float":
+            return F.conv2d(self._dequant_act(codes), self.dequantized_weight().to(x.device), self.bias,
+                            stride, padding, dilation, groups)
         dtype = self._int_dtype()
         j = codes.to(dtype)
         if path == "int":
@@ -397,7 +420,7 @@ class DeployedLinear(_DeployedBase):
             const = self.weight_step.double() * beta * k.sum(1) + self.weight_min.double() * beta * n
             if self.bias is not None:
                 const = const + self.bias.double()
-            self._cache[key] = const.float().view(1, -1)
+            self._cache[key] = const.view(1, -1)  # float64, as the epilogue
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -420,6 +443,9 @@ class DeployedLinear(_DeployedBase):
             out = binary_linear(codes.to(torch.uint8), torch.exp2(self.act_log2_step.float()),
                                 self.act_offset, self._cache[key], bias=self.bias)
             return out.view(*lead, -1)
+        if path == "float":
+            return F.linear(self._dequant_act(codes), self.dequantized_weight().to(x.device),
+                            self.bias).view(*lead, -1)
         dtype = self._int_dtype()
         j = codes.to(dtype)
         if path == "int":
