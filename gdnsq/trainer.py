@@ -313,20 +313,24 @@ class Trainer:
     def fit(self) -> dict:
         """Train until early stopping, ``max_epochs`` or ``max_minutes``; return the report
         (as :meth:`report`; ``test_top1`` is None until :meth:`test`)."""
-        cfg = self.cfg
-        self._fit_start = time.monotonic()
         if self._finished():
             self._log(f"gdnsq: nothing to do in {self.out_dir} ({self._finished()}); epochs run: {self.epoch}")
             return self._write_report()
         if self.resumed_from is not None:
             self._log(f"gdnsq: resuming {self.out_dir} after epoch {self.epoch} (step {self.global_step})")
-        while True:
-            epoch = self.epoch + 1
-            t_epoch = time.monotonic()
-            train = self._train_epoch(epoch)
-            self._end_of_epoch(epoch, train, time.monotonic() - t_epoch)
-            if self.stop_reason is not None:
-                break
+        self._fit_start = time.monotonic()
+        try:
+            while True:
+                epoch = self.epoch + 1
+                t_epoch = time.monotonic()
+                train = self._train_epoch(epoch)
+                self._end_of_epoch(epoch, train, time.monotonic() - t_epoch)
+                if self.stop_reason is not None:
+                    break
+        finally:
+            # Fold this segment's time into the total (a later fit() call continues from it).
+            self.wall_seconds_before = self._wall_seconds()
+            self._fit_start = None
         self._log(f"gdnsq: stopped after epoch {self.epoch} ({self.stop_reason}); selected epoch: "
                   f"{self.best_epoch} (val top-1 {self.best_val_top1})")
         return self._write_report()
