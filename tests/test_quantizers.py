@@ -166,3 +166,31 @@ def test_weight_quantizer_errors():
     with pytest.raises(ValueError, match="C_out=3"):
         WeightQuantizer(3)(torch.randn(4, 2))
     assert WeightQuantizer(3, per_channel=False).log2_step.shape == (1,)
+
+
+def _deltas(w, g, gw, step=-3.0):
+    """Per-channel AEWGS delta recovered from g*(1 - delta*sign(g)*e) on unclamped, non-min elements."""
+    c = w.shape[0]
+    wf, g, gw = w.reshape(c, -1), g.reshape(c, -1), gw.reshape(c, -1)
+    v = (wf - wf.amin(1, keepdim=True)) / 2.0 ** step
+    e = torch.round(v) - v
+    out = []
+    for ch in range(c):
+        mu = 1 - gw[ch] / g[ch]
+        ok = (e[ch].abs() > 0.05) & (mu < 0.98) & (wf[ch] > wf[ch].min())
+        out.append(float((mu[ok] / (torch.sign(g[ch]) * e[ch])[ok]).median()))
+    return torch.tensor(out)
+
+
+def test_aewgs_statistics_are_averaged_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from _aewgs_dist_worker import run
+    mp.spawn(run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    d0, d1 = _deltas(r0["w"], r0["g"], r0["gw"]), _deltas(r1["w"], r1["g"], r1["gw"])
+    torch.testing.assert_close(d0, d1, rtol=1e-4, atol=1e-5)  # the same delta on both ranks
+    from gdnsq.quantizers import aewgs_grads
+    z = r0["w"].reshape(3, -1).amin(1)
+    local, _ = aewgs_grads(r0["g"], r0["w"], torch.full((3,), -3.0), z)  # no process group here
+    assert not torch.allclose(_deltas(r0["w"], r0["g"], local), d0, rtol=1e-3)
