@@ -463,9 +463,13 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
             if self.global_step % cfg.log_every == 0:
                 mb = self._mean_bits()
+                # Realised weight bits come from the current codes (cheap); realised activation
+                # bits exist only for eval batches, so they are in the epoch records.
+                rw = [v["weight"] for v in gstats.realised_bits(self.student).values()]
                 rec = {"kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss_value,
                        **last_parts, "t": t, "lr": lr,
-                       "mean_weight_bits": mb["weight"], "mean_act_bits": mb["act"]}
+                       "mean_weight_bits": mb["weight"], "mean_act_bits": mb["act"],
+                       "realised_weight_bits_max": max(rw) if rw else None}
                 self._write_metrics(rec)
                 bar.update(1, loss=loss_value, wbits=mb["weight"], abits=mb["act"], lr=lr, t=t)
             else:

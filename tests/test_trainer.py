@@ -106,7 +106,8 @@ def test_metrics_records(w2a2_run):
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == list(range(1, w2a2_run["report"]["epochs_run"] + 1))
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))  # log_every=1
-    for key in ("loss", "distill", "penalty_w", "penalty_a", "t", "lr", "mean_weight_bits", "mean_act_bits"):
+    for key in ("loss", "distill", "penalty_w", "penalty_a", "t", "lr", "mean_weight_bits", "mean_act_bits",
+                "realised_weight_bits_max"):
         assert all(isinstance(r[key], float) for r in steps), key
     for key in ("train_loss", "val_top1", "converged", "realised_weight_bits_max", "realised_act_bits_max",
                 "mean_weight_bits", "mean_act_bits", "per_layer_bits", "lr", "t"):
@@ -115,6 +116,7 @@ def test_metrics_records(w2a2_run):
     assert epochs[0]["mean_weight_bits"] > epochs[-1]["mean_weight_bits"]
     assert steps[0]["mean_act_bits"] == pytest.approx(4.0, abs=0.05)
     assert set(epochs[0]["per_layer_bits"]) == {"conv2", "conv3"}
+    assert steps[-1]["realised_weight_bits_max"] <= 2.0 + 1e-6 < steps[0]["realised_weight_bits_max"]
 
 
 def test_schedule_wiring_matches_method(w2a2_run):
