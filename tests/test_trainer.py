@@ -35,6 +35,7 @@ def _records(out_dir):
 @pytest.fixture(scope="module")
 def w2a2_run(tmp_path_factory):
     """One end-to-end run shared by the tests that inspect its outputs."""
+    previous = os.environ.get("GDNSQ_BACKEND")
     os.environ["GDNSQ_BACKEND"] = "torch"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -51,7 +52,10 @@ def w2a2_run(tmp_path_factory):
                 "fp_top1": tiny.fp_accuracy(tiny.fp_model(), x, y)}
     finally:
         torch.set_num_threads(threads)
-        os.environ.pop("GDNSQ_BACKEND", None)
+        if previous is None:
+            os.environ.pop("GDNSQ_BACKEND", None)
+        else:
+            os.environ["GDNSQ_BACKEND"] = previous
 
 
 def test_end_to_end_reaches_w2a2_above_chance(w2a2_run):
