@@ -19,7 +19,6 @@ import copy
 from collections.abc import Iterable, Mapping
 from numbers import Real
 
-import torch
 from torch import nn
 
 from .layers import QConv2d, QLinear

@@ -20,7 +20,7 @@ from torch import nn
 
 from gdnsq_kernels import quantize as _kq
 
-from .quantizers import ActivationQuantizer, WeightQuantizer, aewgs_grads
+from .quantizers import ActivationQuantizer, WeightQuantizer, _check_bits, aewgs_grads
 
 
 @dataclass
@@ -195,7 +195,6 @@ class _QuantMixin:
 def _check_bits_arg(value, name, allow_none):
     if value is None and allow_none:
         return None
-    from .quantizers import _check_bits
     return _check_bits(value, name)
 
 

@@ -331,4 +331,5 @@ class ActivationQuantizer(nn.Module):
         if y.numel() == 0:
             return
         j = self._codes_of_output(y)
-        self.observed_bits.fill_(float(_log2_bits_from_codes(j.min(), j.max())))
+        # copy_ (not fill_(float(...))): no device synchronisation per layer and batch.
+        self.observed_bits.copy_(_log2_bits_from_codes(j.min(), j.max()))
