@@ -318,6 +318,10 @@ class Trainer:
             return self._write_report()
         if self.resumed_from is not None:
             self._log(f"gdnsq: resuming {self.out_dir} after epoch {self.epoch} (step {self.global_step})")
+        if self.epoch == 0 and not self.history:
+            # The starting point (calibrated bits) is epoch 0 of the bit-width plot.
+            self.history.append({"epoch": 0, "layers": self._per_layer_bits(), "realised": None,
+                                 "converged": False, "val_top1": None})
         self._fit_start = time.monotonic()
         try:
             while True:

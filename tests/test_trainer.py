@@ -96,6 +96,10 @@ def test_files_written(w2a2_run):
         assert img.size == (1400, 900)
         assert len(img.convert("RGB").getcolors(maxcolors=1 << 20)) > 10
     last = load_checkpoint(os.path.join(out, LAST), kind="last")
+    hist = last["trainer"]["history"]  # what bits.png draws: epoch 0 = calibrated start
+    assert [h["epoch"] for h in hist] == list(range(0, on_disk["epochs_run"] + 1))
+    assert hist[0]["layers"]["conv2"]["act"] == pytest.approx(4.0, abs=1e-4)
+    assert hist[-1]["layers"]["conv2"]["weight"] < 2.0
     best = load_checkpoint(os.path.join(out, BEST), kind="best")
     assert last["epoch"] == on_disk["epochs_run"]
     assert best["epoch"] == on_disk["selected_epoch"]
