@@ -99,7 +99,12 @@ def _pack_last_numpy(x2: torch.Tensor, nw: int) -> torch.Tensor:
     arr = x2.to(torch.uint8).numpy()
     if rows == 0 or nw == 0:
         return torch.zeros(rows, nw, dtype=torch.int32)
-    by = np.packbits(arr, axis=-1, bitorder="little")  # (R, ceil(k/8)) uint8
+    if k % 8 == 0 and arr.flags.c_contiguous:
+        # Rows end on byte boundaries: one flat pass (packbits along a short last axis pays a
+        # per-row overhead that dominates for k = 16..64 channel codes).
+        by = np.packbits(arr.reshape(-1), bitorder="little").reshape(rows, k // 8)
+    else:
+        by = np.packbits(arr, axis=-1, bitorder="little")  # (R, ceil(k/8)) uint8
     need = 4 * nw
     if by.shape[1] != need:
         by = np.concatenate([by, np.zeros((rows, need - by.shape[1]), np.uint8)], axis=1)

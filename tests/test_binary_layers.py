@@ -86,6 +86,8 @@ def test_conv_cpu_without_cpp(monkeypatch, C, O, H, stride, padding, beta):
     monkeypatch.setattr(binary_ops, "_cpp_gemm_available", lambda: False)
     _conv_case("cpu", "cpu", 2, C, O, H, stride, padding, beta, kernel=2 if padding == "same" else 3)
     _conv_case("cpu", "cpu", 1, C, O, 3, 1, 0, beta)  # 1 output position: the NumPy popcount branch
+    monkeypatch.setattr(binary_ops, "CPU_CONV_STRATEGY", "float")  # whatever the size rule says
+    _conv_case("cpu", "cpu", 1, C, O, H, stride, padding, beta, kernel=2 if padding == "same" else 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
