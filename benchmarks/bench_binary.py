@@ -151,7 +151,16 @@ def bench_gemm(device, batches, repeats, rows, providers):
             t = times[prov]
             rows.append(dict(kind="linear", shape=shape, batch=M, provider=prov, **t,
                              weight_bytes=nbytes, macs=M * K * O))
-            print(f"{shape:32s} {prov:13s} {t['ms']:9.3f} ms  weight {nbytes/1e6:7.2f} MB", flush=True)
+            print(f"{shape:32s} {prov:16s} {t['ms']:9.3f} ms  weight {nbytes/1e6:7.2f} MB", flush=True)
+
+
+def _conv_with(strategy, j, wq, stride):
+    """binary_conv2d with the cpu backend's conv strategy forced (None: the measured default)."""
+    binary_ops.CPU_CONV_STRATEGY = strategy
+    try:
+        return binary_conv2d(j, 0.5, 0.0, wq, stride=stride, padding=1)
+    finally:
+        binary_ops.CPU_CONV_STRATEGY = None
 
 
 def bench_conv(device, batches, repeats, rows, providers):
@@ -165,8 +174,10 @@ def bench_conv(device, batches, repeats, rows, providers):
             j = torch.randint(0, 2, (N, C, H, H), device=device, dtype=torch.uint8)
             shape = f"conv {C}->{O} {H}x{H} s{s}, batch {N}"
             Ho = (H + 2 - 3) // s + 1
-            cases = {"packed layer": (lambda: binary_conv2d(j, 0.5, 0.0, wq, stride=s, padding=1),
-                                      wq.nbytes + 8 * O)}
+            cases = {"packed layer": (lambda: _conv_with(None, j, wq, s), wq.nbytes + 8 * O)}
+            if device.type == "cpu":
+                # The alternative exact CPU strategy: float conv of the 0/1 codes + same epilogue.
+                cases["codes-conv layer"] = (lambda: _conv_with("float", j, wq, s), wq.nbytes + 8 * O)
             for p, w in wf.items():
                 x = torch.randn(N, C, H, H, device=device, dtype=w.dtype)
                 cases[p] = ((lambda x=x, w=w: F.conv2d(x, w, stride=s, padding=1)), w.numel() * w.element_size())
@@ -175,7 +186,7 @@ def bench_conv(device, batches, repeats, rows, providers):
                 t = times[prov]
                 rows.append(dict(kind="conv", shape=shape, batch=N, provider=prov, **t,
                                  weight_bytes=nbytes, macs=N * Ho * Ho * O * C * 9))
-                print(f"{shape:32s} {prov:13s} {t['ms']:9.3f} ms  weight {nbytes/1e3:7.1f} kB", flush=True)
+                print(f"{shape:32s} {prov:16s} {t['ms']:9.3f} ms  weight {nbytes/1e3:7.1f} kB", flush=True)
 
 
 def _cpu_choice(M, N):
@@ -226,7 +237,9 @@ def render_md(jsonl: pathlib.Path) -> str:
            "minimum is the least disturbed estimate), the median of `triton.testing.do_bench` on "
            "CUDA; medians and 20th/80th percentiles are in the jsonl. `packed gemm`: "
            "`xnor_gemm` on pre-packed operands; `packed layer`: `binary_linear`/`binary_conv2d` with a "
-           "pre-packed weight, including packing the activation codes and the affine epilogue. "
+           "pre-packed weight, including packing the activation codes and the affine epilogue; "
+           "`codes-conv layer` (CPU): `binary_conv2d` computing sum(k*j) as a float conv of the 0/1 "
+           "codes instead of the popcount GEMM (the other exact CPU strategy). "
            "`speed-up` = float32 time / packed time (>1: packed wins). Weight bytes: stored weight "
            "of the provider (packed: codes + 8 bytes/channel of step and minimum).", ""]
     for dev in sorted(latest):
@@ -240,7 +253,8 @@ def render_md(jsonl: pathlib.Path) -> str:
             sel = [r for r in run if r["kind"] == kind]
             if not sel:
                 continue
-            provs = [p for p in ("packed gemm", "packed layer", "float32", "bf16") if any(r["provider"] == p for r in sel)]
+            provs = [p for p in ("packed gemm", "packed layer", "codes-conv layer", "float32", "bf16")
+                     if any(r["provider"] == p for r in sel)]
             out.append("| shape | " + " | ".join(f"{p} ms" for p in provs)
                        + " | speed-up layer vs fp32 | weight bytes packed / fp32 |")
             out.append("|---" * (len(provs) + 3) + "|")
