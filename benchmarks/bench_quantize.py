@@ -248,17 +248,17 @@ def markdown(results, env, command):
         + (f"; 1-min load average at start {env['loadavg_1min']}" if "loadavg_1min" in env else "") + ".",
         f"Command: `{command}`",
         "",
-        "| op | shape | provider | fwd ms | bwd ms | fwd+bwd ms | saved for backward (bytes/element) |"
+        "| op | shape | threads | provider | fwd ms | bwd ms | fwd+bwd ms | saved for backward (bytes/element) |"
         + (" fwd GB/s | bwd GB/s |" if "copy_GBps" in env else ""),
-        "|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if "copy_GBps" in env else ""),
+        "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if "copy_GBps" in env else ""),
     ]
     for r in results:
         shape = "x".join(map(str, r["shape"]))
         if "skipped" in r:
-            lines.append(f"| {r['op']} | {shape} | {r['provider']} | skipped: {r['skipped']} | | | |"
+            lines.append(f"| {r['op']} | {shape} | {r['threads']} | {r['provider']} | skipped: {r['skipped']} | | | |"
                          + (" | |" if "copy_GBps" in env else ""))
             continue
-        line = (f"| {r['op']} | {shape} | {r['provider']} | {fmt(r['fwd_ms'], '.2f')} | "
+        line = (f"| {r['op']} | {shape} | {r['threads']} | {r['provider']} | {fmt(r['fwd_ms'], '.2f')} | "
                 f"{fmt(r['bwd_ms'], '.2f')} | {fmt(r['fwd_bwd_ms'], '.2f')} | "
                 f"{r['saved_bytes'] / 2**20:.2f} MiB ({fmt(r['saved_bytes_per_element'], '.2f')}) |")
         if "copy_GBps" in env:
@@ -271,7 +271,7 @@ def markdown(results, env, command):
     if compile_rows:
         lines.append("")
         lines.append("torch.compile time (first fwd+bwd): "
-                     + ", ".join(f"{r['op']} {r['compile_s']:.0f} s" for r in compile_rows) + ".")
+                     + ", ".join(f"{r['op']} ({r['threads']} thr) {r['compile_s']:.0f} s" for r in compile_rows) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -281,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--threads", default=None,
+                    help="comma-separated CPU thread counts to run, e.g. 1,2 (default: torch's)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     repeats = args.repeats or (30 if device.type == "cuda" else 7)
@@ -292,7 +294,15 @@ def main(argv=None):
     env = environment(device)
     if device.type == "cuda":
         env["copy_GBps"] = copy_bandwidth_gbps(device)
-    results = run(device, repeats, compile_ok, log)
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    results = []
+    for nt in thread_counts:
+        torch.set_num_threads(nt)
+        log(f"-- {nt} thread(s)")
+        for row in run(device, repeats, compile_ok, log):
+            row["threads"] = nt
+            results.append(row)
+    env["threads"] = ",".join(map(str, thread_counts))
     command = "python benchmarks/bench_quantize.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     records = "".join(json.dumps({**env, "repeats": repeats, **r}) + "\n" for r in results)
     _atomic_write(os.path.join(args.out_dir, "quantize.jsonl"), records, mode="a")

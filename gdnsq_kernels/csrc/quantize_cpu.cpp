@@ -2,7 +2,7 @@
 //
 // Same math as gdnsq_kernels/reference.py and the same dither hash as gdnsq_kernels/dither.py
 // (uint32 lowbias32 of flat_index ^ key). Built on first use by gdnsq_kernels/cpu_quantize.py
-// with torch.utils.cpp_extension.load (-O3, no fast-math and no FP contraction, so results
+// with torch.utils.cpp_extension.load (-O3 -fno-trapping-math, no fast-math and no FP contraction, so results
 // match the reference bit for bit in the forward).
 //
 // Design notes:
