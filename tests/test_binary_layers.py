@@ -4,10 +4,13 @@ import torch
 import torch.nn.functional as F
 
 from gdnsq_kernels import binary_conv2d, binary_linear
+from gdnsq_kernels.backend import triton_interpreter_enabled
 from gdnsq_kernels.binary_ops import PackedBinaryWeight, pack_conv_weight, pack_linear_weight
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# Triton on CPU tensors needs the interpreter (conftest enables it on machines without CUDA).
+TRITON_DEVICES = (["cpu"] if triton_interpreter_enabled() else []) + (["cuda"] if CUDA else [])
 CPU_BACKENDS = ("reference", "cpu", "torch")
 
 
@@ -90,7 +93,7 @@ def test_conv_cpu_without_cpp(monkeypatch, C, O, H, stride, padding, beta):
     _conv_case("cpu", "cpu", 1, C, O, H, stride, padding, beta, kernel=2 if padding == "same" else 3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("C,O,H,stride", [(16, 32, 8, 2), (33, 5, 6, 1)])
 def test_conv_triton(device, C, O, H, stride, poison_empty):
     """The Triton GEMM inside the conv (interpreter on CPU: small shapes)."""
@@ -147,6 +150,8 @@ def test_packed_weight_reuse_and_round_trip(poison_empty):
 def test_linear(device, backend, lead, K, O, beta, poison_empty):
     if device == "cuda" and backend == "cpu":
         pytest.skip("cpu backend takes CPU tensors only")
+    if backend == "triton" and device not in TRITON_DEVICES:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     if backend == "triton" and device == "cpu" and lead == (70,):
         pytest.skip("kept small under the interpreter")
     j = torch.randint(0, 2, lead + (K,), device=device, dtype=torch.bool)
