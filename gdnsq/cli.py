@@ -432,8 +432,19 @@ def cmd_quantize(args) -> dict:
         from .trainer import Trainer
     except ImportError as e:
         raise CliError(f"quantization support is not available yet ({e})")
+    from . import distributed as gdist
+
     out = pathlib.Path(args.out)
     device = _resolve_device(args.device)
+    # Under torchrun (WORLD_SIZE > 1) every process joins the group, uses its own device and
+    # trains on its shard of each epoch; the batch size is per process.
+    dist_info = gdist.init_from_env(device=device.type)
+    shard = (dist_info.rank, dist_info.world_size)
+    if dist_info.world_size > 1:
+        device = dist_info.device
+        if not args.checkpoint:
+            raise CliError("under torchrun, --checkpoint is required (train the teacher first "
+                           "with `gdnsq train-fp`)")
     overrides = {"seed": args.seed, "device": str(device)}
     if args.epochs is not None:
         overrides["max_epochs"] = args.epochs
@@ -480,12 +491,13 @@ def cmd_quantize(args) -> dict:
             if old.get(key) != run[key]:
                 raise CliError(f"--out {out} holds a run with {key}={old.get(key)!r}, not "
                                f"{run[key]!r}; choose another --out")
-    _atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
+    if gdist.is_main():
+        _atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
 
     loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
                                   batch_size=cfg.batch_size, val_size=args.val_size,
                                   normalization=norm, seed=args.seed, device=device,
-                                  progress=_log)
+                                  shard=shard, progress=_log if gdist.is_main() else None)
     student = convert.quantize_model(model, args.weight_bits, args.act_bits)
     teacher = convert.teacher_of(student)
     # 10-bit min/max start (METHOD Part B 4.2; the authors used their validation pass, we use
@@ -498,7 +510,8 @@ def cmd_quantize(args) -> dict:
         calib = gdata.CifarLoader((tr.images[:5000].permute(0, 2, 3, 1).cpu(),
                                    tr.labels[:5000].cpu()), 500, train=False,
                                   normalization=norm, device=device)
-    _log(f"calibrating on {calib.num_samples} held-out training images")
+    if gdist.is_main():
+        _log(f"calibrating on {calib.num_samples} held-out training images")
     _call_calibrate(student.to(device), calib)
     trainer = Trainer(student, teacher, loaders["train"], loaders.get("val"), config=cfg,
                       out_dir=str(out), command="gdnsq " + " ".join(argv_of(args)))
@@ -507,6 +520,10 @@ def cmd_quantize(args) -> dict:
     loaders["train"].set_epoch(trainer.epoch)
     trainer.fit()
     report = trainer.test(loaders["test"])
+    if not gdist.is_main():
+        args.quiet = True
+    if dist_info.world_size > 1:
+        gdist.cleanup()
     report_md = out / "report.md"
     summary = {k: report[k] for k in report if not isinstance(report[k], (dict, list))} \
         if isinstance(report, dict) else {}
@@ -625,7 +642,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"gdnsq {args.command}: error: {e}", file=sys.stderr)
         return 1
-    _emit(args, out["result"], out["human"])
+    if not getattr(args, "quiet", False):  # under torchrun only rank 0 prints the result
+        _emit(args, out["result"], out["human"])
     return 0
 
 
