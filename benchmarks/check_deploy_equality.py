@@ -189,25 +189,25 @@ def main(argv=None) -> int:
                                   eval_batch_size=args.batch_size, val_size=5000, normalization=norm,
                                   device="cpu")
     results = []
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for b in args.bits:
         r = run_bits(b, fp, norm, loaders["val"], loaders["test"], device, args.limit, args.calib_batches)
         print(json.dumps({k: v for k, v in r.items() if k not in ("rel_err_per_layer", "paths")}), flush=True)
         results.append(r)
-    doc = {
-        "command": "python benchmarks/check_deploy_equality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "platform": platform.platform(), "torch": torch.__version__, "checkpoint": os.path.basename(args.checkpoint),
-        "results": results,
-    }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+        doc = {  # rewritten after every bit-width, so a partial run keeps what it measured
+            "command": "python benchmarks/check_deploy_equality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "platform": platform.platform(), "torch": torch.__version__,
+            "checkpoint": os.path.basename(args.checkpoint), "results": results,
+        }
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}", flush=True)
     return 0
 
 

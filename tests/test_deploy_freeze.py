@@ -173,3 +173,15 @@ def test_moves_to_device_and_back():
     frozen.to(torch.float32)  # _apply clears the derived caches; results unchanged
     assert torch.equal(frozen(x), before)
     assert isinstance(frozen.hidden, DeployedLinear)
+
+
+def test_float_codes_equal_reference_codes():
+    frozen = freeze(make_qmodel(2, 4))
+    layer = frozen.conv2  # signed: offset != 0
+    s = float(torch.exp2(layer.act_log2_step))
+    lo = float(layer.act_offset)
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.randn(4000, generator=g) * 3,
+                   lo + s * (torch.arange(-3, 20).float() + 0.5),  # ties: round half to even
+                   torch.tensor([float("inf"), -float("inf"), 1e30])])
+    assert torch.equal(layer.float_codes(x).to(torch.int32), layer.codes_of(x))

@@ -241,8 +241,24 @@ class _DeployedBase(nn.Module):
         return torch.float32 if taps * kmax * jmax < _FP32_EXACT else torch.float64
 
     def codes_of(self, x: torch.Tensor) -> torch.Tensor:
-        """int32 activation codes of the layer input ``x``."""
+        """int32 activation codes of the layer input ``x`` (the reference implementation)."""
         return activation_codes(x, self.act_log2_step, self.act_log2_range, self.act_offset)
+
+    def float_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 codes ``round((clamp(x, lo, hi) - lo) / s)`` of a float32 ``x``.
+
+        The same float32 operations, in the same order, as
+        ``gdnsq_kernels.reference.activation_codes`` (so the same integers; tested), kept in
+        float32 because every GEMM path consumes them as floats or bits.
+        """
+        key = ("act", x.device)
+        if key not in self._cache:
+            s = torch.exp2(self.act_log2_step.float().reshape(()))
+            q = torch.exp2(self.act_log2_range.float().reshape(()))
+            lo = self.act_offset.float().reshape(())
+            self._cache[key] = (s.to(x.device), lo.to(x.device), (lo + q - s).to(x.device))
+        s, lo, hi = self._cache[key]
+        return torch.round((torch.clamp(x, lo, hi) - lo) / s)
 
     def _epilogue(self, s_kj: torch.Tensor, s_j: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
         """``s_w s_a S_kj + m s_a S_j + C`` with channels on dim 1, rounded once to float32.
@@ -341,14 +357,14 @@ class DeployedConv2d(_DeployedBase):
         if path == "dequant":
             w = self.dequantized_weight().to(x.device)
             return F.conv2d(x.float(), w, self.bias, stride, padding, dilation, groups)
-        codes = self.codes_of(x.float())
+        codes = self.float_codes(x.float())
         if path == "binary":
             return self._binary(codes)
         if path == "float":
             return F.conv2d(self._dequant_act(codes), self.dequantized_weight().to(x.device), self.bias,
                             stride, padding, dilation, groups)
         dtype = self._int_dtype()
-        j = codes.to(dtype)
+        j = codes if dtype == torch.float32 else codes.to(dtype)
         if path == "int":
             kkey = ("k_float", dtype, x.device)
             if kkey not in self._cache:
@@ -374,7 +390,7 @@ class DeployedConv2d(_DeployedBase):
             self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1) for p in range(bw)]
         wplanes = self._cache[key]
         # im2col of the codes (zero codes at the padding: they add nothing to S_kj).
-        cols = F.unfold(codes.to(torch.float32), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        cols = F.unfold(codes, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         L = cols.shape[-1]
         cols = cols.transpose(1, 2).reshape(n * L, taps).to(torch.int32)
         acc = torch.zeros(n * L, out_ch, dtype=torch.int64, device=codes.device)
@@ -432,7 +448,7 @@ class DeployedLinear(_DeployedBase):
         path = self.config["path"]
         if path == "dequant":
             return F.linear(x2, self.dequantized_weight().to(x.device), self.bias).view(*lead, -1)
-        codes = self.codes_of(x2)
+        codes = self.float_codes(x2)
         if path == "binary":
             from gdnsq_kernels.binary_ops import binary_linear, pack_linear_weight
 
@@ -447,7 +463,7 @@ class DeployedLinear(_DeployedBase):
             return F.linear(self._dequant_act(codes), self.dequantized_weight().to(x.device),
                             self.bias).view(*lead, -1)
         dtype = self._int_dtype()
-        j = codes.to(dtype)
+        j = codes if dtype == torch.float32 else codes.to(dtype)
         if path == "int":
             kkey = ("k_float", dtype, x.device)
             if kkey not in self._cache:
@@ -463,7 +479,7 @@ class DeployedLinear(_DeployedBase):
                 self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1) for p in range(bw)]
             acc = torch.zeros(x2.shape[0], self.config["weight_shape"][0], dtype=torch.int64, device=x.device)
             for q in range(ba):
-                aq = pack_bits(((codes >> q) & 1).to(torch.uint8), dim=-1)
+                aq = pack_bits(((codes.to(torch.int32) >> q) & 1).to(torch.uint8), dim=-1)
                 for p in range(bw):
                     acc += and_gemm(aq, self._cache[key][p], in_f).to(torch.int64) << (p + q)
             s_kj = acc.to(dtype)

@@ -1,0 +1,190 @@
+"""Inference speed of ResNet-20: FP32 vs GDNSQ fake-quant vs deployed (gdnsq.deploy), one run.
+
+Models (CIFAR-10 ResNet-20, input 3x32x32):
+
+* ``fp32``: the float network (akamaster checkpoint when ``../shared/models`` has it, else He
+  init: speed does not depend on the weights);
+* ``fake-quant WbAb``: ``gdnsq.quantize_model`` + ``calibrate`` on a random batch + every
+  quantizer set to b bits (the eval-mode fake-quant forward a trained model runs);
+* ``deployed WbAb``: ``gdnsq.deploy.freeze`` of that model (W1A1: binary ops; W2A2/W4A4: int or
+  bit-plane per layer, chosen by freeze's measurement on a batch of 32);
+* ``deployed-float WbAb``: ``freeze(path="float")`` (float32 conv of the dequantized codes).
+
+For each model and batch size (1 and 256 by default): median latency over --reps timed calls
+after one warm-up, and images/s = batch / median latency. Every row is appended to
+``benchmarks/results/inference.jsonl`` with device, versions and date; the markdown table
+``benchmarks/results/inference.md`` is rewritten from the latest run of every device found in
+the jsonl.
+
+    python benchmarks/bench_inference.py                 # CPU, ~2-3 min on 2 cores
+    python benchmarks/bench_inference.py --device cuda   # GPU (benchmarks/gpu_check.sh)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gdnsq  # noqa: E402
+from gdnsq.calibrate import calibrate  # noqa: E402
+from gdnsq.convert import quantize_model  # noqa: E402
+from gdnsq.deploy import freeze, layer_table  # noqa: E402
+from gdnsq.models import get_model, load_fp_checkpoint  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+CKPT = ROOT.parent / "shared" / "models" / "resnet20_cifar10_akamaster.th"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_model(model, batch, device, reps) -> float:
+    """Median seconds per forward of a (batch, 3, 32, 32) input."""
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    model(x)
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(x)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@torch.no_grad()
+def build_models(bits_list, device, paths_batch) -> dict:
+    from check_deploy_equality import set_bits
+
+    torch.manual_seed(0)
+    fp = get_model("resnet20", 10)
+    if CKPT.is_file():
+        load_fp_checkpoint(fp, CKPT)
+    fp = fp.to(device).eval()
+    models = {"fp32": (fp, None, None)}
+    calib = torch.randn(64, 3, 32, 32, device=device)
+    for b in bits_list:
+        q = quantize_model(fp, b, b).to(device)
+        calibrate(q, [calib], device=device)
+        set_bits(q, calib, b)
+        q.eval()
+        models[f"fake-quant W{b}A{b}"] = (q, b, None)
+        frozen = freeze(q, example_input=torch.randn(paths_batch, 3, 32, 32, device=device), reps=1)
+        paths = sorted({r["path"] for r in layer_table(frozen)})
+        models[f"deployed W{b}A{b}"] = (frozen, b, "+".join(paths))
+        models[f"deployed-float W{b}A{b}"] = (freeze(q, path="float"), b, "float")
+    return models
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "gdnsq": gdnsq.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    latest = {}
+    for r in rows:  # latest run per device
+        if r["device"] not in latest or r["run"] > latest[r["device"]]:
+            latest[r["device"]] = r["run"]
+    lines = ["# ResNet-20 inference speed: FP32 vs fake-quant vs deployed", "",
+             "Written by `python benchmarks/bench_inference.py [--device cuda]` from "
+             "`benchmarks/results/inference.jsonl` (latest run per device). Median of the timed "
+             "calls; speed-up = fake-quant latency / deployed latency of the same bit-width.", ""]
+    for dev, run in sorted(latest.items()):
+        sel = [r for r in rows if r["device"] == dev and r["run"] == run]
+        v = sel[0]["versions"]
+        lines += [f"## {dev}", "", f"run {run}, torch {v['torch']}, triton {v['triton']}, gdnsq {v['gdnsq']}", "",
+                  "| model | paths | batch | latency (ms) | images/s | vs fake-quant | vs FP32 |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        by = {(r["model"], r["batch"]): r for r in sel}
+        verdict = []
+        for r in sel:
+            fq = by.get((f"fake-quant W{r['bits']}A{r['bits']}", r["batch"])) if r["bits"] else None
+            f32 = by.get(("fp32", r["batch"]))
+            vs_fq = f"{fq['latency_ms'] / r['latency_ms']:.2f}x" if fq and r["model"].startswith("deployed") else ""
+            vs_fp = f"{f32['latency_ms'] / r['latency_ms']:.2f}x" if f32 and r["model"] != "fp32" else ""
+            lines.append(f"| {r['model']} | {r['paths'] or ''} | {r['batch']} | {r['latency_ms']:.2f} | "
+                         f"{r['images_per_s']:.0f} | {vs_fq} | {vs_fp} |")
+            if fq and r["model"].startswith("deployed "):
+                faster = fq["latency_ms"] > r["latency_ms"]
+                verdict.append(f"{r['model']} at batch {r['batch']}: "
+                               f"{'faster' if faster else 'slower'} than fake-quant "
+                               f"({fq['latency_ms'] / r['latency_ms']:.2f}x), "
+                               f"{'faster' if f32['latency_ms'] > r['latency_ms'] else 'slower'} than FP32 "
+                               f"({f32['latency_ms'] / r['latency_ms']:.2f}x)")
+        lines += ["", "Deployed (integer paths) on this device:", ""] + [f"- {v}" for v in verdict] + [""]
+    fd, tmp = tempfile.mkstemp(dir=md.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, md)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--reps", type=int, default=0, help="timed calls per point (default: 20 on GPU, 5 on CPU)")
+    p.add_argument("--paths-batch", type=int, default=32, help="batch of freeze's path measurement")
+    p.add_argument("--out-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    run = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    t_start = time.time()
+    models = build_models(args.bits, device, args.paths_batch)
+    dev = device_name(device)
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / "inference.jsonl"
+    rows = []
+    for name, (model, bits, paths) in models.items():
+        for batch in args.batches:
+            lat = time_model(model, batch, device, reps if batch > 1 else reps * 4)
+            row = {"run": run, "device": dev, "versions": versions(), "model": name, "bits": bits,
+                   "paths": paths, "batch": batch, "reps": reps, "latency_ms": lat * 1e3,
+                   "images_per_s": batch / lat, "command": "python benchmarks/bench_inference.py "
+                   + " ".join(argv if argv is not None else sys.argv[1:])}
+            rows.append(row)
+            print(f"{name:24s} batch {batch:4d}: {lat * 1e3:9.2f} ms  {batch / lat:9.0f} img/s  {paths or ''}",
+                  flush=True)
+    with open(jsonl, "a") as f:  # append-only log: one line per point
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    write_markdown(jsonl, out_dir / "inference.md")
+    print(f"appended {len(rows)} rows to {jsonl}; wrote {out_dir / 'inference.md'} "
+          f"({time.time() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
