@@ -13,7 +13,8 @@ Public ops (all inference-only: no autograd):
 
       sum w*a = s_c*s_a*sum(k*j) + s_c*beta*sum(k) + m_c*s_a*sum(j) + m_c*beta*n
 
-  ``sum(k*j)`` is the packed GEMM; ``sum(j)`` is a per-position count; ``sum(k)`` and ``n`` are
+  ``sum(k*j)`` is the packed GEMM; ``sum(j)`` is a per-position count (for conv, an extra
+  all-ones row of the packed weight makes the same GEMM return it); ``sum(k)`` and ``n`` are
   counted over the taps that land inside the image, so zero padding stays exact when
   ``beta != 0`` (a padded tap is the value 0, not the code 0 = beta).
 
@@ -29,7 +30,9 @@ Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
   ``binary_conv2d`` then runs a float conv of the 0/1 codes), which is exact while
   ``k <= 2**24`` (integer partial sums stay exactly representable) and when float32 matmul runs
   at full precision; otherwise float64. The switch point was measured (docs/readme/binary.md).
-* ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler).
+* ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler). It is
+  its own implementation here (not an alias of ``reference`` or ``cpu``): the fallback for a
+  CUDA machine without a working Triton.
 * ``reference``: :mod:`gdnsq_kernels.binary_reference` (unpack and multiply in float64; the
   conv/linear dequantize and run float64 ``F.conv2d``/``F.linear``).
 """
