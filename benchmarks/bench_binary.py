@@ -11,14 +11,16 @@ Providers (one run compares them on the same device):
 Shapes: a 4096x4096 linear layer at batch 1..256, and the five 3x3 ResNet-20 (CIFAR) convs at
 batch 1, 32 and 256. Each row records the weight bytes of the provider's stored weight.
 
-Every result is appended to ``benchmarks/results/binary.jsonl`` (device, versions, date, git
-commit); ``benchmarks/results/binary.md`` is rewritten with the newest run per device.
+Every result is appended to ``<out-dir>/binary.jsonl`` (device, versions, date, git commit;
+default ``benchmarks/results``); ``<out-dir>/binary.md`` is rewritten with the newest run per
+device.
 
 Usage::
 
     python benchmarks/bench_binary.py              # full run (CPU: about 2-3 minutes)
     python benchmarks/bench_binary.py --quick      # fewer shapes and repeats (smoke test)
-    python benchmarks/bench_binary.py --crossover  # also time the two CPU GEMM strategies
+    python benchmarks/bench_binary.py --crossover  # also time the CPU GEMM strategies
+    python benchmarks/bench_binary.py --out-dir benchmarks/results/gpu   # gpu_check.sh
 """
 from __future__ import annotations
 
@@ -286,7 +288,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0: torch's default); NumPy popcount is single-threaded")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not touch benchmarks/results")
+    ap.add_argument("--out-dir", default=str(RESULTS),
+                    help="folder for binary.jsonl (appended) and binary.md (rewritten)")
+    ap.add_argument("--no-write", action="store_true", help="print only; write no files")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -306,14 +310,15 @@ def main(argv=None):
         return
     env = env_info(dev)
     command = "python benchmarks/bench_binary.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    jl = RESULTS / "binary.jsonl"
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jl = out_dir / "binary.jsonl"
     old = jl.read_text(encoding="utf-8") if jl.exists() else ""
     new = "".join(json.dumps(dict(r, env=env, device=dev.type, run=env["date"], command=command.strip())) + "\n"
                   for r in rows)
     atomic_write(jl, old + new)
-    atomic_write(RESULTS / "binary.md", render_md(jl))
-    print(f"appended {len(rows)} rows to {jl.relative_to(ROOT)}; wrote benchmarks/results/binary.md")
+    atomic_write(out_dir / "binary.md", render_md(jl))
+    print(f"appended {len(rows)} rows to {jl}; wrote {out_dir / 'binary.md'}")
 
 
 if __name__ == "__main__":
