@@ -467,7 +467,8 @@ def cmd_quantize(args) -> dict:
              f"into {out / 'teacher'}")
         rep = train_fp(model_name=args.model, dataset=args.dataset, out=out / "teacher",
                        epochs=args.teacher_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                       batch_size=128, warmup_epochs=0, val_size=args.val_size,
+                       batch_size=args.teacher_batch_size, warmup_epochs=0,
+                       val_size=args.val_size,
                        normalization="imagenet", seed=args.seed, device=device,
                        data_dir=args.data_dir, max_minutes=args.max_minutes)
         if not rep["complete"]:
@@ -585,7 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val-size", type=_nonneg_int, default=5000,
                    help="last N training images held out for selection (default 5000)")
     q.add_argument("--teacher-epochs", type=_positive_int, default=200,
-                   help="epochs of the FP teacher trained when --checkpoint is absent")
+                   help="epochs of the FP teacher trained when --checkpoint is absent "
+                        "(SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine; default 200)")
+    q.add_argument("--teacher-batch-size", type=_positive_int, default=128,
+                   help="batch size of that teacher training (default 128)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("evaluate", help="top-1 accuracy of a checkpoint on the test set")

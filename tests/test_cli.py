@@ -208,3 +208,18 @@ def test_quantize_tiny_end_to_end_and_evaluate(capsys, tiny_data, tmp_path):
     argv[argv.index("--weight-bits") + 1] = "2"
     code, _, err = _run(capsys, argv)
     assert code == 2 and "weight_bits=3" in _one_line_error(err)
+
+
+def test_quantize_without_checkpoint_trains_the_teacher_first(capsys, tiny_data, tmp_path):
+    pytest.importorskip("gdnsq.trainer")
+    out_dir = tmp_path / "q"
+    code, out, err = _run(capsys, [
+        "quantize", "--weight-bits", "4", "--act-bits", "4", "--out", str(out_dir),
+        "--data-dir", str(tiny_data), "--val-size", "8", "--batch-size", "16", "--epochs", "1",
+        "--teacher-epochs", "1", "--teacher-batch-size", "16", "--device", "cpu", "--json"])
+    assert code == 0, err
+    assert "training the FP teacher first" in err
+    assert (out_dir / "teacher" / "fp_report.json").is_file()
+    run = json.loads((out_dir / "run.json").read_text())
+    assert run["teacher"] == str(out_dir / "teacher" / "checkpoint_best.pt")
+    assert json.loads(out.strip().splitlines()[-1])["test_n"] == 50
