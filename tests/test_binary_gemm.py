@@ -162,3 +162,19 @@ def test_errors():
         xnor_gemm(a, a, 40.0)
     with pytest.raises(ValueError, match="GDNSQ_BACKEND/backend"):
         xnor_gemm(a, a, 40, backend="nope")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("M", [1, 3, 8, 100])
+def test_triton_gpu_block_sizes(device, M, poison_empty):
+    """The tile shapes the GPU launch picks for small and large M (run here by the interpreter)."""
+    from gdnsq_kernels.triton_xnor import _blocks, packed_gemm_triton
+
+    N, K = 70, 300  # W = 10 words: not a multiple of any BLOCK_W, ragged N tiles
+    bm, bn, bw, _ = _blocks(M, N, (K + 31) // 32, interpret=False)
+    x = torch.randint(0, 2, (M, K), device=device)
+    y = torch.randint(0, 2, (N, K), device=device)
+    ref_x, ref_a = _int_ref(x, y)
+    for xnor, ref in ((True, ref_x), (False, ref_a)):
+        out = packed_gemm_triton(pack_bits(x), pack_bits(y), K, xnor, blocks=(bm, bn, bw))
+        assert torch.equal(out.cpu().to(torch.int64), ref)
