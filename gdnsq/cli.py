@@ -135,7 +135,8 @@ def _common(p: argparse.ArgumentParser, *, model_required: bool = False) -> None
     p.add_argument("--model", default="resnet20", choices=sorted(MODELS),
                    help="architecture (default resnet20)")
     p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"],
-                   help="data set (default cifar10; cifar100 needs the original files in --data-dir)")
+                   help="data set (default cifar10; cifar100 needs the original files in "
+                        "--data-dir)")
     p.add_argument("--data-dir", default=None,
                    help="data/cache directory (default $GDNSQ_DATA_DIR or ~/.cache/gdnsq)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

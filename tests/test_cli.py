@@ -60,7 +60,8 @@ def tiny_data(tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["quantize", "--weight-bits", "0", "--act-bits", "2", "--out", "x"], "bits must be between 1"),
-    (["quantize", "--weight-bits", "2", "--act-bits", "two", "--out", "x"], "integer number of bits"),
+    (["quantize", "--weight-bits", "2", "--act-bits", "two", "--out", "x"],
+     "integer number of bits"),
     (["quantize", "--weight-bits", "2", "--act-bits", "2"], "--out"),
     (["evaluate", "--model", "resnet99", "--checkpoint", "x.th"], "invalid choice: 'resnet99'"),
     (["train-fp", "--out", "x", "--epochs", "0"], "positive integer"),

@@ -261,7 +261,8 @@ def test_augment_uses_offsets_and_flips():
 def test_normalize_values():
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = gdata.NORMALIZATIONS["imagenet"]
-    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / \
+        torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(normalize(x, "imagenet"), ref)
     with pytest.raises(ValueError, match="normalization must be one of"):
         normalize(x, "nope")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import torch
 import torch.nn as nn
@@ -30,9 +30,10 @@ import torch.nn as nn
 from .resnet_cifar import DEPTHS, BasicBlock, CifarResNet, OptionAShortcut, resnet20, resnet32, \
     resnet44, resnet56
 
-__all__ = ["MODELS", "get_model", "extract_state_dict", "load_fp_checkpoint", "fit_state_dict",
-           "save_fp_checkpoint", "read_checkpoint", "CheckpointMismatch", "CifarResNet", "BasicBlock",
-           "OptionAShortcut", "resnet20", "resnet32", "resnet44", "resnet56"]
+__all__ = ["MODELS", "DEPTHS", "get_model", "extract_state_dict", "load_fp_checkpoint",
+           "fit_state_dict", "save_fp_checkpoint", "read_checkpoint", "CheckpointMismatch",
+           "CifarResNet", "BasicBlock", "OptionAShortcut", "resnet20", "resnet32", "resnet44",
+           "resnet56"]
 
 #: name -> constructor(num_classes) -> nn.Module
 MODELS = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44, "resnet56": resnet56}
@@ -67,7 +68,7 @@ def read_checkpoint(path) -> object:
 
 
 def extract_state_dict(obj) -> Dict[str, torch.Tensor]:
-    """The model state dict inside a loaded checkpoint object, with any ``module.`` prefix removed."""
+    """The model state dict inside a loaded checkpoint object, ``module.`` prefixes removed."""
     sd = obj
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "student", "model_state_dict", "model_state"):
