@@ -87,17 +87,21 @@ def _key_i64(seed: int) -> int:
 
 
 def activation_forward(x, log2_step, log2_range, offset):
-    return _ext.act_forward(x.detach().contiguous(), log2_step.detach(), log2_range.detach(),
-                            offset.detach())
+    xc = x.detach().contiguous()
+    y = torch.empty_like(xc)  # allocated here so that tests can poison it
+    _ext.act_forward(xc, y, log2_step.detach(), log2_range.detach(), offset.detach())
+    return y
 
 
 def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
                         need_grad_x=True, need_grad_params=True):
     xc = x.detach().contiguous()
     g = grad_y.detach().to(x.dtype).contiguous()
-    dx, sums = _ext.act_backward(g, xc, log2_step.detach(), log2_range.detach(), offset.detach(),
-                                 _key_i64(seed), bool(dither), bool(need_grad_x),
-                                 bool(need_grad_params), DITHER_MAGNITUDE)
+    dx = torch.empty_like(xc) if need_grad_x else None
+    sums = _ext.act_backward(g, xc, dx if need_grad_x else xc, log2_step.detach(),
+                             log2_range.detach(), offset.detach(),
+                             _key_i64(seed), bool(dither), bool(need_grad_x),
+                             bool(need_grad_params), DITHER_MAGNITUDE)
     if not need_grad_params:
         return dx, None, None, None
     ct = _checks.compute_dtype(x.dtype)
@@ -108,7 +112,10 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
 
 def weight_forward(w, log2_step):
     c_out = w.shape[0]
-    y, z = _ext.w_forward(w.detach().contiguous().reshape(c_out, -1), log2_step.detach())
+    w2 = w.detach().contiguous().reshape(c_out, -1)
+    y = torch.empty_like(w2)
+    z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype))
+    _ext.w_forward(w2, y, z, log2_step.detach())
     return y.reshape(w.shape), z
 
 

@@ -206,11 +206,13 @@ acc_t row_min(const scalar_t* __restrict__ row, int64_t K) {
 
 }  // namespace
 
-// y = lo + s * round((clamp(x, lo, hi) - lo) / s)
-at::Tensor act_forward(const at::Tensor& x, const at::Tensor& log2_step,
-                       const at::Tensor& log2_range, const at::Tensor& offset) {
+// y = lo + s * round((clamp(x, lo, hi) - lo) / s), written into y (allocated by the caller
+// with torch.empty_like, so the tests' NaN poisoning reaches it).
+void act_forward(const at::Tensor& x, at::Tensor y, const at::Tensor& log2_step,
+                 const at::Tensor& log2_range, const at::Tensor& offset) {
   check_cpu_contig(x, "x");
-  at::Tensor y = at::empty_like(x);
+  check_cpu_contig(y, "y");
+  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), "y must be like x");
   const int64_t n = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "act_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -225,12 +227,12 @@ at::Tensor act_forward(const at::Tensor& x, const at::Tensor& log2_step,
       act_forward_range<scalar_t, acc_t>(xp, yp, b, e, s, lo, hi);
     });
   });
-  return y;
 }
 
-// Returns (grad_x or an undefined tensor, sums (3,) float64 = [sum g*t, sum_{x>hi} g, sum_out g])
-// with t = e - [x > hi] + s*r. The caller applies ln2*s and ln2*Q.
-std::vector<at::Tensor> act_backward(const at::Tensor& g, const at::Tensor& x,
+// Writes grad_x into dx when need_dx; returns sums (3,) float64 =
+// [sum g*t, sum_{x>hi} g, sum_out g] with t = e - [x > hi] + s*r (zeros unless need_params).
+// The caller applies ln2*s and ln2*Q.
+at::Tensor act_backward(const at::Tensor& g, const at::Tensor& x, at::Tensor dx,
                                      const at::Tensor& log2_step, const at::Tensor& log2_range,
                                      const at::Tensor& offset, int64_t key, bool dither,
                                      bool need_dx, bool need_params, double mag) {
@@ -238,7 +240,10 @@ std::vector<at::Tensor> act_backward(const at::Tensor& g, const at::Tensor& x,
   check_cpu_contig(g, "grad_y");
   TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_y must have x's dtype");
   const int64_t n = x.numel();
-  at::Tensor dx = need_dx ? at::empty_like(x) : at::Tensor();
+  if (need_dx) {
+    check_cpu_contig(dx, "dx");
+    TORCH_CHECK(dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(), "dx must be like x");
+  }
   const int64_t n_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> part(need_params ? n_chunks * 3 : 0, 0.0);
   const uint32_t ukey = static_cast<uint32_t>(key);
@@ -276,17 +281,20 @@ std::vector<at::Tensor> act_backward(const at::Tensor& g, const at::Tensor& x,
       sp[2] += part[c * 3 + 2];
     }
   }
-  return {dx, sums};
+  return sums;
 }
 
-// w: contiguous (C, K). Returns (w_hat (C, K), zero_point (C,) in the compute dtype).
-std::vector<at::Tensor> w_forward(const at::Tensor& w, const at::Tensor& log2_step) {
+// w: contiguous (C, K). Writes w_hat into y (C, K) and the zero point into z (C,) (compute dtype).
+void w_forward(const at::Tensor& w, at::Tensor y, at::Tensor z, const at::Tensor& log2_step) {
   check_cpu_contig(w, "w");
+  check_cpu_contig(y, "y");
+  check_cpu_contig(z, "zero_point");
   TORCH_CHECK(w.dim() == 2, "w must be 2-D (C, K) here");
   const int64_t C = w.size(0), K = w.size(1);
-  at::Tensor y = at::empty_like(w);
+  TORCH_CHECK(y.sizes() == w.sizes() && y.scalar_type() == w.scalar_type(), "y must be like w");
   const bool is_double = w.scalar_type() == at::kDouble;
-  at::Tensor z = at::empty({C}, is_double ? at::kDouble : at::kFloat);
+  TORCH_CHECK(z.numel() == C && z.scalar_type() == (is_double ? at::kDouble : at::kFloat),
+              "zero_point must be (C,) in the compute dtype");
   const bool per_channel = log2_step.numel() == C && log2_step.dim() == 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "w_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -308,7 +316,6 @@ std::vector<at::Tensor> w_forward(const at::Tensor& w, const at::Tensor& log2_st
       }
     });
   });
-  return {y, z};
 }
 
 // Per-channel sums (C,) float64 of g*(e + s*r); the caller applies ln2*s (and sums for a
