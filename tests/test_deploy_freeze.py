@@ -185,3 +185,21 @@ def test_float_codes_equal_reference_codes():
                    lo + s * (torch.arange(-3, 20).float() + 0.5),  # ties: round half to even
                    torch.tensor([float("inf"), -float("inf"), 1e30])])
     assert torch.equal(layer.float_codes(x).to(torch.int32), layer.codes_of(x))
+
+
+@pytest.mark.parametrize("conv_args", [dict(groups=2, dilation=2, padding=3), dict(padding=2, stride=3)])
+def test_conv_geometry_grouped_dilated_wide_padding(conv_args):
+    from gdnsq.layers import QConv2d
+    from _deploy_helpers import set_bits
+
+    conv = nn.Conv2d(4, 6, 3, bias=True, **conv_args)
+    model = nn.Sequential(QConv2d.from_float(conv, weight_bits=3, act_bits=3, signed=True))
+    x = torch.randn(2, 4, 9, 10)
+    set_bits(model, x, 3, 3)
+    ref = model(x)
+    frozen = freeze(model)
+    assert frozen[0].allowed_paths()[0] == ("int" if "groups" in conv_args else "bitplane")
+    for path in frozen[0].allowed_paths():
+        frozen[0].set_path(path)
+        assert rel_err(frozen(x), ref) < 1e-5, path
+        assert rel_err(frozen[0](x).double(), _oracle(frozen[0], x)) < 1e-5, path

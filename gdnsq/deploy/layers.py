@@ -345,8 +345,13 @@ class DeployedConv2d(_DeployedBase):
         out_ch, _, kh, kw = self.config["weight_shape"]
         n, c, h, w = j.shape
         js = j.view(n, groups, c // groups, h, w).sum(2)
-        ones = torch.ones(groups, 1, kh, kw, dtype=j.dtype, device=j.device)
-        s = F.conv2d(js, ones, None, stride, padding, dilation, groups)
+        if tuple(dilation) == (1, 1) and padding[0] <= kh // 2 and padding[1] <= kw // 2:
+            # window sums with zero padding: avg_pool with divisor 1 (much faster than a
+            # one-channel conv on CPU; exact, the values are small integers)
+            s = F.avg_pool2d(js, (kh, kw), stride, padding, count_include_pad=True, divisor_override=1)
+        else:
+            ones = torch.ones(groups, 1, kh, kw, dtype=j.dtype, device=j.device)
+            s = F.conv2d(js, ones, None, stride, padding, dilation, groups)
         return s.repeat_interleave(out_ch // groups, dim=1) if groups > 1 else s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
