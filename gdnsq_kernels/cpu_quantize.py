@@ -3,7 +3,8 @@
 The extension is compiled with ``torch.utils.cpp_extension.load`` (ninja, -O3, OpenMP through
 ``at::parallel_for``, AVX2 when the CPU has it, no FP contraction so the forward matches the
 reference exactly) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``); later processes load the cached build in well under a second.
+``~/.cache/torch_extensions``, folder ``gdnsq_quantize_cpu_<hash of source and flags>``);
+later processes load the cached build in well under a second.
 If the compiler or ninja is missing or the build fails, ``implementation()`` warns once and
 returns the eager ``torch`` backend instead.
 
@@ -13,6 +14,7 @@ O(1)/O(C_out) sums happens in Python.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import threading
@@ -50,10 +52,14 @@ def load_extension():
         # -fno-trapping-math lets GCC if-convert the clamp/select loops (it then vectorises them); it
         # changes no value. -ffp-contract=off keeps mul+add unfused, as in the reference.
         flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
-        name = "gdnsq_quantize_cpu"
         if _has_avx2():
             flags.append("-mavx2")
-            name += "_avx2"
+        # The build folder is keyed by a hash of the source and flags: checkouts of different
+        # versions (a fresh clone next to a working tree, say) share torch's extension cache,
+        # and under one fixed name they would overwrite each other's build mid-run.
+        with open(_SOURCE, "rb") as f:
+            digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
+        name = f"gdnsq_quantize_cpu_{digest}"
         _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags,
                     extra_ldflags=["-fopenmp"], verbose=False)
         return _ext
