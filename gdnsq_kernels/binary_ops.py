@@ -485,9 +485,15 @@ def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     const = s * beta * pw.ones.to(torch.float64) + m * beta * K  # (O,)
     if b is not None:
         const = const + b
-    # Two float64 passes (the exact integer counts are promoted inside addcmul), one rounding.
-    out = torch.addcmul(const, kj, s * s_a)
-    out.addcmul_(jsum, m * s_a)
+    if name == "cpu" and _cpp_gemm_available():  # one fused pass, same arithmetic
+        from .cpu_xnor import linear_epilogue
+
+        out = linear_epilogue(kj, jsum.reshape(-1), (s * s_a).contiguous(), (m * s_a).contiguous(),
+                              const.expand(pw.out_channels).contiguous())
+        return out.reshape(*lead, pw.out_channels)
+    # Same-dtype in-place passes (mixed-dtype addcmul takes a slow unvectorised path).
+    out = kj.to(torch.float64).mul_(s * s_a).add_(const)
+    out.addcmul_(jsum.to(torch.float64), m * s_a)
     return out.to(torch.float32).reshape(*lead, pw.out_channels)
 
 
@@ -584,6 +590,7 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
 
     cargs = dict(stride=stride, dilation=dilation)
     M = Nb * Ho * Wo
+    kjt_int = None
     if name == "cpu" and _cpu_conv_strategy(M, C, O, pw.in_features) == "float":
         # Measured: for conv-shaped GEMMs (many rows, few output channels) oneDNN's float conv
         # of the 0/1 codes beats NumPy popcount; it is exact (integer sums < 2**24) at full
@@ -616,9 +623,18 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
             ones_row = pack_bits_unchecked(torch.ones((1, kh, kw, C), dtype=torch.uint8, device=dev), dim=3)
             pw.cache["aug"] = torch.cat([pw.packed, ones_row.reshape(1, -1)]).contiguous()
         # AND form: per-tap padding bits are 0 in both operands, so k can be the full word width.
-        kj_aug = _packed_gemm(patches, pw.cache["aug"], kh * kw * cw * WORD_BITS, False, name)
-        kj_aug = kj_aug.reshape(Nb, Ho, Wo, O + 1)  # NHWC
-        kj, jsum = kj_aug[..., :O], kj_aug[..., O:]
+        kbits = kh * kw * cw * WORD_BITS
+        if name == "cpu" and _cpp_gemm_available():
+            # Patches as the GEMM's M side (measured faster); the fused C++ epilogue reads
+            # the (N, L, O+1) result and writes NCHW.
+            kjt_int = _packed_gemm(patches, pw.cache["aug"], kbits, False, name).reshape(Nb, Ho * Wo, O + 1)
+            kj = jsum = None
+        else:
+            # Weight rows as the M side: the (O+1, N*L) result is channel-major, so NCHW needs
+            # only a batch/channel swap of contiguous Ho*Wo planes (no element transpose).
+            kjt = _packed_gemm(pw.cache["aug"], patches, kbits, False, name)
+            kjt = kjt.to(torch.float64).reshape(O + 1, Nb, Ho, Wo).permute(1, 0, 2, 3)  # (N, O+1, Ho, Wo)
+            kj, jsum = kjt[:, :O], kjt[:, O:]
 
     # Per-position counts over the real (in-image) taps, as integer window sums (exact).
     sh, sw = stride
@@ -647,17 +663,24 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     const = (s * beta) * k_real + (m * beta) * n_real
     if b is not None:
         const = const + b.reshape(1, O, 1, 1)
-    # Two float64 passes over the output (kj and jsum are exact integers, promoted inside
-    # addcmul), then one rounding to float32 into NCHW.
-    if jsum is None:  # NCHW float-conv branch
+    # float64 passes over the output (kj and jsum are exact integers), then one rounding to
+    # float32 into NCHW. Operands are converted first: mixed-dtype addcmul is unvectorised.
+    if jsum is None and kjt_int is None:  # NCHW float-conv branch
         jpix = F.pad(act_codes.sum(dim=1, keepdim=True, dtype=torch.int32), (pl, pr, pt, pb))
         jsum = torch.zeros((Nb, 1, Ho, Wo), dtype=torch.int32, device=dev)
         for i in range(kh):
             for j in range(kw):
                 jsum += tap(jpix, i, j)
-        out = torch.addcmul(const, kj, s * s_a)
-        out.addcmul_(jsum, m * s_a)
+        out = kj.to(f64).mul_(s * s_a).add_(const)
+        out.addcmul_(jsum.to(f64), m * s_a)
         return out.to(torch.float32, memory_format=torch.contiguous_format)
-    out = torch.addcmul(const.permute(0, 2, 3, 1).contiguous(), kj, (s * s_a).reshape(O))  # NHWC
-    out.addcmul_(jsum, (m * s_a).reshape(O))
-    return out.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    if kjt_int is not None:  # cpu with the C++ extension: one fused pass
+        from .cpu_xnor import conv_epilogue
+
+        out = conv_epilogue(kjt_int, const.reshape(O, Ho * Wo).expand(O, Ho * Wo),
+                            (s * s_a).reshape(O), (m * s_a).reshape(O))
+        return out.reshape(Nb, O, Ho, Wo)
+    out = torch.empty((Nb, O, Ho, Wo), dtype=f64, device=dev)
+    torch.mul(kj, s * s_a, out=out)  # kj: float64 view with contiguous Ho*Wo planes
+    out.add_(const).addcmul_(jsum, m * s_a)
+    return out.to(torch.float32)

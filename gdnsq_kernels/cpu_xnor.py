@@ -1,4 +1,4 @@
-"""C++ popcount GEMM for the ``cpu`` backend (``csrc/xnor_cpu.cpp``), built on first use.
+"""C++ popcount GEMM and fused epilogues for the ``cpu`` backend (``csrc/xnor_cpu.cpp``).
 
 Built with ``torch.utils.cpp_extension.load`` (ninja, -O3, OpenMP through ``at::parallel_for``)
 into torch's extension cache; with AVX-512 VPOPCNTDQ (read from /proc/cpuinfo) the word loop
@@ -12,7 +12,6 @@ import threading
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "xnor_cpu.cpp")
 _lock = threading.Lock()
@@ -73,9 +72,14 @@ def available() -> bool:
 
 def packed_gemm_cpp(a: torch.Tensor, b: torch.Tensor, k: int, xnor: bool) -> torch.Tensor:
     """(M, W), (N, W) int32 words with bits past k cleared -> int32 (M, N)."""
-    if a.shape[1] % 2:  # pair the int32 words into uint64 words (one zero word of padding)
-        a = F.pad(a, (0, 1))
-        b = F.pad(b, (0, 1))
-    a64 = a.contiguous().view(torch.int64)
-    b64 = b.contiguous().view(torch.int64)
-    return _ext.packed_gemm(a64, b64, int(k), bool(xnor))
+    return _ext.packed_gemm(a.contiguous(), b.contiguous(), int(k), bool(xnor))
+
+
+def conv_epilogue(kj: torch.Tensor, const: torch.Tensor, ss: torch.Tensor, msa: torch.Tensor) -> torch.Tensor:
+    """int32 (N, L, O+1) GEMM, float64 (O, L) const, (O,) scales -> float32 (N, O, L), one pass."""
+    return _ext.conv_epilogue(kj.contiguous(), const.contiguous(), ss.contiguous(), msa.contiguous())
+
+
+def linear_epilogue(kj, jsum, ss, msa, const) -> torch.Tensor:
+    """int32 (M, O) GEMM, int32 (M,) sum(j), float64 (O,) ss/msa/const -> float32 (M, O)."""
+    return _ext.linear_epilogue(kj.contiguous(), jsum.contiguous(), ss, msa, const)
