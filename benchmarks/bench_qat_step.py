@@ -168,6 +168,36 @@ def write_atomic(path, text, mode="w"):
     os.replace(tmp, path)
 
 
+def markdown(record: dict, jsonl_text: str) -> str:
+    """The results table of ``record`` plus one line per run recorded in ``jsonl_text``."""
+    md = [f"QAT step of {record['model']} (batch {record['batch']}, 3x32x32, Jeffreys vs FP teacher, RAdam), "
+          f"{record['device']}, {record['threads']} threads, torch {record['torch']}, {record['date']}, "
+          f"median of {record['rounds']} interleaved steps (load average at the end: "
+          f"{', '.join(f'{v:.1f}' for v in record['loadavg'] or [])}).",
+          "",
+          "| provider | median step (ms) | p20-p80 (ms) | saved for backward (MiB) | time / FP | bytes / FP |",
+          "|---|---:|---:|---:|---:|---:|"]
+    for r in record["results"]:
+        md.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
+                  f"{r['saved_MiB']:.1f} | {r['time_vs_fp']:.2f} | {r['bytes_vs_fp']:.3f} |")
+    cmd = ("python benchmarks/bench_qat_step.py " + " ".join(record.get("argv", []))).rstrip()
+    md += ["", f"Command: `{cmd}`", "",
+           "All recorded runs (qat_step.jsonl; time / saved bytes, as ratios to FP):", "",
+           "| date (UTC) | device | threads | load | eager | gdnsq | gdnsq-nodither |",
+           "|---|---|---:|---:|---|---|---|"]
+    for line in jsonl_text.splitlines():
+        rec = json.loads(line)
+        by = {r["provider"]: r for r in rec["results"]}
+
+        def cell(name):
+            r = by.get(name)
+            return f"{r['time_vs_fp']:.2f}x / {r['bytes_vs_fp']:.2f}x" if r else "-"
+        load = rec.get("loadavg") or [float("nan")]
+        md.append(f"| {rec['date']} | {rec['device']} | {rec['threads']} | {load[0]:.1f} | "
+                  f"{cell('eager')} | {cell('gdnsq')} | {cell('gdnsq-nodither')} |")
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=128)
@@ -179,7 +209,13 @@ def main(argv=None):
     ap.add_argument("--no-save", action="store_true", help="do not write the results files")
     ap.add_argument("--nodither-row", action="store_true",
                     help="also time gdnsq with dither=False (diagnostic: cost of the dither hash)")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite qat_step.md from the last record of qat_step.jsonl and exit")
     args = ap.parse_args(argv)
+    if args.markdown_only:
+        text = open(os.path.join(RESULTS, "qat_step.jsonl")).read()
+        write_atomic(os.path.join(RESULTS, "qat_step.md"), markdown(json.loads(text.splitlines()[-1]), text))
+        return None
     if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--batch and --rounds must be >= 1, --warmup >= 0")
     if args.threads:
@@ -267,19 +303,7 @@ def main(argv=None):
         jsonl = os.path.join(RESULTS, "qat_step.jsonl")
         old = open(jsonl).read() if os.path.exists(jsonl) else ""
         write_atomic(jsonl, old + json.dumps(record) + "\n")
-        md = [f"QAT step of {model_name} (batch {args.batch}, 3x32x32, Jeffreys vs FP teacher, RAdam), "
-              f"{record['device']}, {record['threads']} threads, torch {record['torch']}, {record['date']}, "
-              f"median of {args.rounds} interleaved steps (load average at the end: "
-              f"{', '.join(f'{v:.1f}' for v in record['loadavg'] or [])}).",
-              "",
-              "| provider | median step (ms) | p20-p80 (ms) | saved for backward (MiB) | time / FP | bytes / FP |",
-              "|---|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            md.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
-                      f"{r['saved_MiB']:.1f} | {r['time_vs_fp']:.2f} | {r['bytes_vs_fp']:.3f} |")
-        cmd = "python benchmarks/bench_qat_step.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-        md += ["", f"Command: `{cmd}`", ""]
-        write_atomic(os.path.join(RESULTS, "qat_step.md"), "\n".join(md))
+        write_atomic(os.path.join(RESULTS, "qat_step.md"), markdown(record, old + json.dumps(record) + "\n"))
     return record
 
 

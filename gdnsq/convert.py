@@ -120,7 +120,7 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if not (signed is True or signed is False or signed == "auto"):
+    if not (signed is True or signed is False or (isinstance(signed, str) and signed == "auto")):
         raise ValueError(f"signed must be 'auto', True or False, got {signed!r}")
     exclude, include = _names(exclude, "exclude"), _names(include, "include")
 

@@ -250,7 +250,7 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, signed=False, target_bits: float = 32.0, dither: bool = True):
         super().__init__()
-        if signed not in _SIGNED_CODES or (signed is not True and signed is not False and signed != "auto"):
+        if not (signed is True or signed is False or (isinstance(signed, str) and signed == "auto")):
             raise ValueError(f"signed must be True, False or 'auto', got {signed!r}")
         code = _SIGNED_CODES[signed]
         self.enabled = True
