@@ -72,10 +72,20 @@ class _FusedQuantLayer(torch.autograd.Function):
         w_seed = _kq.new_seed() if cfg.w_dither else 0
         xq = _kq.activation_forward(x, a_step, a_range, a_off) if has_act else x
         w_hat, zero_point = _kq.weight_forward(weight, w_step)
-        out = _op_forward(cfg, xq, w_hat, bias)
+        # Under autocast the quantizers still run in float32 (METHOD Part A item 8); only the
+        # conv/linear runs in the autocast dtype, cast here explicitly so that the backward,
+        # which runs outside autocast, sees the same dtypes.
+        dev = x.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if cast is not None:
+            with torch.autocast(dev, enabled=False):
+                out = _op_forward(cfg, xq.to(cast), w_hat.to(cast), None if bias is None else bias.to(cast))
+        else:
+            out = _op_forward(cfg, xq, w_hat, bias)
         ctx.save_for_backward(x, weight, w_hat, zero_point, a_step, a_range, a_off, w_step)
         ctx.cfg, ctx.has_act, ctx.has_bias = cfg, has_act, bias is not None
         ctx.seeds = (a_seed, w_seed)
+        ctx.cast = cast
         return out
 
     @staticmethod
@@ -90,8 +100,17 @@ class _FusedQuantLayer(torch.autograd.Function):
         # Recompute the quantized input instead of having stored it (the memory saving).
         xq = _kq.activation_forward(x, a_step, a_range, a_off) if has_act else x
         grad_out = grad_out.contiguous()
-        g_xq, g_w_hat, g_b = _op_backward(cfg, grad_out, xq, w_hat, ctx.has_bias, (need_in, need_w, nb))
-        del xq
+        if ctx.cast is not None:
+            xq, w_op = xq.to(ctx.cast), w_hat.to(ctx.cast)
+            grad_out = grad_out.to(ctx.cast)
+        else:
+            w_op = w_hat
+        g_xq, g_w_hat, g_b = _op_backward(cfg, grad_out, xq, w_op, ctx.has_bias, (need_in, need_w, nb))
+        del xq, w_op
+        if ctx.cast is not None:  # back to the dtypes of x, the weight and the bias
+            g_xq = None if g_xq is None else g_xq.to(x.dtype)
+            g_w_hat = None if g_w_hat is None else g_w_hat.to(weight.dtype)
+            g_b = None if g_b is None else g_b.to(weight.dtype)
         gx = gas = gar = gao = gw = gws = None
         if need_in:
             if has_act:
