@@ -122,7 +122,11 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
     for dev, run in sorted(latest.items()):
         sel = [r for r in rows if r["device"] == dev and r["run"] == run]
         v = sel[0]["versions"]
-        lines += [f"## {dev}", "", f"run {run}, torch {v['torch']}, triton {v['triton']}, gdnsq {v['gdnsq']}", "",
+        loads = [r.get("load_avg_1min") for r in sel if r.get("load_avg_1min") is not None]
+        busy = (f"; machine load average {min(loads):.1f}-{max(loads):.1f} during the run (other jobs were "
+                f"running: absolute times are inflated, compare rows with care)"
+                if loads and max(loads) > 1.5 * os.cpu_count() else "")
+        lines += [f"## {dev}", "", f"run {run}, torch {v['torch']}, triton {v['triton']}, gdnsq {v['gdnsq']}{busy}", "",
                   "| model | paths | batch | latency (ms) | images/s | vs fake-quant | vs FP32 |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         by = {(r["model"], r["batch"]): r for r in sel}
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
         for batch in args.batches:
             lat = time_model(model, batch, device, reps if batch > 1 else reps * 4)
             row = {"run": run, "device": dev, "versions": versions(), "model": name, "bits": bits,
+                   "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                    "paths": paths, "batch": batch, "reps": reps, "latency_ms": lat * 1e3,
                    "images_per_s": batch / lat, "command": "python benchmarks/bench_inference.py "
                    + " ".join(argv if argv is not None else sys.argv[1:])}

@@ -142,3 +142,15 @@ def test_save_rejects_bad_arguments(tmp_path, saved):
         save("x", tmp_path / "a")
     with pytest.raises(ValueError, match="architecture"):
         save(frozen, tmp_path / "a", architecture={"kwargs": {}})
+
+
+def test_load_state_dict_refreshes_runtime_caches(saved):
+    frozen, path = saved
+    x = torch.randn(2, 3, 12, 12)
+    other = freeze(make_qmodel(2, 2, seed=7), path="bitplane")
+    other(x)  # fills the caches with the old codes
+    other.load_state_dict(frozen.state_dict())
+    for name, layer in deployed_layers(other):
+        if layer.path != frozen.get_submodule(name).path:  # (set_path itself clears the caches)
+            layer.set_path(frozen.get_submodule(name).path)
+    assert torch.equal(other(x), frozen(x))

@@ -54,8 +54,8 @@ def _layer_from(name: str, layer: nn.Module, strict: bool) -> _DeployedBase:
     aq = getattr(layer, "act_quantizer", None)
     act = None
     if _act_enabled(aq):
-        params = [aq.log2_step.detach().float().reshape(()), aq.log2_range.detach().float().reshape(()),
-                  aq.offset.detach().float().reshape(())]
+        params = [aq.log2_step.detach().float().reshape(()).cpu(), aq.log2_range.detach().float().reshape(()).cpu(),
+                  aq.offset.detach().float().reshape(()).cpu()]
         jmax = int(activation_codes(torch.full((1,), _HUGE), *params).max())
         act = dict(params=params, jmax=jmax, bits=max(1, jmax.bit_length()), realised=math.log2(jmax + 1),
                    target=float(getattr(aq, "target_bits", float("inf"))))

@@ -206,6 +206,11 @@ class _DeployedBase(nn.Module):
     def _binary_ok(self) -> bool:
         return True
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new codes/parameters: every derived runtime tensor is stale
+        self._cache = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda() move the buffers; the derived runtime tensors are rebuilt lazily.
         self._cache = {}
