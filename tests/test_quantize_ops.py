@@ -163,10 +163,11 @@ def test_weight_equal_valued_channel(device, backend, poison_empty):
 
 @pytest.mark.parametrize("device,backend", CASES, ids=CASE_IDS)
 def test_weight_nan_channel(device, backend, poison_empty):
-    w = torch.randn(3, 10, device=device)
-    w[2, 4] = float("nan")
-    (y, z, gs), _ = _w_check(w, torch.full((3,), -3.0, device=device), backend, dither=False)
-    assert torch.isnan(z[2]) and torch.isnan(y[2]).all() and torch.isnan(gs[2])
+    w = torch.randn(4, 40, device=device)
+    w[2, 4] = float("nan")  # in the vectorised part of a 40-long row
+    w[3, 38] = float("nan")  # in the scalar tail
+    (y, z, gs), _ = _w_check(w, torch.full((4,), -3.0, device=device), backend, dither=False)
+    assert torch.isnan(z[2:]).all() and torch.isnan(y[2:]).all() and torch.isnan(gs[2:]).all()
     assert torch.isfinite(y[:2]).all() and torch.isfinite(gs[:2]).all()
 
 

@@ -21,6 +21,9 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -178,31 +181,42 @@ double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ 
   return tot;
 }
 
-// Per-row minimum, NaN if the row holds a NaN, 0 for an empty row.
+// Per-row minimum, NaN if the row holds a NaN, 0 for an empty row. GCC does not vectorise a
+// float min reduction without -ffinite-math-only, so float rows use AVX intrinsics when
+// compiled with AVX2 (NaN is tracked separately: vminps ignores it in this operand order).
 template <typename scalar_t, typename acc_t>
 acc_t row_min(const scalar_t* __restrict__ row, int64_t K) {
   if (K == 0) return acc_t(0);
-  acc_t lanes[kLanes];
-  int nan_lanes[kLanes] = {};
-  for (int l = 0; l < kLanes; ++l) lanes[l] = std::numeric_limits<acc_t>::infinity();
+  acc_t m = std::numeric_limits<acc_t>::infinity();
+  bool has_nan = false;
   int64_t i = 0;
-  for (; i + kLanes <= K; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      acc_t v = static_cast<acc_t>(row[i + l]);
-      lanes[l] = v < lanes[l] ? v : lanes[l];
-      nan_lanes[l] |= (v != v);
+#if defined(__AVX2__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    __m256 vm0 = _mm256_set1_ps(m), vm1 = vm0;
+    __m256 vn = _mm256_setzero_ps();
+    for (; i + 16 <= K; i += 16) {
+      __m256 a = _mm256_loadu_ps(row + i);
+      __m256 b = _mm256_loadu_ps(row + i + 8);
+      vm0 = _mm256_min_ps(a, vm0);  // NaN in a -> vm0 kept
+      vm1 = _mm256_min_ps(b, vm1);
+      vn = _mm256_or_ps(vn, _mm256_or_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q),
+                                         _mm256_cmp_ps(b, b, _CMP_UNORD_Q)));
+    }
+    alignas(32) float t0[8], t1[8], tn[8];
+    _mm256_store_ps(t0, vm0);
+    _mm256_store_ps(t1, vm1);
+    _mm256_store_ps(tn, vn);
+    for (int l = 0; l < 8; ++l) {
+      m = t0[l] < m ? t0[l] : m;
+      m = t1[l] < m ? t1[l] : m;
+      has_nan |= tn[l] != 0.0f;  // all-ones bit pattern is a NaN, != 0 is true
     }
   }
-  acc_t m = std::numeric_limits<acc_t>::infinity();
-  int has_nan = 0;
+#endif
   for (; i < K; ++i) {
     acc_t v = static_cast<acc_t>(row[i]);
     m = v < m ? v : m;
     has_nan |= (v != v);
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    m = lanes[l] < m ? lanes[l] : m;
-    has_nan |= nan_lanes[l];
   }
   return has_nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
 }
