@@ -7,6 +7,9 @@ from gdnsq_kernels import binary_conv2d, binary_linear
 from gdnsq_kernels.backend import triton_interpreter_enabled
 from gdnsq_kernels.binary_ops import PackedBinaryWeight, pack_conv_weight, pack_linear_weight
 
+# torch warns that its own padding='same' reference conv with an even kernel copies the input.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 # Triton on CPU tensors needs the interpreter (conftest enables it on machines without CUDA).
