@@ -11,6 +11,7 @@ set -uo pipefail
 # `--out-dir DIR` and write its results (jsonl + md) there.
 BENCHMARKS=(
   bench_quantize.py
+  bench_binary.py
 )
 TOTAL_BUDGET_S=480   # 8 minutes for everything
 TEST_BUDGET_S=240    # at most this much of it for the tests

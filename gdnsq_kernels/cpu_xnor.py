@@ -7,6 +7,7 @@ compiler or ninja) ``available()`` is False and the caller uses the NumPy popcou
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -47,6 +48,11 @@ def load_extension():
         elif "popcnt" in cpu:
             flags.append("-mpopcnt")
             name += "_popcnt"
+        # Key the build folder by a hash of source and flags: torch's extension cache is shared
+        # by every checkout on the machine, and one fixed name lets an old build be loaded.
+        with open(_SOURCE, "rb") as f:
+            digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
+        name = f"{name}_{digest}"
         _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     verbose=False)
         return _ext
