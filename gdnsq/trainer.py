@@ -57,6 +57,7 @@ from .losses import GDNSQObjective
 from .plot import plot_bit_history
 from .presets import TrainConfig, get_preset
 from .progress import ProgressBar
+from .quantizers import ActivationQuantizer, WeightQuantizer
 from .schedule import GDNSQSchedule
 
 CHECKPOINT_FORMAT = "gdnsq.trainer.checkpoint"
@@ -208,6 +209,30 @@ def _split_batch(batch):
                     f"'input' (and 'label'), got {type(batch).__name__}")
 
 
+def _param_groups(student: nn.Module, config) -> list:
+    """RAdam parameter groups: the model's own parameters at ``lr`` and the quantizer parameters
+    (log2 steps, log2 ranges, offsets) at ``lr * quantizer_lr_scale``.
+
+    The paper uses one group (scale 1). RAdam moves each log2 parameter by about the LR per step
+    once the penalty dominates, so the bit-widths fall at a rate set by the quantizer LR, while
+    the weights of a pretrained model want a smaller LR; a scale > 1 separates the two. Each
+    group carries its ``lr_scale`` so the schedule's LR is applied to both.
+    """
+    quantizer_ids = set()
+    for module in student.modules():
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            quantizer_ids.update(id(p) for p in module.parameters())
+    model_params, quantizer_params = [], []
+    for p in student.parameters():
+        if p.requires_grad:
+            (quantizer_params if id(p) in quantizer_ids else model_params).append(p)
+    scale = float(getattr(config, "quantizer_lr_scale", 1.0))
+    groups = [{"params": model_params, "lr_scale": 1.0}]
+    if quantizer_params:
+        groups.append({"params": quantizer_params, "lr_scale": scale})
+    return [g for g in groups if g["params"]]
+
+
 class Trainer:
     """GDNSQ fine-tuning of a converted student against its FP teacher.
 
@@ -276,7 +301,7 @@ class Trainer:
                 if wq is not None:
                     wq.estimator = config.estimator
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.RAdam(self.params, lr=config.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.RAdam(_param_groups(self.student, config), lr=config.lr, weight_decay=0.0)
         self.schedule = GDNSQSchedule(config.lr, config.warmup_steps, t_scale=config.t_scale, anneal=config.anneal)
         self.objective = GDNSQObjective(self.student, epsilon=config.epsilon)
         if gdist.is_distributed():
@@ -443,7 +468,7 @@ class Trainer:
             self._last_inputs = x
             lr, t = float(self.schedule.lr), float(self.schedule.t)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
             student_logits = self.student(x)

@@ -104,7 +104,7 @@ def fast_config(**overrides):
     """A config for the tiny task: large LR (RAdam's rectification keeps early steps small),
     short warm-up, fast t growth, LR halving every ~2 epochs after convergence."""
     from gdnsq.presets import get_preset
-    values = dict(lr=0.2, warmup_steps=5, t_scale=5.0, anneal=0.95, val_every=1, patience=3,
+    values = dict(lr=0.2, quantizer_lr_scale=1.0, warmup_steps=5, t_scale=5.0, anneal=0.95, val_every=1, patience=3,
                   max_epochs=8, log_every=2, progress=False, device="cpu", seed=0)
     values.update(overrides)
     return get_preset("cpu-fast", **values)
