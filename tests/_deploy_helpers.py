@@ -1,9 +1,4 @@
-"""Helpers for the gdnsq.deploy tests: small quantized models with chosen bit-widths.
-
-``ensure_ops()`` fills in low-level ops that are still placeholders while the kernel work lands
-(only names that are missing or raise NotImplementedError), using the plain-PyTorch oracles of
-``gdnsq_kernels.reference`` / ``binary_reference``; the real kernels win once they exist.
-"""
+"""Helpers for the gdnsq.deploy tests: small quantized models with chosen bit-widths."""
 from __future__ import annotations
 
 import math
@@ -11,16 +6,6 @@ import math
 import torch
 from torch import nn
 
-
-
-def ensure_ops(monkeypatch) -> None:
-    """Test-only stand-in while the fused CPU quantizer path is being written: if
-    ``gdnsq_kernels.cpu_quantize`` cannot be imported, run every op on the eager ``torch``
-    backend (a real, tested implementation of the same contracts)."""
-    try:
-        import gdnsq_kernels.cpu_quantize  # noqa: F401
-    except ImportError:
-        monkeypatch.setenv("GDNSQ_BACKEND", "torch")
 
 
 class Scale(nn.Module):

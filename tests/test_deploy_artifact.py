@@ -5,14 +5,13 @@ import struct
 import pytest
 import torch
 
-from _deploy_helpers import SmallNet, ensure_ops, make_qmodel
+from _deploy_helpers import SmallNet, make_qmodel
 from gdnsq.deploy import FORMAT_VERSION, deployed_layers, freeze, load, read_artifact, save
 from gdnsq.deploy.artifact import MAGIC
 
 
 @pytest.fixture(autouse=True)
-def _ops(monkeypatch):
-    ensure_ops(monkeypatch)
+def _no_grad():
     with torch.no_grad():
         yield
 

@@ -6,12 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from _deploy_helpers import ensure_ops, set_bits
-
-
-@pytest.fixture(autouse=True)
-def _ops(monkeypatch):
-    ensure_ops(monkeypatch)
+from _deploy_helpers import set_bits
 
 
 @pytest.fixture

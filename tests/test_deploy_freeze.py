@@ -7,14 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _deploy_helpers import Scale, ensure_ops, make_qmodel, quantized_layers, rel_err
+from _deploy_helpers import Scale, make_qmodel, quantized_layers, rel_err
 from gdnsq.deploy import DeployedConv2d, DeployedLinear, deployed_layers, freeze, layer_table, size_report
 from gdnsq.deploy.layers import pack_codes, unpack_codes
 
 
 @pytest.fixture(autouse=True)
-def _ops(monkeypatch):
-    ensure_ops(monkeypatch)
+def _no_grad():
     with torch.no_grad():
         yield
 
