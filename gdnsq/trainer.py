@@ -4,7 +4,8 @@ What one ``fit()`` does (METHOD.md Part B §3-§4, Part A items 6-8):
 
 * every batch: teacher (eval mode, ``no_grad``) and student (train mode) see the same inputs;
   ``loss, parts = GDNSQObjective(student_logits, teacher_logits, t)`` with the schedule's penalty
-  weight ``t``; the LR of the single RAdam group (all student parameters, no weight decay) is set
+  weight ``t``; the LR of the RAdam groups (no weight decay; model parameters at the schedule's
+  LR, quantizer parameters at ``quantizer_lr_scale`` times it, 1 in the paper) is set
   from the schedule before the step, and ``schedule.step()`` follows the optimizer step;
 * at every train-epoch end: the student runs in eval mode on the validation loader (the full
   pass when validation is due: every ``val_every`` epochs and at ``max_epochs``; otherwise the
