@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdnsq_kernels import quantize as _kq
+from gdnsq_kernels import reference as _kref
 
 from .quantizers import ActivationQuantizer, WeightQuantizer, _check_bits, aewgs_grads
 
@@ -152,6 +153,9 @@ class _QuantMixin:
         self.fused = True
         # Set by gdnsq.calibrate to run the layer in full precision during statistics passes.
         self._fp_passthrough = False
+        # exact_inference: without autograd, run the conv/linear of the quantized operands in
+        # float64 and round the result once to the input dtype (see set_exact_inference).
+        self.exact_inference = False
         self._quant_kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, signed=signed,
                                   estimator=estimator, per_channel=per_channel, dither=dither)
         self.weight_quantizer.to(device=self.weight.device)
@@ -187,8 +191,11 @@ class _QuantMixin:
                     aq.observe_output(xq)
             else:
                 xq = x
+            bias = None if self.bias is None else self.bias.detach()
+            if self.exact_inference and x.dtype != torch.float64:
+                return self._exact_forward(x, xq, cfg, act, bias)
             w_hat, _ = _kq.weight_forward(self.weight.detach(), wq.log2_step.detach())
-            return _op_forward(cfg, xq, w_hat, None if self.bias is None else self.bias.detach())
+            return _op_forward(cfg, xq, w_hat, bias)
         if not self.fused:
             xq = aq(x) if act else x
             return _op_forward(cfg, xq, wq(self.weight), self.bias)
@@ -201,6 +208,28 @@ class _QuantMixin:
                 aq.observe_output(_kq.activation_forward(x.detach(), *[p.detach() for p in aq.params()]))
         return out
 
+    def _exact_forward(self, x, xq, cfg: _Cfg, act: bool, bias):
+        """The layer's exact value on the integer codes, rounded once to x's dtype.
+
+        Same codes as the float32 path; the grid values ``z + s*k`` and ``lo + s_a*j`` are formed
+        in float64 (steps are the float32 ``2**log2_step``, as everywhere) instead of being
+        rounded to float32, and the conv/linear runs in float64. This is the value the integer
+        kernels of ``gdnsq.deploy`` compute; see :func:`set_exact_inference`.
+        """
+        wq, aq = self.weight_quantizer, self.act_quantizer
+        k, z = _kref.weight_codes(self.weight.detach(), wq.log2_step.detach())
+        s_w = torch.exp2(wq.log2_step.detach().float()).double()
+        shape = (-1,) + (1,) * (k.dim() - 1)
+        w64 = z.double().view(shape) + (s_w.view(shape) if s_w.numel() > 1 else s_w) * k.double()
+        if act:
+            a_step, a_range, a_off = [p.detach() for p in aq.params()]
+            j = _kref.activation_codes(x, a_step, a_range, a_off)
+            x64 = a_off.double() + torch.exp2(a_step.float()).double() * j.double()
+        else:
+            x64 = xq.double()
+        out = _op_forward(cfg, x64, w64, None if bias is None else bias.double())
+        return out.to(x.dtype)
+
     # -- bit-widths ------------------------------------------------------------------------
     def continuous_weight_bits(self) -> torch.Tensor:
         """(C_out,) differentiable weight bit-widths."""
@@ -209,6 +238,22 @@ class _QuantMixin:
     def realised_weight_bits(self) -> float:
         """Max over output channels of log2(k_max - k_min + 1)."""
         return self.weight_quantizer.realised_bits(self.weight)
+
+
+def set_exact_inference(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every QConv2d/QLinear of ``model`` to exact inference (or back); returns ``model``.
+
+    A fake-quant layer normally accumulates its float32 conv of the quantized operands in
+    float32, whose summation order depends on the backend. With ``enabled=True`` the layers run
+    that conv in float64 outside autograd and round once: the exact value of the quantized
+    layer, which is what the integer kernels of ``gdnsq.deploy`` produce. Use it to compare a
+    frozen model with its fake-quant model bit for bit; it is about 10x slower on CPU.
+    Training (autograd) is unaffected.
+    """
+    for module in model.modules():
+        if isinstance(module, _QuantMixin):
+            module.exact_inference = bool(enabled)
+    return model
 
 
 def _check_bits_arg(value, name, allow_none):

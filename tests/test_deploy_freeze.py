@@ -202,3 +202,41 @@ def test_conv_geometry_grouped_dilated_wide_padding(conv_args):
         frozen[0].set_path(path)
         assert rel_err(frozen(x), ref) < 1e-5, path
         assert rel_err(frozen[0](x).double(), _oracle(frozen[0], x)) < 1e-5, path
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_integer_paths_equal_exact_fake_quant(bits):
+    """With exact inference the fake-quant model computes what the integer kernels compute:
+    each layer's exact value rounded once, so no code of a later quantizer can flip and the
+    end-to-end logits agree to float32 rounding (unlike the float32-accumulating fake-quant)."""
+    from gdnsq.layers import set_exact_inference
+
+    qmodel = make_qmodel(bits, bits)
+    x = _x(n=8)
+    frozen = freeze(qmodel, path="auto" if bits > 1 else "binary")
+    set_exact_inference(qmodel, True)
+    try:
+        ref = qmodel(x)
+    finally:
+        set_exact_inference(qmodel, False)
+    out = frozen(x)
+    assert rel_err(out, ref) < 1e-6
+    assert torch.equal(out.argmax(1), ref.argmax(1))
+    # Per layer, on the same input, the deployed layer and the exact fake-quant layer agree to
+    # one float32 rounding (both round the exact value once; float64 error may move a tie).
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0]))
+             for n, m in quantized_layers(qmodel)]
+    try:
+        qmodel(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    deployed = dict(deployed_layers(frozen))
+    for name, layer in quantized_layers(qmodel):
+        layer.exact_inference = True
+        try:
+            exact = layer(inputs[name])
+        finally:
+            layer.exact_inference = False
+        assert rel_err(deployed[name](inputs[name]), exact) < 2 ** -23, name
