@@ -1,8 +1,9 @@
 """gdnsq: GDNSQ quantization-aware fine-tuning down to W1A1, and deployment of the result.
 
-Method API (see docs/readme/method.md):
+Method API (see README.md):
     quantize_model, teacher_of, calibrate, QConv2d, QLinear, WeightQuantizer,
-    ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective, GDNSQSchedule
+    ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective, GDNSQSchedule,
+    Trainer, TrainConfig, get_preset, set_exact_inference; submodules data, models, deploy, cli
 """
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .layers import QConv2d, QLinear
@@ -12,14 +13,13 @@ from .losses import BitWidthPenalty, GDNSQObjective, jeffreys_divergence
 from .schedule import GDNSQSchedule
 from . import stats
 
-try:  # the trainer is written separately; export it once it exists
-    from .trainer import Trainer
-except ImportError:  # pragma: no cover
-    Trainer = None
+from .trainer import Trainer
+from .presets import TrainConfig, get_preset
+from .layers import set_exact_inference
 
 __all__ = [
     "quantize_model", "teacher_of", "calibrate", "QConv2d", "QLinear", "WeightQuantizer",
     "ActivationQuantizer", "jeffreys_divergence", "BitWidthPenalty", "GDNSQObjective",
-    "GDNSQSchedule", "stats", "Trainer",
+    "GDNSQSchedule", "stats", "Trainer", "TrainConfig", "get_preset", "set_exact_inference",
 ]
 __version__ = "0.1.0"
