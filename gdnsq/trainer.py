@@ -42,7 +42,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 import warnings
 from typing import Optional
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 
 from . import distributed as gdist
 from . import stats as gstats
+from ._atomic import atomic_torch_save, atomic_write_text
 from .losses import GDNSQObjective
 from .plot import plot_bit_history
 from .presets import TrainConfig, get_preset
@@ -74,40 +74,6 @@ _RESUME_FREE_FIELDS = {"max_epochs", "max_minutes", "patience", "progress", "log
 
 
 # --------------------------------------------------------------------------- file helpers
-
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a
-    reader sees either the old file or the complete new one, never a partial write."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def load_checkpoint(path: str, kind: Optional[str] = None) -> dict:
     """Load and check a trainer checkpoint (CPU tensors).
@@ -829,9 +795,9 @@ class Trainer:
     def _write_report(self, test: Optional[dict] = None, realised: Optional[dict] = None) -> dict:
         report = self._build_report(test, realised)
         if self.is_main:
-            atomic_write_text(json.dumps(report, indent=2, allow_nan=True) + "\n",
-                              os.path.join(self.out_dir, "report.json"))
-            atomic_write_text(report_markdown(report), os.path.join(self.out_dir, "report.md"))
+            atomic_write_text(os.path.join(self.out_dir, "report.json"),
+                              json.dumps(report, indent=2, allow_nan=True) + "\n")
+            atomic_write_text(os.path.join(self.out_dir, "report.md"), report_markdown(report))
             self._plot()
         gdist.barrier()
         return report

@@ -26,11 +26,11 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 
 import torch
 from torch import nn
 
+from .._atomic import atomic_write_bytes
 from .freeze import deployed_layers
 from .layers import build_layer
 
@@ -109,28 +109,12 @@ def save(model: nn.Module, path, *, architecture: dict | None = None, normalizat
     header = json.dumps(meta, sort_keys=True).encode("utf-8")
     body = _HEAD.pack(MAGIC, FORMAT_VERSION, len(header), len(blob)) + header + blob
     data = body + hashlib.sha256(body).digest()
-    _atomic_write(os.fspath(path), data)
+    atomic_write_bytes(path, data)
     return meta
 
 
 def _json_config(config: dict) -> dict:
     return json.loads(json.dumps(config))
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gdnsq", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_artifact(path) -> tuple:

@@ -19,13 +19,13 @@ Checkpoint layouts :func:`load_fp_checkpoint` understands (all read with ``torch
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from typing import Dict, Mapping
 
 import torch
 import torch.nn as nn
+
+from .._atomic import atomic_torch_save
 
 from .resnet_cifar import DEPTHS, BasicBlock, CifarResNet, OptionAShortcut, resnet20, resnet32, \
     resnet44, resnet56
@@ -140,12 +140,4 @@ def save_fp_checkpoint(path, model: nn.Module, *, model_name: str, num_classes: 
     path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"format": "gdnsq-fp", "model": model_name, "num_classes": num_classes,
            "normalization": normalization, "state_dict": model.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(obj, path)
