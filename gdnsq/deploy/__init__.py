@@ -4,7 +4,7 @@
     save(frozen, "model.gdnsq", normalization={"mean": [...], "std": [...]})
     model = load("model.gdnsq")                           # rebuilds the architecture
 
-See ``docs/readme/deploy.md``.
+See the Deployment section of README.md.
 """
 from .artifact import FORMAT_VERSION, load, read_artifact, save
 from .freeze import (
