@@ -121,11 +121,13 @@ def _roundtrip(frozen, norm, device):
 
 
 @torch.no_grad()
-def run_bits(bits, fp, norm, calib_loader, test_loader, device, limit, calib_batches) -> dict:
-    student = quantize_model(fp, bits, bits).to(device)
-    calibrate(student, calib_loader, num_batches=calib_batches, device=device)
+def run_bits(bits, fp, norm, calib_loader, test_loader, device, limit, calib_batches, student=None) -> dict:
     first_val = next(iter(calib_loader))[0].to(device)
-    set_bits(student, first_val, bits)
+    if student is None:  # calibrated model set to exactly 2**bits levels
+        student = quantize_model(fp, bits, bits).to(device)
+        calibrate(student, calib_loader, num_batches=calib_batches, device=device)
+        set_bits(student, first_val, bits)
+    student = student.to(device)
     student.eval()
     t0 = time.time()
     frozen = freeze(student, example_input=first_val[:16], strict=True, reps=1)
@@ -193,6 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--limit", type=int, default=0, help="stop after this many test images (0: all)")
     p.add_argument("--out", default=str(ROOT / "results" / "deploy_equality.json"))
+    p.add_argument("--run", nargs="*", default=[],
+                   help="trained `gdnsq quantize` run folders to check instead of --bits "
+                        "(their selected checkpoint, bits from run.json)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -206,8 +211,20 @@ def main(argv=None) -> int:
     results = []
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for b in args.bits:
-        r = run_bits(b, fp, norm, loaders["val"], loaders["test"], device, args.limit, args.calib_batches)
+    jobs = [(b, None, None) for b in args.bits] if not args.run else []
+    for run_dir in args.run:
+        from gdnsq.cli import load_model_for_eval  # the CLI's loader of a quantize run
+        ns = argparse.Namespace(checkpoint=run_dir, model="resnet20", dataset="cifar10",
+                                weight_bits=None, act_bits=None)
+        student, info = load_model_for_eval(ns)
+        if info["normalization"] != norm:
+            raise SystemExit(f"--run {run_dir}: normalisation {info['normalization']} != {norm}")
+        jobs.append((int(info["weight_bits"]), student, run_dir))
+    for b, student, run_dir in jobs:
+        r = run_bits(b, fp, norm, loaders["val"], loaders["test"], device, args.limit, args.calib_batches,
+                     student=student)
+        if run_dir is not None:
+            r["trained_run"] = os.path.basename(os.path.normpath(run_dir))
         print(json.dumps({k: v for k, v in r.items() if k not in ("rel_err_per_layer", "paths")}), flush=True)
         results.append(r)
         doc = {  # rewritten after every bit-width, so a partial run keeps what it measured
