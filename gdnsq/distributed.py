@@ -131,28 +131,26 @@ def all_reduce_mean(value):
     return float(t.item())
 
 
-def all_reduce_sum(value):
-    """Sum ``value`` (tensor or number) over ranks; identity when not distributed."""
+def _all_reduce(value, op):
+    """``value`` (tensor or number) reduced with ``op`` over ranks; identity when not distributed."""
     if not is_distributed():
         return value
     is_tensor = torch.is_tensor(value)
     t = value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
     dev = t.device
     t = t.to(_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t.to(dev) if is_tensor else float(t.item())
+
+
+def all_reduce_sum(value):
+    """Sum ``value`` (tensor or number) over ranks; identity when not distributed."""
+    return _all_reduce(value, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value):
     """Maximum of ``value`` (tensor or number) over ranks; identity when not distributed."""
-    if not is_distributed():
-        return value
-    is_tensor = torch.is_tensor(value)
-    t = value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
-    dev = t.device
-    t = t.to(_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.to(dev) if is_tensor else float(t.item())
+    return _all_reduce(value, dist.ReduceOp.MAX)
 
 
 def _comm_device() -> torch.device:
