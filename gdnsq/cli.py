@@ -81,44 +81,26 @@ class _Parser(argparse.ArgumentParser):
 # argument helpers
 # ----------------------------------------------------------------------------------------------
 
-def _bits(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer number of bits, got {text!r}")
-    if not 1 <= v <= 16:
-        raise argparse.ArgumentTypeError(f"bits must be between 1 and 16, got {v}")
-    return v
+def _number_arg(kind, what: str, valid, invalid_msg: Optional[str] = None):
+    """An argparse ``type``: parse with ``kind`` (int/float), reject values failing ``valid``
+    with a one-line message ("expected <what>, got <value>", or ``invalid_msg`` + value)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not valid(v):
+            raise argparse.ArgumentTypeError(f"{invalid_msg or 'expected ' + what}, got {text}")
+        return v
+    parse.__name__ = what.replace(" ", "_")  # argparse names the type in some messages
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
+_bits = _number_arg(int, "an integer number of bits", lambda v: 1 <= v <= 16,
+                    "bits must be between 1 and 16")
+_positive_int = _number_arg(int, "a positive integer", lambda v: v >= 1)
+_nonneg_int = _number_arg(int, "a non-negative integer", lambda v: v >= 0)
+_positive_float = _number_arg(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
 
 
 def _resolve_device(name: Optional[str]) -> torch.device:
