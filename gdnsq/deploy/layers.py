@@ -217,6 +217,13 @@ class _DeployedBase(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # -- derived tensors ----------------------------------------------------------------------
+    def _codes_as(self, dtype, device) -> torch.Tensor:
+        """The weight codes as ``dtype`` on ``device``, made once and cached (the int path)."""
+        key = ("k_float", dtype, device)
+        if key not in self._cache:
+            self._cache[key] = self.weight_codes().to(device, dtype)
+        return self._cache[key]
+
     def weight_codes(self) -> torch.Tensor:
         """int32 weight codes of the original weight shape."""
         if "k" not in self._cache:
@@ -376,10 +383,7 @@ class DeployedConv2d(_DeployedBase):
         dtype = self._int_dtype()
         j = codes if dtype == torch.float32 else codes.to(dtype)
         if path == "int":
-            kkey = ("k_float", dtype, x.device)
-            if kkey not in self._cache:
-                self._cache[kkey] = self.weight_codes().to(x.device, dtype)
-            s_kj = F.conv2d(j, self._cache[kkey], None, stride, padding, dilation, groups)
+            s_kj = F.conv2d(j, self._codes_as(dtype, x.device), None, stride, padding, dilation, groups)
         elif path == "bitplane":
             s_kj = self._bitplane(codes, x.shape)
         else:
@@ -475,10 +479,7 @@ class DeployedLinear(_DeployedBase):
         dtype = self._int_dtype()
         j = codes if dtype == torch.float32 else codes.to(dtype)
         if path == "int":
-            kkey = ("k_float", dtype, x.device)
-            if kkey not in self._cache:
-                self._cache[kkey] = self.weight_codes().to(x.device, dtype)
-            s_kj = j @ self._cache[kkey].t()
+            s_kj = j @ self._codes_as(dtype, x.device).t()
         elif path == "bitplane":
             from gdnsq_kernels import and_gemm, pack_bits
 
