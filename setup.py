@@ -26,6 +26,6 @@ setup(
         # Pillow decodes the CIFAR-10 PNG distribution and draws the bit-width plots.
         "Pillow>=9",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4"]},
+    extras_require={"test": ["pytest>=7,<10", "pytest-benchmark>=4,<6"]},
     entry_points={"console_scripts": ["gdnsq=gdnsq.cli:main"]},
 )

@@ -43,10 +43,22 @@ def _check_close(out, ref32, bound, taps):
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    """The float32 F.conv2d used as a reference must not run in TF32 on a GPU."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _no_tf32():
+    """The float32 F.conv2d used as a reference must not run in TF32 on a GPU.
+
+    Set through the public precision API and restored by hand: monkeypatching
+    ``torch.backends.cuda.matmul.allow_tf32`` breaks on torch >= 2.13, which serves it through
+    ``__getattr__`` (pytest's undo then tries to delete an attribute that does not exist).
+    """
+    matmul_precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
 def _conv_case(device, backend, N, C, O, H, stride, padding, beta, dilation=1, kernel=3, bias=True):
