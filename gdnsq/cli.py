@@ -98,9 +98,28 @@ def _number_arg(kind, what: str, valid, invalid_msg: Optional[str] = None):
 
 _bits = _number_arg(int, "an integer number of bits", lambda v: 1 <= v <= 16,
                     "bits must be between 1 and 16")
+
+
+def _act_bits(text: str) -> Optional[int]:
+    """--act-bits: 1-16, or 32 / "none" for float activations (a weights-only model, W<n>A32)."""
+    if text.strip().lower() in ("32", "none"):
+        return None
+    return _bits(text)
+
+
+_act_bits.__name__ = "act_bits"
 _positive_int = _number_arg(int, "a positive integer", lambda v: v >= 1)
 _nonneg_int = _number_arg(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number_arg(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
+_nonneg_float = _number_arg(float, "a non-negative number", lambda v: v >= 0 and math.isfinite(v))
+_anneal_factor = _number_arg(float, "a per-batch factor in (0, 1]", lambda v: 0 < v <= 1)
+
+# quantize flags that override TrainConfig fields one to one: (flag dest, config field)
+_SCHEDULE_FLAGS = (("epochs", "max_epochs"), ("max_minutes", "max_minutes"), ("batch_size", "batch_size"),
+                   ("estimator", "estimator"), ("lr", "lr"), ("quantizer_lr_scale", "quantizer_lr_scale"),
+                   ("t_scale", "t_scale"), ("warmup_steps", "warmup_steps"), ("anneal", "anneal"),
+                   ("hold_epochs", "hold_epochs"), ("patience", "patience"), ("val_every", "val_every"),
+                   ("precision", "precision"), ("channels_last", "channels_last"))
 
 
 def _resolve_device(name: Optional[str]) -> torch.device:
@@ -201,19 +220,20 @@ def load_model_for_eval(args) -> tuple:
                        "checkpoint": str(path)}
     run = _read_run_file(path) or {}
     wb = args.weight_bits if args.weight_bits is not None else run.get("weight_bits")
-    ab = args.act_bits if args.act_bits is not None else run.get("act_bits")
-    if wb is None or ab is None:
+    # act_bits None in run.json is a weights-only (A32) run
+    ab = args.act_bits if args.act_bits is not None else run.get("act_bits", "missing")
+    if wb is None or ab == "missing":
         raise CliError(f"--checkpoint {path} is a quantized model but no {RUN_FILE} was found "
                        "next to it; pass --weight-bits and --act-bits")
     if run.get("model") not in (None, args.model):
         raise CliError(f"--checkpoint {path} is a {run['model']} run ({RUN_FILE}), "
                        f"not --model {args.model}")
-    student = _quantize(model, int(wb), int(ab), run.get("quantize_kwargs"))
+    student = _quantize(model, int(wb), None if ab is None else int(ab), run.get("quantize_kwargs"))
     fit_state_dict(student, sd)
     norm = run.get("normalization") or (obj.get("normalization") if isinstance(obj, dict)
                                          else None) or "imagenet"
     return student, {"normalization": norm, "kind": "quantized", "weight_bits": int(wb),
-                     "act_bits": int(ab), "checkpoint": str(path)}
+                     "act_bits": None if ab is None else int(ab), "checkpoint": str(path)}
 
 
 def cmd_evaluate(args) -> dict:
@@ -404,6 +424,20 @@ def argv_of(args) -> List[str]:
     return list(getattr(args, "argv", None) or sys.argv[1:])
 
 
+def _init_from_checkpoint(path_text: str) -> pathlib.Path:
+    """--init-from: a quantize run folder (its selected checkpoint) or a trainer checkpoint."""
+    path = pathlib.Path(path_text)
+    if path.is_dir():
+        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CliError(f"--init-from: {path} is a folder without checkpoint_best.pt or "
+                       "checkpoint_last.pt (expected a `gdnsq quantize` run folder)")
+    if not path.is_file():
+        raise CliError(f"--init-from: no such run folder or checkpoint: {path}")
+    return path
+
+
 def cmd_quantize(args) -> dict:
     try:
         from . import convert, presets
@@ -424,15 +458,18 @@ def cmd_quantize(args) -> dict:
             raise CliError("under torchrun, --checkpoint is required (train the teacher first "
                            "with `gdnsq train-fp`)")
     overrides = {"seed": args.seed, "device": str(device)}
-    if args.epochs is not None:
-        overrides["max_epochs"] = args.epochs
-    if args.max_minutes is not None:
-        overrides["max_minutes"] = args.max_minutes
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.estimator is not None:
-        overrides["estimator"] = args.estimator
+    for dest, field_name in _SCHEDULE_FLAGS:
+        if getattr(args, dest) is not None:
+            overrides[field_name] = getattr(args, dest)
+    if args.anneal_half_life is not None:
+        if args.anneal is not None:
+            raise CliError("--anneal and --anneal-half-life set the same thing: give one")
+        batch = overrides.get("batch_size", presets.PRESETS[args.preset]["batch_size"])
+        train_images = 50_000 - args.val_size  # CIFAR-10/100 training split minus the held-out part
+        overrides["anneal"] = presets.half_life_to_anneal(args.anneal_half_life,
+                                                          -(-train_images // batch))
     cfg = presets.get_preset(args.preset, **overrides)
+    init_from = _init_from_checkpoint(args.init_from) if args.init_from else None
     num_classes = gdata.num_classes_of(args.dataset)
 
     # the FP teacher: a given checkpoint, or one trained first into OUT/teacher
@@ -460,6 +497,7 @@ def cmd_quantize(args) -> dict:
     run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
            "act_bits": args.act_bits, "normalization": norm, "teacher": str(ckpt),
            "preset": args.preset, "config": cfg.to_dict(), "val_size": args.val_size,
+           "init_from": None if init_from is None else str(init_from),
            "command": "gdnsq " + " ".join(argv_of(args)),
            "quantize_kwargs": {}}
     out.mkdir(parents=True, exist_ok=True)
@@ -492,6 +530,22 @@ def cmd_quantize(args) -> dict:
     if gdist.is_main():
         _log(f"calibrating on {calib.num_samples} held-out training images")
     _call_calibrate(student.to(device), calib)
+    if init_from is not None:
+        # A chained stage: start from a trained (higher-bit) student instead of the calibrated
+        # FP weights; the targets are this run's and nothing has been observed yet, so the new
+        # run cannot count as converged before it has descended. Also done on a resume, where
+        # the trainer then restores its own checkpoint over it.
+        from .trainer import load_checkpoint
+        state = load_checkpoint(str(init_from))["student"]
+        state = {k: v for k, v in state.items()
+                 if not k.endswith((".target_bits", ".observed_bits"))}
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith((".target_bits", ".observed_bits"))]
+        if missing or unexpected:
+            raise CliError(f"--init-from {args.init_from}: not a {args.model} student of this "
+                           f"layout (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if gdist.is_main():
+            _log(f"initialised from the student in {init_from}")
     trainer = Trainer(student, teacher, loaders["train"], loaders.get("val"), config=cfg,
                       out_dir=str(out), command="gdnsq " + " ".join(argv_of(args)))
     # the loader's shuffle/augmentation of epoch e depends on (seed, e); after k completed
@@ -508,7 +562,7 @@ def cmd_quantize(args) -> dict:
         if isinstance(report, dict) else {}
     summary.update(report=str(out / "report.json"), report_md=str(report_md), out=str(out))
     top1 = summary.get("test_top1", summary.get("top1"))
-    human = (f"GDNSQ {args.model} W{args.weight_bits}A{args.act_bits}: test top-1 "
+    human = (f"GDNSQ {args.model} W{args.weight_bits}A{args.act_bits or 32}: test top-1 "
              f"{top1 if top1 is None else f'{top1:.2f} %'}; report: {report_md}")
     return {"result": summary, "human": human}
 
@@ -549,10 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP teacher checkpoint (akamaster .th or gdnsq train-fp); without it a "
                         "teacher is trained first into OUT/teacher")
     q.add_argument("--weight-bits", type=_bits, required=True, help="target weight bits (1-16)")
-    q.add_argument("--act-bits", type=_bits, required=True, help="target activation bits (1-16)")
+    q.add_argument("--act-bits", type=_act_bits, required=True,
+                   help="target activation bits (1-16), or 32 / none for float activations")
     q.add_argument("--out", required=True, help="run folder (checkpoints, metrics, report)")
-    q.add_argument("--preset", default="cpu-fast", choices=["paper", "cpu-fast"],
-                   help="hyper-parameters (default cpu-fast; paper = the authors' CIFAR recipe)")
+    q.add_argument("--preset", default="cpu-fast", choices=["paper", "cpu-fast", "cpu-long"],
+                   help="hyper-parameters (default cpu-fast; cpu-long = the slower descent and "
+                        "long hold for a 1-3 hour CPU run; paper = the authors' CIFAR recipe)")
     q.add_argument("--epochs", type=_positive_int, default=None,
                    help="maximum epochs (default: the preset's)")
     q.add_argument("--max-minutes", type=_positive_float, default=None,
@@ -563,6 +619,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-gradient estimator (default: the preset's)")
     q.add_argument("--val-size", type=_nonneg_int, default=5000,
                    help="last N training images held out for selection (default 5000)")
+    sched = q.add_argument_group("schedule (defaults: the preset's; all recorded in report.json)")
+    sched.add_argument("--lr", type=_positive_float, default=None, help="peak LR of the model weights")
+    sched.add_argument("--quantizer-lr-scale", type=_positive_float, default=None,
+                       help="quantizer parameters train at lr x this (sets the bits' descent rate)")
+    sched.add_argument("--t-scale", type=_nonneg_float, default=None,
+                       help="penalty weight t grows by t_scale x lr per batch after warm-up")
+    sched.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="batches of LR warm-up")
+    sched.add_argument("--anneal", type=_anneal_factor, default=None,
+                       help="per-batch LR factor once converged and held")
+    sched.add_argument("--anneal-half-life", type=_positive_float, default=None, metavar="EPOCHS",
+                       help="the same as a half-life in epochs (instead of --anneal)")
+    sched.add_argument("--hold-epochs", type=_nonneg_int, default=None,
+                       help="epochs at full LR after the first convergence before annealing")
+    sched.add_argument("--patience", type=_positive_int, default=None,
+                       help="validations without improvement (after the hold) before stopping")
+    sched.add_argument("--val-every", type=_positive_int, default=None, help="validate every N epochs")
+    sched.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                       help="training step precision (bf16: autocast per step; quantizers stay fp32)")
+    sched.add_argument("--channels-last", action="store_const", const=True, default=None,
+                       help="NHWC memory format for the models and batches")
+    q.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start from the student of an earlier quantize run (a chained stage, "
+                        "e.g. 4 -> 2 -> 1 bits) with a fresh optimizer and schedule")
     q.add_argument("--teacher-epochs", type=_positive_int, default=200,
                    help="epochs of the FP teacher trained when --checkpoint is absent "
                         "(SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine; default 200)")
@@ -577,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--deployed", default=None, help="a file written by `gdnsq export`")
     e.add_argument("--weight-bits", type=_bits, default=None,
                    help="bits of a quantized checkpoint without run.json beside it")
-    e.add_argument("--act-bits", type=_bits, default=None, help="see --weight-bits")
+    e.add_argument("--act-bits", type=_act_bits, default=None, help="see --weight-bits")
     e.add_argument("--split", choices=["test", "val"], default="test",
                    help="test (default) or the validation split (last --val-size train images)")
     e.add_argument("--val-size", type=_positive_int, default=5000)

@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ESTIMATORS = ("ste", "aewgs")
+PRECISIONS = ("fp32", "bf16")
+
+
+def half_life_to_anneal(half_life_epochs: float, batches_per_epoch: int) -> float:
+    """The per-batch LR factor that halves the LR every ``half_life_epochs`` epochs."""
+    if not half_life_epochs > 0:
+        raise ValueError(f"half_life_epochs: expected a positive number of epochs, got {half_life_epochs!r}")
+    if isinstance(batches_per_epoch, bool) or not isinstance(batches_per_epoch, int) or batches_per_epoch < 1:
+        raise ValueError(f"batches_per_epoch: expected a positive int, got {batches_per_epoch!r}")
+    return 0.5 ** (1.0 / (half_life_epochs * batches_per_epoch))
 
 
 @dataclass
@@ -24,7 +34,12 @@ class TrainConfig:
         lr: initial (peak) learning rate of RAdam, lr0. Paper: 0.002 (CIFAR).
         warmup_steps: batches of linear LR warm-up from 0 to ``lr``, with penalty weight t = 0.
         t_scale: after warm-up, t grows by ``t_scale * lr`` per batch (paper: 2.0).
-        anneal: per-batch LR factor applied once the realised bit-widths meet the targets.
+        anneal: per-batch LR factor applied once the realised bit-widths meet the targets (and
+            ``hold_epochs`` have passed). ``half_life_to_anneal`` converts a half-life in epochs.
+        hold_epochs: epochs trained at the full LR after the first convergence before annealing
+            starts (0: anneal from the first convergence on, as the paper). Early-stopping
+            patience is counted only after the hold, so the stopping rule sees a plateau at the
+            target bits rather than the first epoch there.
         quantizer_lr_scale: the quantizer parameters (log2 steps, log2 ranges, offsets) train at
             ``lr * quantizer_lr_scale`` in a second RAdam group (paper: 1.0, one LR for all).
     Stopping and selection (Part B §4.6):
@@ -50,12 +65,20 @@ class TrainConfig:
             where no validation is due, to refresh the activation quantizers' observed bits
             before the convergence test.
         progress: show the progress bar on stderr (rank 0 only).
+    Speed:
+        precision: "fp32", or "bf16": the teacher and student forward and the loss of each
+            training step run under ``torch.autocast(dtype=torch.bfloat16)`` opened per step (the
+            quantizers still compute in float32, METHOD Part A item 8; validation, test and
+            export stay float32).
+        channels_last: keep the models' 4-D tensors and the input batches in channels_last
+            (NHWC) memory format; values are unchanged.
     """
 
     lr: float = 0.002
     warmup_steps: int = 1000
     t_scale: float = 2.0
     anneal: float = 0.9985
+    hold_epochs: int = 0
     quantizer_lr_scale: float = 1.0
     max_epochs: int = 1000
     max_minutes: Optional[float] = None
@@ -71,6 +94,8 @@ class TrainConfig:
     num_workers: int = 0
     probe_batches: int = 1
     progress: bool = True
+    precision: str = "fp32"
+    channels_last: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -99,6 +124,11 @@ class TrainConfig:
         positive("log_every", integer=True)
         positive("num_workers", integer=True, allow_zero=True)
         positive("probe_batches", integer=True)
+        positive("hold_epochs", integer=True, allow_zero=True)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.channels_last, bool):
+            raise TypeError(f"TrainConfig.channels_last: expected a bool, got {self.channels_last!r}")
         if isinstance(self.anneal, bool) or not isinstance(self.anneal, (int, float)) or not 0 < self.anneal <= 1:
             raise ValueError(f"TrainConfig.anneal: expected a per-batch factor in (0, 1], got {self.anneal!r}")
         if self.max_minutes is not None:
@@ -147,6 +177,17 @@ PRESETS = {
         lr=0.0005, quantizer_lr_scale=20.0, warmup_steps=100, t_scale=400.0,
         anneal=round(0.5 ** (1.0 / _CPU_FAST_BATCHES_PER_EPOCH), 5), batch_size=128,
         val_every=1, patience=3, min_delta=1e-4, max_epochs=8, log_every=20,
+    ),
+    # A 1-3 hour CPU run (RECIPE-NOTES): the bits descend near the paper's rate per batch, the
+    # LR stays up at the target bits, and the stopping rule sees a plateau. Quantizer LR 2e-3
+    # (the paper's) moves each log2 step ~2e-3 per batch: ~1 bit per epoch of 352 batches, so
+    # 10 -> 1 bits takes ~10 epochs; t grows 0.025 per batch (the paper's 0.004 per batch of
+    # 1000 images, scaled by ~6). Then 8 epochs at the full LR at the target, then the LR halves
+    # every 6 epochs; patience 4 validations of 2 epochs after the hold.
+    "cpu-long": dict(
+        lr=0.0005, quantizer_lr_scale=4.0, warmup_steps=200, t_scale=50.0, hold_epochs=8,
+        anneal=round(0.5 ** (1.0 / (6 * _CPU_FAST_BATCHES_PER_EPOCH)), 6), batch_size=128,
+        val_every=2, patience=4, min_delta=0.05, max_epochs=60, log_every=20,
     ),
 }
 

@@ -70,7 +70,7 @@ METRICS = "metrics.jsonl"
 # Config fields that may change between a run and its resume without breaking exactness
 # (they decide when to stop, what to print, or where to run).
 _RESUME_FREE_FIELDS = {"max_epochs", "max_minutes", "patience", "progress", "log_every", "num_workers",
-                       "device", "extra"}
+                       "device", "extra", "val_every"}
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -252,8 +252,9 @@ class Trainer:
         np.random.seed(config.seed % (2 ** 32))
         torch.manual_seed(config.seed + self.rank)
 
-        self.student = student.to(self.device)
-        self.teacher = teacher.to(self.device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.student = student.to(self.device, memory_format=self.memory_format)
+        self.teacher = teacher.to(self.device, memory_format=self.memory_format)
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -354,7 +355,7 @@ class Trainer:
                 if max_batches is not None and i >= max_batches:
                     break
                 x, y = _split_batch(batch)
-                x = x.to(self.device, non_blocking=True)
+                x = self._to_input(x)
                 logits = self.student(x)
                 n_seen += x.shape[0]
                 if y is not None:
@@ -431,15 +432,19 @@ class Trainer:
         last_parts = {}
         for batch in self.train_loader:
             x, _ = _split_batch(batch)
-            x = x.to(self.device, non_blocking=True)
+            x = self._to_input(x)
             self._last_inputs = x
             lr, t = float(self.schedule.lr), float(self.schedule.t)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)
-            student_logits = self.student(x)
-            loss, parts = self.objective(student_logits, teacher_logits, t)
+            # Autocast is opened per step around the forwards and the loss only: an autocast
+            # context held across steps keeps serving the bf16 copies of the FP layers' weights
+            # cast at its first step while the optimizer updates the float32 masters.
+            with self._autocast():
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+                student_logits = self.student(x)
+                loss, parts = self.objective(student_logits.float(), teacher_logits.float(), t)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 # Stop before the update: checkpoint_last.pt still holds the last good epoch.
@@ -489,9 +494,11 @@ class Trainer:
             self.evaluate(self.val_loader, max_batches=cfg.probe_batches)
         converged = bool(gstats.is_converged(self.student))
         self.converged = converged
-        self.schedule.set_converged(converged)
         if converged and self.first_converged_epoch is None:
             self.first_converged_epoch = epoch
+        # The LR anneals (and patience counts) only once the hold at the target bits is over.
+        held = self.first_converged_epoch is not None and epoch - self.first_converged_epoch >= cfg.hold_epochs
+        self.schedule.set_converged(converged and held)
         realised = gstats.realised_bits(self.student)
         selected = False
         if self.val_loader is None and converged:
@@ -504,7 +511,7 @@ class Trainer:
             if converged and (self.best_val_top1 is None or top1 > self.best_val_top1):
                 self.best_val_top1, self.best_epoch = top1, epoch
                 selected = True
-            if self.first_converged_epoch is not None:
+            if held:
                 score = top1 if converged else 0.0
                 if self.es_best is None or score > self.es_best + cfg.min_delta:
                     self.es_best = score
@@ -549,6 +556,16 @@ class Trainer:
         if val is not None and val["top1"] is not None:
             fields["val_top1"] = val["top1"]
         self._bar.close(**fields)
+
+    def _to_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 4 and self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self):
+        """A fresh autocast context for one training step (a no-op context for fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     @torch.no_grad()
     def _probe_on(self, x) -> None:
