@@ -461,13 +461,8 @@ def cmd_quantize(args) -> dict:
     for dest, field_name in _SCHEDULE_FLAGS:
         if getattr(args, dest) is not None:
             overrides[field_name] = getattr(args, dest)
-    if args.anneal_half_life is not None:
-        if args.anneal is not None:
-            raise CliError("--anneal and --anneal-half-life set the same thing: give one")
-        batch = overrides.get("batch_size", presets.PRESETS[args.preset]["batch_size"])
-        train_images = 50_000 - args.val_size  # CIFAR-10/100 training split minus the held-out part
-        overrides["anneal"] = presets.half_life_to_anneal(args.anneal_half_life,
-                                                          -(-train_images // batch))
+    if args.anneal_half_life is not None and args.anneal is not None:
+        raise CliError("--anneal and --anneal-half-life set the same thing: give one")
     cfg = presets.get_preset(args.preset, **overrides)
     init_from = _init_from_checkpoint(args.init_from) if args.init_from else None
     num_classes = gdata.num_classes_of(args.dataset)
@@ -494,6 +489,13 @@ def cmd_quantize(args) -> dict:
     meta = load_fp_checkpoint(model, ckpt)
     norm = meta["normalization"]
 
+    loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
+                                  batch_size=cfg.batch_size, val_size=args.val_size,
+                                  normalization=norm, seed=args.seed, device=device,
+                                  shard=shard, progress=_log if gdist.is_main() else None)
+    if args.anneal_half_life is not None:
+        # a half-life in epochs becomes a per-batch factor for this loader's batches per epoch
+        cfg.anneal = presets.half_life_to_anneal(args.anneal_half_life, len(loaders["train"]))
     run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
            "act_bits": args.act_bits, "normalization": norm, "teacher": str(ckpt),
            "preset": args.preset, "config": cfg.to_dict(), "val_size": args.val_size,
@@ -511,10 +513,6 @@ def cmd_quantize(args) -> dict:
     if gdist.is_main():
         atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
 
-    loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
-                                  batch_size=cfg.batch_size, val_size=args.val_size,
-                                  normalization=norm, seed=args.seed, device=device,
-                                  shard=shard, progress=_log if gdist.is_main() else None)
     student = convert.quantize_model(model, args.weight_bits, args.act_bits)
     teacher = convert.teacher_of(student)
     # 10-bit min/max start (METHOD Part B 4.2; the authors used their validation pass, we use
