@@ -49,6 +49,8 @@ def load_extension():
             return _ext
         from torch.utils.cpp_extension import load
 
+        from ._build import clear_stale_build_lock, extension_build_dir
+
         # -fno-trapping-math lets GCC if-convert the clamp/select loops (it then vectorises them); it
         # changes no value. -ffp-contract=off keeps mul+add unfused, as in the reference.
         flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
@@ -60,6 +62,7 @@ def load_extension():
         with open(_SOURCE, "rb") as f:
             digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
         name = f"gdnsq_quantize_cpu_{digest}"
+        clear_stale_build_lock(extension_build_dir(name))
         _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags,
                     extra_ldflags=["-fopenmp"], verbose=False)
         return _ext

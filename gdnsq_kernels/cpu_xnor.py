@@ -39,6 +39,8 @@ def load_extension():
             return _ext
         from torch.utils.cpp_extension import load
 
+        from ._build import clear_stale_build_lock, extension_build_dir
+
         flags = ["-O3", "-fopenmp"]
         name = "gdnsq_xnor_cpu"
         cpu = _cpu_flags()
@@ -53,6 +55,7 @@ def load_extension():
         with open(_SOURCE, "rb") as f:
             digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
         name = f"{name}_{digest}"
+        clear_stale_build_lock(extension_build_dir(name))
         _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     verbose=False)
         return _ext
