@@ -84,7 +84,7 @@ def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = Non
     ``compile_only=True`` compiles (``kernel.warmup``) without launching, so a caller can tell
     a compilation failure from a failure of the launch itself.
     """
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors = [a for a in args if _is_pointer(a)]
     if not tensors:
         raise RuntimeError(f"{kernel}: a kernel launch needs at least one tensor argument")
     device = tensors[0].device
@@ -101,7 +101,7 @@ def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = Non
         options["enable_fp_fusion"] = False
     if _recorder is not None:
         names = [n for n in _arg_names(kernel) if n not in constexprs]
-        sig = {n: (f"*{_TRITON_TYPES[a.dtype]}" if isinstance(a, torch.Tensor) else _scalar_type(a))
+        sig = {n: (f"*{_TRITON_TYPES[a.dtype]}" if _is_pointer(a) else _scalar_type(a))
                for n, a in zip(names, args)}
         sig.update({n: "constexpr" for n in constexprs})
         if not compile_only:
@@ -111,6 +111,11 @@ def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = Non
         if compile_only:
             return kernel.warmup(*args, grid=grid, **constexprs, **options)
         return kernel[grid](*args, **constexprs, **options)
+
+
+def _is_pointer(a) -> bool:
+    """A pointer argument, told the way Triton tells it (an object with ``data_ptr``)."""
+    return hasattr(a, "data_ptr")
 
 
 def _arg_names(kernel):

@@ -234,7 +234,7 @@ def _launch_popcount(grid, args, meta):
         except COMPILE_ERRORS as exc:  # pragma: no cover - depends on the GPU toolchain
             # Inline PTX is the one toolchain-specific piece; fall back to the portable bit
             # trick rather than failing inference.
-            _HW_POPC_BROKEN = hw = False
+            _HW_POPC_BROKEN, hw = True, False
             warnings.warn(f"hardware popcount failed to compile ({exc!r:.200}); "
                           f"using the SWAR popcount")
     launch(_packed_gemm_kernel, grid, *args, HW_POPC=hw, **meta)
