@@ -35,6 +35,8 @@ from gdnsq_kernels import quantize as Q  # noqa: E402
 from gdnsq_kernels import reference as R  # noqa: E402
 
 MB = 1 << 20
+GEMM_NK = 4096  # N = K of the binary GEMM (a 4096 x 4096 layer)
+CONV_BATCH = 128
 
 
 def bench(fn, rep_ms):
@@ -106,7 +108,7 @@ def gemm_rows(dev, rep_ms):
     from gdnsq_kernels.triton_xnor import _config
 
     rows = []
-    n = k = 4096
+    n = k = GEMM_NK
     wbits = torch.randint(0, 2, (n, k), device=dev)
     wpacked = pack_bits(wbits)
     wbf = (2 * wbits - 1).to(torch.bfloat16)
@@ -131,16 +133,16 @@ def gemm_rows(dev, rep_ms):
     try:
         import torch.nn.functional as F
 
-        from gdnsq_kernels import binary_conv2d, pack_conv_weight
+        from gdnsq_kernels.binary_ops import binary_conv2d, pack_conv_weight
 
-        j = torch.randint(0, 2, (128, 64, 8, 8), device=dev)
+        j = torch.randint(0, 2, (CONV_BATCH, 64, 8, 8), device=dev)
         kc = torch.randint(0, 2, (64, 64, 3, 3), device=dev)
         pw = pack_conv_weight(kc, torch.full((64,), 0.05, device=dev), torch.full((64,), -0.02, device=dev))
         got = binary_conv2d(j, 0.5, 0.0, pw, padding=1, backend="triton")
         ref = binary_conv2d(j, 0.5, 0.0, pw, padding=1, backend="reference")
         xb = (0.5 * j).to(torch.bfloat16)
         wb = (0.05 * kc - 0.02).to(torch.bfloat16)
-        row = {"group": "conv", "shape": "128x64x8x8 * 64x64x3x3",
+        row = {"group": "conv", "shape": f"{CONV_BATCH}x64x8x8 * 64x64x3x3",
                "max_abs_err_vs_reference": float((got - ref).abs().max()),
                "ms_binary": bench(lambda: binary_conv2d(j, 0.5, 0.0, pw, padding=1, backend="triton"), rep_ms),
                "ms_bf16": bench(lambda: F.conv2d(xb, wb, padding=1), rep_ms)}

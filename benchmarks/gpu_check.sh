@@ -206,6 +206,7 @@ if [ -n "$DATA" ]; then
   run_step qat "$STEP_S_QAT" "$OUT/qat.txt" \
     "$PY" -m gdnsq.cli quantize --model resnet20 --dataset cifar10 --data-dir "$DATA" \
     --weight-bits 2 --act-bits 2 --epochs "$QAT_EPOCHS" --device cuda --out "$WORK/qat" --json \
+    --max-minutes "$(( (STEP_S_QAT - 25) / 6 ))e-1" \
     "${teacher_args[@]}"
   if [ -f "$WORK/qat/metrics.jsonl" ]; then
     cp "$WORK/qat/metrics.jsonl" "$OUT/qat_metrics.jsonl"
