@@ -33,6 +33,7 @@ class LaunchRecord:
     signature: dict                     # arg name -> Triton type ("*fp32", "i32", ...)
     constexprs: dict                    # constexpr name -> value
     options: dict = field(default_factory=dict)  # num_warps, enable_fp_fusion, ...
+    args: tuple = ()                    # the arguments themselves (tests check for copies)
 
 
 @contextlib.contextmanager
@@ -78,11 +79,12 @@ def _scalar_type(v) -> str:
 
 
 def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = None,
-           compile_only: bool = False, **constexprs):
+           compile_only: bool = False, dense_ok: bool = False, **constexprs):
     """Launch ``kernel[grid](*args, **constexprs)`` on the device of its tensor arguments.
 
     ``compile_only=True`` compiles (``kernel.warmup``) without launching, so a caller can tell
-    a compilation failure from a failure of the launch itself.
+    a compilation failure from a failure of the launch itself. ``dense_ok=True`` also accepts
+    4-D channels_last tensors (for kernels that index memory order and know the layout).
     """
     tensors = [a for a in args if _is_pointer(a)]
     if not tensors:
@@ -91,7 +93,8 @@ def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = Non
     for t in tensors:
         if t.device != device:
             raise RuntimeError(f"kernel arguments on {device} and {t.device}")
-        if not t.is_contiguous():
+        if not (t.is_contiguous() or (dense_ok and t.dim() == 4
+                                      and t.is_contiguous(memory_format=torch.channels_last))):
             raise RuntimeError(f"non-contiguous tensor argument of shape {tuple(t.shape)} "
                                f"and strides {t.stride()}")
     options = {}
@@ -105,7 +108,8 @@ def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = Non
                for n, a in zip(names, args)}
         sig.update({n: "constexpr" for n in constexprs})
         if not compile_only:
-            _recorder.append(LaunchRecord(kernel, tuple(grid), sig, dict(constexprs), options))
+            _recorder.append(LaunchRecord(kernel, tuple(grid), sig, dict(constexprs), options,
+                                          tuple(args)))
         return None
     with device_guard(device):
         if compile_only:

@@ -9,9 +9,12 @@
   is two roundings in the reference, not one ``fma``.
 * The dither ``r`` is regenerated in the backward from ``(key, flat index)`` with the hash of
   ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored.
-* Activation backward: each program writes ``dx`` for its block and three partial sums to a
-  small ``(programs, 3)`` buffer; a one-program kernel reduces that buffer in a fixed order
-  (deterministic, no atomics) and applies ``ln2*s`` / ``ln2*Q``.
+* Activation backward in one launch: each program writes ``dx`` for its block and three
+  partial sums to a small ``(programs, 3)`` buffer, then takes a ticket (one atomic add); the
+  program with the last ticket reduces the whole buffer in a fixed order (deterministic: the
+  same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``.
+* channels_last activations are read in their memory order (no copy); the dither index is
+  the NCHW index, recomputed in the kernel.
 * Weights: one program per output channel loops over the channel's row (min, then quantize;
   the backward loops once for the per-channel sum). ResNet-sized rows are 144..4608 long, so a
   row is 1..5 blocks; a second stage is only needed for a per-tensor step (a ``sum`` over C_out).
@@ -100,11 +103,33 @@ def _act_fwd_kernel(x_ptr, y_ptr, s_ptr, q_ptr, off_ptr, n,
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _logical_index(offs, C, H, Wd, CHANNELS_LAST: tl.constexpr):
+    """Row-major (N, C, H, W) index of memory position ``offs`` (int64): the identity for a
+    contiguous tensor; for a channels_last one (memory order N, H, W, C) the NCHW index, so
+    the dither depends on the element, not on the layout."""
+    if CHANNELS_LAST:
+        c = offs % C
+        r = offs // C
+        w = r % Wd
+        r = r // Wd
+        h = r % H
+        nb = r // H
+        return ((nb * C + c) * H + h) * Wd + w
+    else:
+        return offs
+
+
 @triton.jit(do_not_specialize=["key"])
-def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, s_ptr, q_ptr, off_ptr, n, key,
+def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, q_ptr, off_ptr,
+                    n, n_prog, key, C, H, Wd,
                     BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
                     NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, DITHER: tl.constexpr,
-                    MAG: tl.constexpr):
+                    MAG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    FINISH_BLOCK: tl.constexpr, LN2_C: tl.constexpr):
+    """dx for this block; with NEED_PARAMS also the block's three partial sums, and the
+    program that takes the last ticket reduces every block's partials in a fixed order
+    (deterministic, one launch) into out = (d log2_step, d log2_range, d offset)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -125,7 +150,7 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, s_ptr, q_ptr, off_ptr, n, ke
         v = _div(xc - lo, s, CT)
         t = (_round_half_even(v, MAGIC) - v) - above.to(CT)
         if DITHER:
-            t = t + s * _dither(offs, key, MAG, CT)
+            t = t + s * _dither(_logical_index(offs, C, H, Wd, CHANNELS_LAST), key, MAG, CT)
         zero = tl.zeros_like(g)
         s_step = tl.sum(tl.where(mask, g * t, zero), axis=0)
         s_range = tl.sum(tl.where(mask & above, g, zero), axis=0)
@@ -133,26 +158,25 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, s_ptr, q_ptr, off_ptr, n, ke
         tl.store(part_ptr + pid * 3 + 0, s_step)
         tl.store(part_ptr + pid * 3 + 1, s_range)
         tl.store(part_ptr + pid * 3 + 2, s_off)
-
-
-@triton.jit
-def _act_bwd_finish_kernel(part_ptr, out_ptr, s_ptr, q_ptr, n_parts,
-                           BLOCK: tl.constexpr, CT: tl.constexpr, LN2_C: tl.constexpr):
-    acc0 = tl.zeros([BLOCK], dtype=CT)
-    acc1 = tl.zeros([BLOCK], dtype=CT)
-    acc2 = tl.zeros([BLOCK], dtype=CT)
-    for start in range(0, n_parts, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        m = rows < n_parts
-        acc0 += tl.load(part_ptr + rows * 3 + 0, mask=m, other=0.0)
-        acc1 += tl.load(part_ptr + rows * 3 + 1, mask=m, other=0.0)
-        acc2 += tl.load(part_ptr + rows * 3 + 2, mask=m, other=0.0)
-    s = tl.load(s_ptr)
-    q = tl.load(q_ptr)
-    ln2 = tl.full([], LN2_C, CT)  # a bare float literal would be fp32
-    tl.store(out_ptr + 0, ln2 * s * tl.sum(acc0, axis=0))
-    tl.store(out_ptr + 1, ln2 * q * tl.sum(acc1, axis=0))
-    tl.store(out_ptr + 2, tl.sum(acc2, axis=0))
+        # acq_rel at GPU scope: this program's partials are visible before its ticket, and the
+        # last program sees every partial stored before the other tickets.
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_prog - 1:
+            acc0 = tl.zeros([FINISH_BLOCK], dtype=CT)
+            acc1 = tl.zeros([FINISH_BLOCK], dtype=CT)
+            acc2 = tl.zeros([FINISH_BLOCK], dtype=CT)
+            for start in range(0, n_prog, FINISH_BLOCK):
+                rows = start + tl.arange(0, FINISH_BLOCK)
+                m = rows < n_prog
+                # .cg: read from L2, never a stale L1 line of another SM's partials
+                acc0 += tl.load(part_ptr + rows * 3 + 0, mask=m, other=0.0, cache_modifier=".cg")
+                acc1 += tl.load(part_ptr + rows * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
+                acc2 += tl.load(part_ptr + rows * 3 + 2, mask=m, other=0.0, cache_modifier=".cg")
+            ln2 = tl.full([], LN2_C, CT)  # a bare float literal would be fp32
+            tl.store(out_ptr + 0, ln2 * s * tl.sum(acc0, axis=0))
+            tl.store(out_ptr + 1, ln2 * q * tl.sum(acc1, axis=0))
+            tl.store(out_ptr + 2, tl.sum(acc2, axis=0))
+            tl.store(ticket_ptr, 0)  # ready for the next launch on this stream
 
 
 @triton.jit
@@ -234,36 +258,72 @@ def _act_params(x, log2_step, log2_range, offset):
     return s, q, contiguous(offset.detach())
 
 
+def _act_layout(x):
+    """(x as the kernels read it, (C, H, W) if that is a channels_last 4-D tensor else None).
+
+    A channels_last activation is read in its own memory order (no copy); the dither index is
+    then recomputed as the NCHW index in the kernel. Other non-contiguous inputs are copied."""
+    if x.is_contiguous():
+        return x, None
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, tuple(x.shape[1:])
+    return x.contiguous(), None
+
+
+_tickets = {}
+
+
+def _ticket(device):
+    """A zeroed int32 counter per (device, stream); the last program of each launch resets it,
+    and launches on one stream run in order, so it is zero again for the next one."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    t = _tickets.get(key)
+    if t is None:
+        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
 def activation_forward(x, log2_step, log2_range, offset):
-    xc = contiguous(x)
-    y = torch.empty_like(xc)
+    xc, _ = _act_layout(x)
+    y = torch.empty_like(xc)  # keeps a channels_last layout
     n = xc.numel()
     ct, magic = _ct(x.dtype)
     s, q, off = _act_params(x, log2_step, log2_range, offset)
     launch(_act_fwd_kernel, (triton.cdiv(n, ACT_BLOCK),), xc, y, s, q, off, n,
-           exact=True, BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic)
+           exact=True, dense_ok=True, BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic)
     return y
 
 
 def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
                         need_grad_x=True, need_grad_params=True):
-    xc, g = contiguous(x, grad_y)
+    """One launch: dx and (when asked) the three parameter gradients (see _act_bwd_kernel)."""
+    xc, chw = _act_layout(x)
+    if chw is None:
+        g = grad_y.contiguous()
+    else:  # read grad_y in x's memory order (a copy only if its layout differs)
+        g = grad_y.contiguous(memory_format=torch.channels_last)
     n = xc.numel()
     ct, magic = _ct(x.dtype)
     acc_dtype = _checks.compute_dtype(x.dtype)
     n_prog = triton.cdiv(n, ACT_BLOCK)
     s, q, off = _act_params(x, log2_step, log2_range, offset)
     dx = torch.empty_like(xc) if need_grad_x else xc  # dummy pointer when not written
-    part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device) if need_grad_params else g
-    launch(_act_bwd_kernel, (n_prog,), g, xc, dx, part, s, q, off, n, seed_key_i32(seed),
-           exact=True, BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
-           NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE)
+    if need_grad_params:
+        part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device)
+        out = torch.empty(3, dtype=acc_dtype, device=x.device)
+        ticket = _ticket(x.device)
+    else:
+        part = out = ticket = g  # dummy pointers, never touched
+    C, H, Wd = chw if chw is not None else (1, 1, 1)
+    launch(_act_bwd_kernel, (n_prog,), g, xc, dx, part, ticket, out, s, q, off, n, n_prog,
+           seed_key_i32(seed), C, H, Wd, exact=True, dense_ok=True,
+           BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
+           NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
+           CHANNELS_LAST=chw is not None, FINISH_BLOCK=FINISH_BLOCK, LN2_C=LN2)
     grad_x = dx if need_grad_x else None
     if not need_grad_params:
         return grad_x, None, None, None
-    out = torch.empty(3, dtype=acc_dtype, device=x.device)
-    launch(_act_bwd_finish_kernel, (1,), part, out, s, q, n_prog,
-           exact=True, BLOCK=FINISH_BLOCK, CT=ct, LN2_C=LN2)
     return grad_x, out[0], out[1], out[2]
 
 

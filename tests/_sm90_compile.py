@@ -35,6 +35,9 @@ def scenarios():
         out.append((f"act_fwd_{tag}", lambda x=x: TQ.activation_forward(x, p(-3.0), p(1.0), p(-1.0))))
         out.append((f"act_bwd_{tag}", lambda x=x: TQ.activation_backward(
             torch.ones_like(x), x, p(-3.0), p(1.0), p(-1.0), 5, True)))
+        xcl = x.to(memory_format=torch.channels_last)
+        out.append((f"act_bwd_cl_{tag}", lambda x=xcl: TQ.activation_backward(
+            torch.ones_like(x), x, p(-3.0), p(1.0), p(-1.0), 5, True)))
         out.append((f"w_fwd_{tag}", lambda w=w: TQ.weight_forward(w, torch.full((16,), -4.0))))
         out.append((f"w_bwd_{tag}", lambda w=w: TQ.weight_backward(
             torch.ones_like(w), w, torch.full((16,), -4.0), torch.zeros(16, dtype=TQ._checks.compute_dtype(dt)), 5, True)))

@@ -56,7 +56,6 @@ FLOAT_FMA = re.compile(r"\b(fma|mad)\.rn[a-z.]*\.f(32|64)\b")
 QUANT_KERNELS = [
     ("act_fwd", "_act_fwd_kernel"),
     ("act_bwd", "_act_bwd_kernel"),
-    ("act_bwd", "_act_bwd_finish_kernel"),
     ("w_fwd", "_w_fwd_kernel"),
     ("w_bwd", "_w_bwd_kernel"),
 ]
@@ -75,6 +74,18 @@ def test_sm90_quantizer_kernel_is_exact(sm90, label, kernel, dtype):
             width = "f64" if dtype == "f64" else "f32"
             assert re.search(rf"\bdiv\.rn\.{width}\b", ptx), f"{kernel}: no div.rn.{width}"
             assert not re.search(r"\bdiv\.(approx|full)\.", ptx), kernel
+
+
+def test_sm90_activation_backward_is_one_launch_with_ordered_finish(sm90):
+    """One launch per backward; the last-ticket reduction is an acq_rel GPU-scope atomic and
+    reads the other programs' partials from L2 (ld.global.cg), not a possibly stale L1."""
+    index, _ = sm90
+    for dtype in ("f32", "f16", "f64"):
+        assert [e["kernel"] for e in index if e["label"] == f"act_bwd_{dtype}"] == ["_act_bwd_kernel"]
+    for _, ptx in _ptx(sm90, "act_bwd_f32", "_act_bwd_kernel"):
+        atom = re.search(r"\batom\.[a-z.]*acq_rel[a-z0-9.]*\.add\b", ptx)
+        assert atom and ".gpu." in atom.group(0), "no acq_rel gpu-scope atomic add"
+        assert re.search(r"\bld\.global\.cg", ptx), "partials not read with .cg"
 
 
 def test_sm90_fma_check_sees_a_contraction(sm90):
