@@ -12,6 +12,7 @@ Run by ``benchmarks/gpu_check.sh``; standalone: ``python benchmarks/bench_gpu.py
   Triton kernel (popcount path for small M, int8 tensor-core path for M >= 16) against bf16
   ``torch.mm`` of the same shape, plus a ResNet-20-sized ``binary_conv2d`` against bf16
   ``F.conv2d``. Each GEMM result is checked equal to the reference first.
+* Kernel launches per QAT step (ResNet-20 W2A2 vs FP, torch.profiler).
 
 do_bench flushes L2 between repetitions and reports the median in ms. Every measurement is
 independent: one that fails is recorded with its error and the rest still run. Results:
@@ -45,8 +46,8 @@ def bench(fn, rep_ms):
     return float(do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms))
 
 
-def quantizer_rows(dev, rep_ms, big_elems):
-    rows = []
+def quantizer_rows(dev, rep_ms, big_elems, rows=None):
+    rows = [] if rows is None else rows
     a, gm, b = (torch.tensor(v, device=dev) for v in (-3.0, 1.0, -1.0))
     cases = [("act", "resnet20 128x16x32x32", (128, 16, 32, 32)),
              ("act", f"{big_elems * 4 // MB} MB", (big_elems,)),
@@ -103,11 +104,11 @@ def quantizer_rows(dev, rep_ms, big_elems):
     return rows
 
 
-def gemm_rows(dev, rep_ms):
+def gemm_rows(dev, rep_ms, rows=None):
     from gdnsq_kernels import binary_reference, pack_bits, xnor_gemm
     from gdnsq_kernels.triton_xnor import _config
 
-    rows = []
+    rows = [] if rows is None else rows
     n = k = GEMM_NK
     wbits = torch.randint(0, 2, (n, k), device=dev)
     wpacked = pack_bits(wbits)
@@ -154,6 +155,57 @@ def gemm_rows(dev, rep_ms):
     return rows
 
 
+def qat_launch_rows(dev, rows=None):
+    """Kernel launches in one QAT step of ResNet-20 W2A2 (batch 128): FP vs gdnsq student,
+    counted with torch.profiler (CUDA kernel events), and how many are gdnsq's Triton kernels."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from gdnsq import calibrate, jeffreys_divergence, quantize_model
+    from gdnsq.models.resnet_cifar import resnet20
+
+    rows = [] if rows is None else rows
+    try:
+        torch.manual_seed(0)
+        fp = resnet20(10).to(dev)
+        teacher = copy.deepcopy(fp).eval().requires_grad_(False)
+        x = torch.randn(128, 3, 32, 32, device=dev)
+        student = quantize_model(copy.deepcopy(fp), 2, 2)
+        calibrate(student, [x])
+        for name, model in (("fp", copy.deepcopy(fp)), ("gdnsq_w2a2", student)):
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                jeffreys_divergence(model(x), t_logits).backward()
+                opt.step()
+
+            for _ in range(3):  # compile / warm up outside the profile
+                step()
+            torch.cuda.synchronize(dev)
+            activity = ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU
+            with profile(activities=[activity]) as prof:
+                step()
+                torch.cuda.synchronize(dev)
+            if dev.type == "cuda":
+                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            else:
+                kernels = list(prof.events())
+            gd = [e for e in kernels if e.name.startswith(("_act_", "_w_", "_packed_gemm", "_bits_dot"))]
+            row = {"group": "qat_launches", "model": name, "kernels_per_step": len(kernels),
+                   "gdnsq_triton_kernels_per_step": len(gd)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    except Exception as exc:  # noqa: BLE001
+        row = {"group": "qat_launches", "error": f"{type(exc).__name__}: {exc}"[:400]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results", "gpu"))
@@ -179,8 +231,13 @@ def main():
     del x, y
     print(json.dumps(meta), flush=True)
     rows = []
-    rows += quantizer_rows(dev, args.rep_ms, big)
-    rows += gemm_rows(dev, args.rep_ms)
+    try:  # fastest groups first; a SIGINT (the check's timeout) still writes what was measured
+        gemm_rows(dev, args.rep_ms, rows)  # each appends to rows as it measures
+        qat_launch_rows(dev, rows)
+        quantizer_rows(dev, args.rep_ms, big, rows)
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        print("interrupted: writing the rows measured so far", flush=True)
     with open(os.path.join(args.out_dir, "bench_gpu.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# GPU benchmark ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
@@ -205,6 +262,13 @@ def main():
             else:
                 lines.append(f"| conv {r['shape']} | | err {r['max_abs_err_vs_reference']:.2e} | "
                              f"{r['ms_binary']:.4f} | {r['ms_bf16']:.4f} | {r['speedup_vs_bf16']:.2f} |")
+    lines += ["", "| QAT step (ResNet-20, batch 128) | kernels per step | of which gdnsq Triton |", "|---|---|---|"]
+    for r in rows:
+        if r["group"] == "qat_launches":
+            if "error" in r:
+                lines.append(f"| error: {r['error'][:80]} | | |")
+            else:
+                lines.append(f"| {r['model']} | {r['kernels_per_step']} | {r['gdnsq_triton_kernels_per_step']} |")
     with open(os.path.join(args.out_dir, "bench_gpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_gpu_check_without_cuda_exits_quickly_with_summary(tmp_path):
     out = tmp_path / "results"  # relative OUT: resolved against the caller's directory
     env = dict(os.environ, OUT="results", GDNSQ_COMMIT="abc123")
+    env.pop("GPU_CHECK_ALLOW_CPU", None)  # the no-CUDA exit is what is checked here
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
