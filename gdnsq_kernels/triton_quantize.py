@@ -23,7 +23,8 @@
   and in the interpreter (libdevice is not available there).
 * Division uses ``div_rn`` (correctly rounded) so codes match the reference exactly.
 
-Inputs are made contiguous, so element ``i`` of the flat row-major order is the dither index.
+Other inputs are made contiguous, so element ``i`` of the flat row-major order is the dither
+index.
 Every launch goes through ``gdnsq_kernels._launch.launch`` (device guard, contiguity check).
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests only).
 """
