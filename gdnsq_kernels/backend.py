@@ -21,8 +21,17 @@ BACKENDS = ("auto", "triton", "reference", "cpu", "torch")
 
 
 def triton_interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors via NumPy."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+    """Whether Triton runs its kernels in the interpreter (on CPU tensors, via NumPy).
+
+    Decided exactly as ``triton.jit`` decides it: Triton >= 3.4 reads ``TRITON_INTERPRET``
+    through ``triton.knobs.runtime.interpret`` (case-insensitive 1/true/on/yes/y; an explicit
+    ``knobs.runtime.interpret = ...`` wins), Triton 3.0-3.3 compares the variable to ``"1"``.
+    """
+    try:
+        from triton import knobs
+    except ImportError:  # Triton < 3.4 (or none at all): triton/runtime/jit.py's own test
+        return os.getenv("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def requested_backend(explicit: str | None = None) -> str:

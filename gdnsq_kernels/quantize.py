@@ -116,7 +116,7 @@ class _QuantizeActivation(torch.autograd.Function):
         if not (need[0] or need_params):
             return (None,) * 7
         gx, gs, gr, go = activation_backward(
-            grad_y.contiguous(), x, log2_step, log2_range, offset, ctx.seed, ctx.dither,
+            grad_y, x, log2_step, log2_range, offset, ctx.seed, ctx.dither,  # backends pick the layout
             backend=ctx.backend, need_grad_x=need[0], need_grad_params=need_params,
         )
 

@@ -1,12 +1,20 @@
 """Triton kernels for the GDNSQ quantizers: one fused forward and one fused backward per op.
 
 * The parameters are read from device pointers inside the kernels (no ``.item()``, no host
-  synchronisation); ``2**log2_step`` etc. are computed in-kernel.
+  synchronisation). ``s = 2**log2_step`` and ``Q = 2**log2_range`` are computed *before* the
+  launch with ``torch.exp2``, the very op the reference uses, on the same device: ``tl.exp2``
+  compiles to ``ex2.approx.ftz.f32`` (2 ulp, denormals flushed), and one ulp of ``s`` can move
+  a value across a rounding tie, so in-kernel ``exp2`` would break bit-equal codes.
+* Every launch is ``exact`` (``enable_fp_fusion=False``, see ``_launch``): ``lo + s*round(v)``
+  is two roundings in the reference, not one ``fma``.
 * The dither ``r`` is regenerated in the backward from ``(key, flat index)`` with the hash of
   ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored.
-* Activation backward: each program writes ``dx`` for its block and three partial sums to a
-  small ``(programs, 3)`` buffer; a one-program kernel reduces that buffer in a fixed order
-  (deterministic, no atomics) and applies ``ln2*s`` / ``ln2*Q``.
+* Activation backward in one launch: each program writes ``dx`` for its block and three
+  partial sums to a small ``(programs, 3)`` buffer, then takes a ticket (one atomic add); the
+  program with the last ticket reduces the whole buffer in a fixed order (deterministic: the
+  same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``.
+* channels_last activations are read in their memory order (no copy); the dither index is
+  the NCHW index, recomputed in the kernel.
 * Weights: one program per output channel loops over the channel's row (min, then quantize;
   the backward loops once for the per-channel sum). ResNet-sized rows are 144..4608 long, so a
   row is 1..5 blocks; a second stage is only needed for a per-tensor step (a ``sum`` over C_out).
@@ -15,7 +23,9 @@
   and in the interpreter (libdevice is not available there).
 * Division uses ``div_rn`` (correctly rounded) so codes match the reference exactly.
 
-Inputs are made contiguous, so element ``i`` of the flat row-major order is the dither index.
+Other inputs are made contiguous, so element ``i`` of the flat row-major order is the dither
+index.
+Every launch goes through ``gdnsq_kernels._launch.launch`` (device guard, contiguity check).
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests only).
 """
 from __future__ import annotations
@@ -27,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import _checks
+from ._launch import contiguous, launch
 from .dither import DITHER_MAGNITUDE, seed_key_i32
 from .reference import is_per_channel
 
@@ -47,10 +58,15 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _dither(idx, key, MAG: tl.constexpr):
-    """+-MAG from bit 31 of lowbias32(idx ^ key); idx int64 flat indices, key int32 scalar."""
+def _dither(idx, key, MAG: tl.constexpr, CT: tl.constexpr):
+    """+-MAG in CT from bit 31 of lowbias32(idx ^ key); idx int64 flat indices, key int32.
+
+    ``tl.full`` materialises MAG in CT itself: a bare Python float would be an fp32 literal,
+    1.6e-9 relative off the float64 value the reference uses for float64 inputs.
+    """
     h = _lowbias32(idx.to(tl.uint32) ^ key.to(tl.uint32, bitcast=True))
-    return tl.where((h >> 31) == 1, MAG, -MAG)
+    mag = tl.full([], MAG, CT)
+    return tl.where((h >> 31) == 1, mag, -mag)
 
 
 @triton.jit
@@ -71,13 +87,13 @@ def _div(a, b, CT: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd_kernel(x_ptr, y_ptr, step_ptr, range_ptr, off_ptr, n,
+def _act_fwd_kernel(x_ptr, y_ptr, s_ptr, q_ptr, off_ptr, n,
                     BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    s = tl.exp2(tl.load(step_ptr).to(CT))
-    q = tl.exp2(tl.load(range_ptr).to(CT))
+    s = tl.load(s_ptr)
+    q = tl.load(q_ptr)
     lo = tl.load(off_ptr).to(CT)
     hi = lo + q - s
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
@@ -88,16 +104,38 @@ def _act_fwd_kernel(x_ptr, y_ptr, step_ptr, range_ptr, off_ptr, n,
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _logical_index(offs, C, H, Wd, CHANNELS_LAST: tl.constexpr):
+    """Row-major (N, C, H, W) index of memory position ``offs`` (int64): the identity for a
+    contiguous tensor; for a channels_last one (memory order N, H, W, C) the NCHW index, so
+    the dither depends on the element, not on the layout."""
+    if CHANNELS_LAST:
+        c = offs % C
+        r = offs // C
+        w = r % Wd
+        r = r // Wd
+        h = r % H
+        nb = r // H
+        return ((nb * C + c) * H + h) * Wd + w
+    else:
+        return offs
+
+
 @triton.jit(do_not_specialize=["key"])
-def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, step_ptr, range_ptr, off_ptr, n, key,
+def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, q_ptr, off_ptr,
+                    n, n_prog, key, C, H, Wd,
                     BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
                     NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, DITHER: tl.constexpr,
-                    MAG: tl.constexpr):
+                    MAG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                    FINISH_BLOCK: tl.constexpr, LN2_C: tl.constexpr):
+    """dx for this block; with NEED_PARAMS also the block's three partial sums, and the
+    program that takes the last ticket reduces every block's partials in a fixed order
+    (deterministic, one launch) into out = (d log2_step, d log2_range, d offset)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    s = tl.exp2(tl.load(step_ptr).to(CT))
-    q = tl.exp2(tl.load(range_ptr).to(CT))
+    s = tl.load(s_ptr)
+    q = tl.load(q_ptr)
     lo = tl.load(off_ptr).to(CT)
     hi = lo + q - s
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
@@ -113,7 +151,7 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, step_ptr, range_ptr, off_ptr
         v = _div(xc - lo, s, CT)
         t = (_round_half_even(v, MAGIC) - v) - above.to(CT)
         if DITHER:
-            t = t + s * _dither(offs, key, MAG)
+            t = t + s * _dither(_logical_index(offs, C, H, Wd, CHANNELS_LAST), key, MAG, CT)
         zero = tl.zeros_like(g)
         s_step = tl.sum(tl.where(mask, g * t, zero), axis=0)
         s_range = tl.sum(tl.where(mask & above, g, zero), axis=0)
@@ -121,36 +159,36 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, step_ptr, range_ptr, off_ptr
         tl.store(part_ptr + pid * 3 + 0, s_step)
         tl.store(part_ptr + pid * 3 + 1, s_range)
         tl.store(part_ptr + pid * 3 + 2, s_off)
+        # acq_rel at GPU scope: this program's partials are visible before its ticket, and the
+        # last program sees every partial stored before the other tickets.
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_prog - 1:
+            acc0 = tl.zeros([FINISH_BLOCK], dtype=CT)
+            acc1 = tl.zeros([FINISH_BLOCK], dtype=CT)
+            acc2 = tl.zeros([FINISH_BLOCK], dtype=CT)
+            for start in range(0, n_prog, FINISH_BLOCK):
+                rows = start + tl.arange(0, FINISH_BLOCK)
+                m = rows < n_prog
+                # .cg: read from L2, never a stale L1 line of another SM's partials
+                acc0 += tl.load(part_ptr + rows * 3 + 0, mask=m, other=0.0, cache_modifier=".cg")
+                acc1 += tl.load(part_ptr + rows * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
+                acc2 += tl.load(part_ptr + rows * 3 + 2, mask=m, other=0.0, cache_modifier=".cg")
+            ln2 = tl.full([], LN2_C, CT)  # a bare float literal would be fp32
+            tl.store(out_ptr + 0, ln2 * s * tl.sum(acc0, axis=0))
+            tl.store(out_ptr + 1, ln2 * q * tl.sum(acc1, axis=0))
+            tl.store(out_ptr + 2, tl.sum(acc2, axis=0))
+            tl.store(ticket_ptr, 0)  # ready for the next launch on this stream
 
 
 @triton.jit
-def _act_bwd_finish_kernel(part_ptr, out_ptr, step_ptr, range_ptr, n_parts,
-                           BLOCK: tl.constexpr, CT: tl.constexpr, LN2_C: tl.constexpr):
-    acc0 = tl.zeros([BLOCK], dtype=CT)
-    acc1 = tl.zeros([BLOCK], dtype=CT)
-    acc2 = tl.zeros([BLOCK], dtype=CT)
-    for start in range(0, n_parts, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        m = rows < n_parts
-        acc0 += tl.load(part_ptr + rows * 3 + 0, mask=m, other=0.0)
-        acc1 += tl.load(part_ptr + rows * 3 + 1, mask=m, other=0.0)
-        acc2 += tl.load(part_ptr + rows * 3 + 2, mask=m, other=0.0)
-    s = tl.exp2(tl.load(step_ptr).to(CT))
-    q = tl.exp2(tl.load(range_ptr).to(CT))
-    tl.store(out_ptr + 0, LN2_C * s * tl.sum(acc0, axis=0))
-    tl.store(out_ptr + 1, LN2_C * q * tl.sum(acc1, axis=0))
-    tl.store(out_ptr + 2, tl.sum(acc2, axis=0))
-
-
-@triton.jit
-def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, step_ptr, K, PER_CHANNEL: tl.constexpr,
+def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, s_ptr, K, PER_CHANNEL: tl.constexpr,
                   BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr):
     c = tl.program_id(0)
     base = c.to(tl.int64) * K
     if PER_CHANNEL:
-        s = tl.exp2(tl.load(step_ptr + c).to(CT))
+        s = tl.load(s_ptr + c)
     else:
-        s = tl.exp2(tl.load(step_ptr).to(CT))
+        s = tl.load(s_ptr)
     m = tl.full([BLOCK], float("inf"), CT)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
     for k0 in range(0, K, BLOCK):
@@ -172,15 +210,15 @@ def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, step_ptr, K, PER_CHANNEL: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["key"])
-def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, step_ptr, out_ptr, K, key, PER_CHANNEL: tl.constexpr,
+def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, PER_CHANNEL: tl.constexpr,
                   BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
                   DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr):
     c = tl.program_id(0)
     base = c.to(tl.int64) * K
     if PER_CHANNEL:
-        s = tl.exp2(tl.load(step_ptr + c).to(CT))
+        s = tl.load(s_ptr + c)
     else:
-        s = tl.exp2(tl.load(step_ptr).to(CT))
+        s = tl.load(s_ptr)
     z = tl.load(z_ptr + c).to(CT)
     acc = tl.zeros([BLOCK], dtype=CT)
     for k0 in range(0, K, BLOCK):
@@ -191,9 +229,9 @@ def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, step_ptr, out_ptr, K, key, PER_CHANNEL: t
         v = _div(w - z, s, CT)
         t = _round_half_even(v, MAGIC) - v
         if DITHER:
-            t = t + s * _dither(base + offs, key, MAG)
+            t = t + s * _dither(base + offs, key, MAG, CT)
         acc += tl.where(mk, g * t, tl.zeros_like(g))
-    tl.store(out_ptr + c, LN2_C * s * tl.sum(acc, axis=0))
+    tl.store(out_ptr + c, tl.full([], LN2_C, CT) * s * tl.sum(acc, axis=0))
 
 
 def _ct(dtype):
@@ -207,50 +245,99 @@ def _row_block(k: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(k, 1))))
 
 
+def _exp2(log2_param, x_dtype, shape):
+    """``2**param`` in the compute dtype, computed exactly as ``gdnsq_kernels.reference`` does
+    (``torch.exp2`` of the parameter converted to the compute dtype), contiguous. Asynchronous:
+    a device op, no host sync. A strided or expanded per-channel view is fine here."""
+    ct = _checks.compute_dtype(x_dtype)
+    return torch.exp2(log2_param.detach().to(ct).reshape(shape)).contiguous()
+
+
+def _act_params(x, log2_step, log2_range, offset):
+    s = _exp2(log2_step, x.dtype, ())
+    q = _exp2(log2_range, x.dtype, ())
+    return s, q, contiguous(offset.detach())
+
+
+def _act_layout(x):
+    """(x as the kernels read it, (C, H, W) if that is a channels_last 4-D tensor else None).
+
+    A channels_last activation is read in its own memory order (no copy); the dither index is
+    then recomputed as the NCHW index in the kernel. Other non-contiguous inputs are copied."""
+    if x.is_contiguous():
+        return x, None
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, tuple(x.shape[1:])
+    return x.contiguous(), None
+
+
+_tickets = {}
+
+
+def _ticket(device):
+    """A zeroed int32 counter per (device, stream); the last program of each launch resets it,
+    and launches on one stream run in order, so it is zero again for the next one."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    t = _tickets.get(key)
+    if t is None:
+        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
 def activation_forward(x, log2_step, log2_range, offset):
-    xc = x.contiguous()
-    y = torch.empty_like(xc)
+    xc, _ = _act_layout(x)
+    y = torch.empty_like(xc)  # keeps a channels_last layout
     n = xc.numel()
     ct, magic = _ct(x.dtype)
-    grid = (triton.cdiv(n, ACT_BLOCK),)
-    _act_fwd_kernel[grid](xc, y, log2_step, log2_range, offset, n,
-                          BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic)
+    s, q, off = _act_params(x, log2_step, log2_range, offset)
+    launch(_act_fwd_kernel, (triton.cdiv(n, ACT_BLOCK),), xc, y, s, q, off, n,
+           exact=True, dense_ok=True, BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic)
     return y
 
 
 def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
                         need_grad_x=True, need_grad_params=True):
-    xc = x.contiguous()
-    g = grad_y.contiguous()
+    """One launch: dx and (when asked) the three parameter gradients (see _act_bwd_kernel)."""
+    xc, chw = _act_layout(x)
+    if chw is None:
+        g = grad_y.contiguous()
+    else:  # read grad_y in x's memory order (a copy only if its layout differs)
+        g = grad_y.contiguous(memory_format=torch.channels_last)
     n = xc.numel()
     ct, magic = _ct(x.dtype)
     acc_dtype = _checks.compute_dtype(x.dtype)
     n_prog = triton.cdiv(n, ACT_BLOCK)
+    s, q, off = _act_params(x, log2_step, log2_range, offset)
     dx = torch.empty_like(xc) if need_grad_x else xc  # dummy pointer when not written
-    part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device) if need_grad_params else g
-    _act_bwd_kernel[(n_prog,)](
-        g, xc, dx, part, log2_step, log2_range, offset, n, seed_key_i32(seed),
-        BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
-        NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
-    )
+    if need_grad_params:
+        part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device)
+        out = torch.empty(3, dtype=acc_dtype, device=x.device)
+        ticket = _ticket(x.device)
+    else:
+        part = out = ticket = g  # dummy pointers, never touched
+    C, H, Wd = chw if chw is not None else (1, 1, 1)
+    launch(_act_bwd_kernel, (n_prog,), g, xc, dx, part, ticket, out, s, q, off, n, n_prog,
+           seed_key_i32(seed), C, H, Wd, exact=True, dense_ok=True,
+           BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
+           NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
+           CHANNELS_LAST=chw is not None, FINISH_BLOCK=FINISH_BLOCK, LN2_C=LN2)
     grad_x = dx if need_grad_x else None
     if not need_grad_params:
         return grad_x, None, None, None
-    out = torch.empty(3, dtype=acc_dtype, device=x.device)
-    _act_bwd_finish_kernel[(1,)](part, out, log2_step, log2_range, n_prog,
-                                 BLOCK=FINISH_BLOCK, CT=ct, LN2_C=LN2)
     return grad_x, out[0], out[1], out[2]
 
 
 def weight_forward(w, log2_step):
-    wc = w.contiguous()
+    wc = contiguous(w)
     c_out = wc.shape[0]
     k = wc.numel() // c_out
     ct, magic = _ct(w.dtype)
     y = torch.empty_like(wc)
     z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype), device=w.device)
-    _w_fwd_kernel[(c_out,)](wc, y, z, log2_step, k, PER_CHANNEL=is_per_channel(log2_step, c_out),
-                            BLOCK=_row_block(k), CT=ct, MAGIC=magic)
+    s = _exp2(log2_step, w.dtype, (-1,))
+    launch(_w_fwd_kernel, (c_out,), wc, y, z, s, k, exact=True,
+           PER_CHANNEL=is_per_channel(log2_step, c_out), BLOCK=_row_block(k), CT=ct, MAGIC=magic)
     return y, z
 
 
@@ -259,17 +346,16 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     grad_w = grad_w_hat if need_grad_w else None
     if not need_grad_step:
         return grad_w, None
-    wc = w.contiguous()
-    g = grad_w_hat.contiguous()
+    wc, g = contiguous(w, grad_w_hat)
     c_out = wc.shape[0]
     k = wc.numel() // c_out
     ct, magic = _ct(w.dtype)
     acc_dtype = _checks.compute_dtype(w.dtype)
     per_channel = is_per_channel(log2_step, c_out)
+    s = _exp2(log2_step, w.dtype, (-1,))
     out = torch.empty(c_out, dtype=acc_dtype, device=w.device)
-    _w_bwd_kernel[(c_out,)](g, wc, zero_point.to(acc_dtype).contiguous(), log2_step, out, k,
-                            seed_key_i32(seed), PER_CHANNEL=per_channel, BLOCK=_row_block(k),
-                            CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
-                            LN2_C=LN2)
+    launch(_w_bwd_kernel, (c_out,), g, wc, contiguous(zero_point.to(acc_dtype)), s, out, k,
+           seed_key_i32(seed), exact=True, PER_CHANNEL=per_channel, BLOCK=_row_block(k),
+           CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE, LN2_C=LN2)
     grad = out if per_channel else out.sum()
     return grad_w, grad.reshape(log2_step.shape)

@@ -1,24 +1,39 @@
-"""Triton packed-bit GEMM: ``C = k - 2*popcount(A XOR B)`` (XNOR form) or ``popcount(A AND B)``.
+"""Triton packed-bit GEMMs: ``C = k - 2*popcount(A XOR B)`` (XNOR form) or ``popcount(A AND B)``.
 
-One program computes a (BLOCK_M, BLOCK_N) tile of C and loops over the packed words BLOCK_W at a
-time; each step forms the (BLOCK_M, BLOCK_N, BLOCK_W) tile of XOR/AND words, popcounts it and
-sums over the words. The last word is masked to its ``k % 32`` valid bits, so bits past ``k``
-never count even if the caller's padding is not zero.
+Two kernels, chosen per shape by ``_config`` (a small table, see there):
 
-Popcount: compiled for an NVIDIA GPU the kernel uses the hardware ``popc.b32`` instruction
-through inline PTX; under ``TRITON_INTERPRET=1`` (and on non-NVIDIA targets) it uses an integer
-SWAR bit trick, since the interpreter has no popcount intrinsic.
+* **popcount** (``_packed_gemm_kernel``; small M, e.g. batch-1 inference): memory bound on the
+  packed weight, which it reads once. One program computes a (BLOCK_M, BLOCK_N) tile and loops
+  over the packed words BLOCK_W at a time, popcounting the (BLOCK_M, BLOCK_N, BLOCK_W) tile of
+  XOR/AND words. Compiled for an NVIDIA GPU it uses the hardware ``popc.b32`` through inline
+  PTX; under ``TRITON_INTERPRET=1`` (and on non-NVIDIA targets) an integer SWAR bit trick.
+* **tensor cores** (``_bits_dot_kernel``; M >= 16): each BLOCK_W-word chunk of A and B is
+  unpacked in registers to int8 and multiplied with ``tl.dot`` (int8 x int8 -> int32, exact;
+  ``mma``/``wgmma ... s32.s8.s8`` on sm_80/sm_90). AND uses the 0/1 codes; XNOR the +-1 codes
+  ``2b - 1``, zeroed past ``k``, so the dot is ``sum (2a-1)(2b-1)`` itself.
+
+Both mask bits past ``k`` (the last word's ``k % 32`` valid bits; words past W load as 0), so
+padding never counts even if the caller's padding bits are not zero.
+
+Grid: one axis, tiles in grouped order (GROUP_M row tiles share each column tile, for L2
+reuse). CUDA caps grid axes 1 and 2 at 65,535 blocks; a conv's N*Ho*Wo patches on axis 1
+would fail at 56x56 maps from batch ~1,338, axis 0 allows 2**31 - 1.
 """
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .backend import triton_interpreter_enabled
+from ._launch import contiguous, launch, targets_cuda
 from .bitpack import tail_mask
+
+# Smallest M that takes the tensor-core path (tl.dot needs M tiles of >= 16 rows).
+DOT_MIN_M = 16
+GROUP_M = 8
 
 
 @triton.jit
@@ -40,6 +55,20 @@ def _popcount32(x, HW_POPC: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(pid_m, pid_n) of this program in a 1-D grid of cdiv(M)*cdiv(N) tiles, grouped order."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * num_n
+    first_m = (pid // per_group) * GROUP
+    group_rows = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def _packed_gemm_kernel(
     a_ptr, b_ptr, c_ptr,
     M, N, W, k, TAIL,
@@ -49,9 +78,9 @@ def _packed_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
@@ -88,73 +117,154 @@ def _packed_gemm_kernel(
     )
 
 
-def _blocks(M: int, N: int, W: int, interpret: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_W, num_warps) picked from the problem size.
+@triton.jit
+def _unpack_int8(words, col0, k, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, XNOR: tl.constexpr):
+    """(ROWS, BLOCK_W) int32 words -> (ROWS, 32*BLOCK_W) int8 codes, column c = bit c%32 of
+    word c//32 (pack_bits order); 0/1 for AND, +-1 for XNOR; 0 at global column >= k."""
+    shifts = tl.arange(0, 32)
+    bits = (words[:, :, None] >> shifts[None, None, :]) & 1  # arithmetic shift, then one bit
+    bits = tl.reshape(bits, (ROWS, 32 * BLOCK_W))
+    if XNOR:
+        cols = col0 + tl.arange(0, 32 * BLOCK_W)
+        bits = tl.where(cols[None, :] < k, 2 * bits - 1, 0)
+    return bits.to(tl.int8)
 
-    Small M (batch-1 inference) is memory-bound on the packed weight: a thin M tile and a wide
-    N x W tile stream the weight once. Large M reuses each loaded tile across a square M x N
-    tile. The 3-D word tile stays at <= 64 int32 values per thread to bound register use.
-    Under the interpreter each program is a Python loop step, so tiles are simply large.
+
+@triton.jit
+def _bits_dot_kernel(
+    a_ptr, b_ptr, c_ptr,
+    M, N, W, k, TAIL,
+    stride_am, stride_bn, stride_cm,
+    XNOR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for w0 in range(0, W, BLOCK_W):
+        rw = w0 + tl.arange(0, BLOCK_W)
+        mask_w = rw < W
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rw[None, :],
+                    mask=mask_m[:, None] & mask_w[None, :], other=0)
+        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_bn + rw[None, :],
+                    mask=mask_n[:, None] & mask_w[None, :], other=0)
+        if not XNOR:
+            # AND form: bits past k cleared in the last word (words past W are 0 already).
+            wmask = tl.where(rw == W - 1, TAIL, -1)
+            a = a & wmask[None, :]
+            b = b & wmask[None, :]
+        a8 = _unpack_int8(a, w0 * 32, k, BLOCK_M, BLOCK_W, XNOR)
+        b8 = _unpack_int8(b, w0 * 32, k, BLOCK_N, BLOCK_W, XNOR)
+        acc = tl.dot(a8, tl.trans(b8), acc, out_dtype=tl.int32)
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], acc,
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+class GemmConfig(NamedTuple):
+    path: str          # "popcount" or "dot"
+    block_m: int
+    block_n: int
+    block_w: int       # packed int32 words per K step (32*block_w codes)
+    num_warps: int
+
+
+def _config(M: int, N: int, W: int, interpret: bool) -> GemmConfig:
+    """The kernel and tile sizes for an (M, N, W-word) problem: the per-shape table.
+
+    * M < DOT_MIN_M: popcount. Memory bound on the 1-bit weight; a thin M tile and a wide
+      N x W tile stream it once (M <= 4: a narrow N tile keeps enough programs in flight).
+      The 3-D word tile stays at <= 64 int32 values per thread to bound register use.
+    * M >= DOT_MIN_M: tensor cores. 128-code K steps (4 words); 64x64 tiles up to M = 64,
+      128x128 (8 warps) beyond, where the dot is compute bound.
+    Under the interpreter (each program is a Python loop step) tiles are simply large.
     """
+    if M >= DOT_MIN_M:
+        if interpret:
+            return GemmConfig("dot", 32, 32, 2, 4)
+        if M <= 64 or N <= 64:
+            return GemmConfig("dot", 64, 64, 4, 4)
+        return GemmConfig("dot", 128, 128, 4, 8)
     if interpret:
-        bm = min(triton.next_power_of_2(max(M, 1)), 32)
-        bn = min(triton.next_power_of_2(max(N, 1)), 32)
-        bw = min(triton.next_power_of_2(max(W, 1)), 32)
-        return bm, bn, bw, 4
+        return GemmConfig("popcount", min(triton.next_power_of_2(max(M, 1)), 32),
+                          min(triton.next_power_of_2(max(N, 1)), 32),
+                          min(triton.next_power_of_2(max(W, 1)), 32), 4)
     if M <= 4:
-        # A narrow N tile keeps enough programs in flight to saturate memory bandwidth.
         bm = triton.next_power_of_2(max(M, 1))
-        return bm, 32, 32 // bm, 4
-    if M <= 32:
-        return 16, 64, 4, 4
-    return 64, 64, 4, 8
+        return GemmConfig("popcount", bm, 32, 32 // bm, 4)
+    return GemmConfig("popcount", 16, 64, 4, 4)
+
+
+def _grid(M: int, N: int, block_m: int, block_n: int) -> tuple:
+    """1-D grid over every (M, N) tile; axis 0 takes up to 2**31 - 1 programs."""
+    return (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
 
 
 _HW_POPC_BROKEN = False
 
+# What a failed *compilation* raises: Triton's front end, ptxas (PTXASError from Triton 3.2;
+# RuntimeError before) and the MLIR/LLVM passes (RuntimeError). Only the compile step is in
+# the try, so a RuntimeError there cannot come from a launch or an illegal address.
+try:
+    from triton.runtime.errors import PTXASError as _PTXASError
+except ImportError:  # Triton < 3.2
+    _PTXASError = RuntimeError
+from triton.compiler.errors import CompilationError as _CompilationError
 
-def _hw_popcount_available(device: torch.device) -> bool:
-    return (
-        device.type == "cuda"
-        and not triton_interpreter_enabled()
-        and torch.version.hip is None
-        and not _HW_POPC_BROKEN
-    )
+COMPILE_ERRORS = (_CompilationError, _PTXASError, RuntimeError)
+
+
+def _hw_popcount_available(t: torch.Tensor) -> bool:
+    return targets_cuda(t) and torch.version.hip is None and not _HW_POPC_BROKEN
+
+
+def _launch_popcount(grid, args, meta):
+    """Compile with the inline-PTX popcount (falling back to SWAR only if that compilation
+    fails), then launch outside any ``try``: launch and illegal-address errors propagate."""
+    global _HW_POPC_BROKEN
+    hw = _hw_popcount_available(args[0])
+    if hw:
+        try:
+            launch(_packed_gemm_kernel, grid, *args, compile_only=True, HW_POPC=True, **meta)
+        except COMPILE_ERRORS as exc:  # pragma: no cover - depends on the GPU toolchain
+            # Inline PTX is the one toolchain-specific piece; fall back to the portable bit
+            # trick rather than failing inference.
+            _HW_POPC_BROKEN, hw = True, False
+            warnings.warn(f"hardware popcount failed to compile ({exc!r:.200}); "
+                          f"using the SWAR popcount")
+    launch(_packed_gemm_kernel, grid, *args, HW_POPC=hw, **meta)
 
 
 def packed_gemm_triton(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, xnor: bool,
-                       blocks=None) -> torch.Tensor:
+                       blocks=None, path=None) -> torch.Tensor:
     """Launch the packed GEMM. Inputs are validated int32 (M, W), (N, W); returns int32 (M, N).
 
-    ``blocks=(BLOCK_M, BLOCK_N, BLOCK_W)`` overrides the size-based choice (tests use it to force
-    several tiles and word-loop steps on small shapes).
+    ``blocks=(BLOCK_M, BLOCK_N, BLOCK_W)`` and ``path="popcount"|"dot"`` override the table
+    (tests use them to force several tiles and word-loop steps on small shapes).
     """
-    global _HW_POPC_BROKEN
-    a = a_packed.contiguous()
-    b = b_packed.contiguous()
+    a, b = contiguous(a_packed, b_packed)
     M, W = a.shape
     N = b.shape[0]
     c = torch.empty((M, N), dtype=torch.int32, device=a.device)
     if M == 0 or N == 0:
         return c
-    interpret = not a.is_cuda
-    bm, bn, bw, warps = _blocks(M, N, W, interpret)
+    cfg = _config(M, N, W, interpret=not targets_cuda(a))
+    if path is not None:
+        cfg = cfg._replace(path=path)
     if blocks is not None:
-        bm, bn, bw = blocks
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        cfg = cfg._replace(block_m=blocks[0], block_n=blocks[1], block_w=blocks[2])
+    grid = _grid(M, N, cfg.block_m, cfg.block_n)
     # W == 0 (k == 0): the word loop is empty and the kernel stores k - 0 = 0.
     args = (a, b, c, M, N, W, int(k), tail_mask(int(k)), a.stride(0), b.stride(0), c.stride(0))
-    hw = _hw_popcount_available(a.device)
-    try:
-        _packed_gemm_kernel[grid](*args, XNOR=bool(xnor), HW_POPC=hw,
-                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps)
-    except Exception as exc:  # pragma: no cover - depends on the GPU toolchain
-        if not hw:
-            raise
-        # Inline PTX is the one toolchain-specific piece; fall back to the portable bit trick
-        # rather than failing inference.
-        _HW_POPC_BROKEN = True
-        warnings.warn(f"hardware popcount failed to compile ({exc!r:.200}); using the SWAR popcount")
-        _packed_gemm_kernel[grid](*args, XNOR=bool(xnor), HW_POPC=False,
-                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps)
+    meta = dict(XNOR=bool(xnor), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_W=cfg.block_w, GROUP=GROUP_M, num_warps=cfg.num_warps)
+    if cfg.path == "dot":
+        launch(_bits_dot_kernel, grid, *args, **meta)
+    else:
+        _launch_popcount(grid, args, meta)
     return c

@@ -165,16 +165,68 @@ def test_errors():
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("M", [1, 3, 8, 100])
+@pytest.mark.parametrize("M", [1, 3, 8, 15, 16, 100])
 def test_triton_gpu_block_sizes(device, M, poison_empty):
-    """The tile shapes the GPU launch picks for small and large M (run here by the interpreter)."""
-    from gdnsq_kernels.triton_xnor import _blocks, packed_gemm_triton
+    """The path and tiles the GPU table picks for small and large M (run here by the interpreter)."""
+    from gdnsq_kernels.triton_xnor import DOT_MIN_M, _config, packed_gemm_triton
 
     N, K = 70, 300  # W = 10 words: not a multiple of any BLOCK_W, ragged N tiles
-    bm, bn, bw, _ = _blocks(M, N, (K + 31) // 32, interpret=False)
+    cfg = _config(M, N, (K + 31) // 32, interpret=False)
+    assert cfg.path == ("dot" if M >= DOT_MIN_M else "popcount")
     x = torch.randint(0, 2, (M, K), device=device)
     y = torch.randint(0, 2, (N, K), device=device)
     ref_x, ref_a = _int_ref(x, y)
     for xnor, ref in ((True, ref_x), (False, ref_a)):
-        out = packed_gemm_triton(pack_bits(x), pack_bits(y), K, xnor, blocks=(bm, bn, bw))
+        out = packed_gemm_triton(pack_bits(x), pack_bits(y), K, xnor, path=cfg.path,
+                                 blocks=(cfg.block_m, cfg.block_n, cfg.block_w))
         assert torch.equal(out.cpu().to(torch.int64), ref)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("M,N,K,blocks", [
+    (150, 40, 161, (16, 16, 1)),   # 10 M tiles > GROUP_M=8: a partial last group; 6 K steps
+    (17, 33, 33, (16, 32, 2)),     # one row past a tile, k just past a word
+    (64, 16, 1000, (32, 16, 4)),   # k % 32 = 8 with a 4-word step: ragged last step
+    (20, 3, 1, (16, 16, 1)),       # k = 1, N smaller than the tile
+])
+def test_triton_tensor_core_path_exact(device, M, N, K, blocks, poison_empty):
+    """The int8 tl.dot path against binary_reference, with dirty padding bits past k."""
+    from gdnsq_kernels.triton_xnor import packed_gemm_triton
+
+    x = torch.randint(0, 2, (M, K), device=device)
+    y = torch.randint(0, 2, (N, K), device=device)
+    x[0] = 1  # an all-ones row: every valid bit set
+    a, b = pack_bits(x), pack_bits(y)
+    if K % 32:
+        a[:, -1] |= torch.tensor(-(1 << (K % 32)), dtype=torch.int32)  # garbage past k
+        b[::2, -1] |= torch.tensor(-(1 << (K % 32)), dtype=torch.int32)
+    for xnor, ref_fn in ((True, binary_reference.xnor_gemm_reference),
+                         (False, binary_reference.and_gemm_reference)):
+        out = packed_gemm_triton(a, b, K, xnor, path="dot", blocks=blocks)
+        assert torch.equal(out.cpu(), ref_fn(a.cpu(), b.cpu(), K))
+
+
+def test_gemm_grid_is_one_axis_for_conv_sized_problems():
+    """A conv GEMM puts N*Ho*Wo patches on the N side: at 56x56 maps and batch 1,400 that is
+    4.4M columns, far past the 65,535 blocks CUDA allows on grid axes 1 and 2."""
+    from gdnsq_kernels.triton_xnor import _config, _grid
+
+    M, N, W = 65, 1400 * 56 * 56, 18
+    cfg = _config(M, N, W, interpret=False)
+    grid = _grid(M, N, cfg.block_m, cfg.block_n)
+    assert len(grid) == 1 and grid[0] < 2**31
+    assert grid[0] == -(-M // cfg.block_m) * -(-N // cfg.block_n)
+
+
+def test_gemm_tile_order_covers_every_tile_once():
+    """The grouped 1-D tile order of _tile_ids (re-derived here in Python) is a bijection."""
+    from gdnsq_kernels.triton_xnor import GROUP_M
+
+    for num_m, num_n in ((1, 1), (3, 5), (10, 3), (17, 4), (8, 8)):
+        seen = set()
+        for pid in range(num_m * num_n):
+            per_group = GROUP_M * num_n
+            first_m = (pid // per_group) * GROUP_M
+            rows = min(num_m - first_m, GROUP_M)
+            seen.add((first_m + (pid % per_group) % rows, (pid % per_group) // rows))
+        assert seen == {(m, n) for m in range(num_m) for n in range(num_n)}

@@ -7,9 +7,12 @@ import torch
 import gdnsq_kernels
 from gdnsq_kernels import cpu_quantize, quantize as Q
 from gdnsq_kernels import quantize_activation, quantize_weight
+from gdnsq_kernels.backend import triton_interpreter_enabled
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKENDS = {"cpu": ["triton", "cpu", "torch", "reference"], "cuda": ["triton", "torch", "reference"]}
+# 'triton' on CPU tensors is the interpreter: only where it is on (as in test_binary_gemm.py).
+BACKENDS = {"cpu": (["triton"] if triton_interpreter_enabled() else []) + ["cpu", "torch", "reference"],
+            "cuda": ["triton", "torch", "reference"]}
 CASES = [(d, b) for d in DEVICES for b in BACKENDS[d]]
 IDS = [f"{d}-{b}" for d, b in CASES]
 
