@@ -249,7 +249,8 @@ def weight_forward(w, log2_step):
     ct, magic = _ct(w.dtype)
     y = torch.empty_like(wc)
     z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype), device=w.device)
-    _w_fwd_kernel[(c_out,)](wc, y, z, log2_step, k, PER_CHANNEL=is_per_channel(log2_step, c_out),
+    # the kernel reads step_ptr[c] with unit stride: an expanded or strided step must be copied
+    _w_fwd_kernel[(c_out,)](wc, y, z, log2_step.contiguous(), k, PER_CHANNEL=is_per_channel(log2_step, c_out),
                             BLOCK=_row_block(k), CT=ct, MAGIC=magic)
     return y, z
 
@@ -267,7 +268,7 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     acc_dtype = _checks.compute_dtype(w.dtype)
     per_channel = is_per_channel(log2_step, c_out)
     out = torch.empty(c_out, dtype=acc_dtype, device=w.device)
-    _w_bwd_kernel[(c_out,)](g, wc, zero_point.to(acc_dtype).contiguous(), log2_step, out, k,
+    _w_bwd_kernel[(c_out,)](g, wc, zero_point.to(acc_dtype).contiguous(), log2_step.contiguous(), out, k,
                             seed_key_i32(seed), PER_CHANNEL=per_channel, BLOCK=_row_block(k),
                             CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
                             LN2_C=LN2)

@@ -9,10 +9,13 @@ import torch
 from gdnsq_kernels import quantize as Q
 from gdnsq_kernels import reference as R
 
+# the "cpu" cases must reach the C++ kernels (conftest.assert_cpp_ran)
+pytestmark = pytest.mark.usefixtures("assert_cpp_ran")
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [(d, b) for d in DEVICES for b in (("triton", "cpu", "torch") if d == "cpu" else ("triton", "torch"))]
 CASE_IDS = [f"{d}-{b}" for d, b in CASES]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # (log2_step, log2_range, offset): an exact power-of-two grid, and a non-integer one
 ACT_PARAMS = [(-3.0, 1.0, -1.0), (-2.7, 0.6, -0.3)]
