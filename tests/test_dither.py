@@ -134,7 +134,10 @@ def test_kernel_dither_known_answers(backend):
     w = torch.linspace(-1, 1, 64, device=device).reshape(64, 1)
     step = torch.zeros(64, device=device)  # s = 1
     g = torch.ones(64, 1, device=device)
-    for seed, (_, mask) in KNOWN_SIGNS.items():
+    # the interpreter is slow: two seeds (one with bit 32 set) for Triton on CPU, all elsewhere
+    seeds = [1, 2**32 + 7] if backend == "triton" and device == "cpu" else list(KNOWN_SIGNS)
+    for seed in seeds:
+        mask = KNOWN_SIGNS[seed][1]
         if backend == "reference":
             _, z = R.weight_forward(w, step)
             gs = R.weight_backward(g, w, step, z, seed, True)[1]
