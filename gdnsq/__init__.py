@@ -5,6 +5,9 @@ Method API (see README.md):
     ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective, GDNSQSchedule,
     Trainer, TrainConfig, get_preset, set_exact_inference; submodules data, models, deploy, cli
 """
+# The one place the version is written (setup.py reads this line as text).
+__version__ = "0.1.0"
+
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .layers import QConv2d, QLinear
 from .convert import quantize_model, teacher_of
@@ -22,4 +25,3 @@ __all__ = [
     "ActivationQuantizer", "jeffreys_divergence", "BitWidthPenalty", "GDNSQObjective",
     "GDNSQSchedule", "stats", "Trainer", "TrainConfig", "get_preset", "set_exact_inference",
 ]
-__version__ = "0.1.0"

@@ -269,6 +269,14 @@ def cmd_evaluate(args) -> dict:
 # train-fp
 # ----------------------------------------------------------------------------------------------
 
+def _read_or_fail(path) -> object:
+    """read_checkpoint (weights_only=True) with its one-line ValueError turned into a CliError."""
+    try:
+        return read_checkpoint(path)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, lr: float,
              momentum: float, weight_decay: float, batch_size: int, warmup_epochs: int,
              val_size: int, normalization: str, seed: int, device: torch.device,
@@ -308,7 +316,7 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
     last = out / "checkpoint_last.pt"
     start_epoch, step, best, wall = 0, 0, -1.0, 0.0
     if last.is_file():
-        ck = torch.load(last, map_location="cpu", weights_only=False)
+        ck = _read_or_fail(last)
         if ck.get("model") != model_name or ck.get("dataset") != dataset:
             raise CliError(f"--out {out} holds a {ck.get('model')}/{ck.get('dataset')} run, not "
                            f"{model_name}/{dataset}; choose another --out")
@@ -373,7 +381,7 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
                  "command to continue")
             stopped_early = True
             break
-    ck = torch.load(last, map_location="cpu", weights_only=False)
+    ck = _read_or_fail(last)
     done = ck["epoch"] >= epochs
     report = {"model": model_name, "dataset": dataset, "epochs_done": ck["epoch"],
               "epochs": epochs, "best_val_top1": ck["best_val"] if "val" in loaders else None,

@@ -130,10 +130,29 @@ def _find_python_folder(dataset: str, root: pathlib.Path) -> Optional[pathlib.Pa
     return None
 
 
+# The only globals a CIFAR python batch needs: NumPy's array reconstruction (old and new module
+# paths). Anything else in a downloaded file is refused instead of being called by pickle.
+_NUMPY_PICKLE_GLOBALS = {(mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray",
+                                                 "numpy.core.numeric", "numpy._core.numeric", "numpy")
+                         for name in ("_reconstruct", "scalar", "_frombuffer", "ndarray", "dtype")}
+# Python 3 writes bytes into protocol-2 pickles as _codecs.encode(str, "latin1"): a pure function.
+_NUMPY_PICKLE_GLOBALS.add(("_codecs", "encode"))
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only NumPy array/dtype globals (a data file cannot run code)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _NUMPY_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (a CIFAR batch holds "
+                                     "only arrays, lists and bytes)")
+
+
 def _read_pickle_batch(path: pathlib.Path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key.encode()], dtype=np.int64)
     except FileNotFoundError:

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from . import distributed as gdist
 from . import stats as gstats
 from ._atomic import atomic_torch_save, atomic_write_text
+from ._sealed import MAGIC as _SEAL_MAGIC, read_sealed, write_sealed
 from .losses import GDNSQObjective
 from .plot import plot_bit_history
 from .presets import TrainConfig, get_preset
@@ -75,20 +76,34 @@ _RESUME_FREE_FIELDS = {"max_epochs", "max_minutes", "patience", "progress", "log
 
 # --------------------------------------------------------------------------- file helpers
 
+def save_checkpoint(ckpt: dict, path: str) -> None:
+    """Write a trainer checkpoint atomically with its length and SHA-256 (see gdnsq._sealed)."""
+    write_sealed(ckpt, path)
+
+
 def load_checkpoint(path: str, kind: Optional[str] = None) -> dict:
     """Load and check a trainer checkpoint (CPU tensors).
 
-    Raises ValueError with the path when the file is truncated/corrupt, is not a gdnsq trainer
-    checkpoint, has another format version, lacks the completion marker, or (with ``kind``) is
-    not of that kind ("last" or "best")."""
+    Raises ValueError with the path when the file is truncated/corrupt (length or SHA-256 checksum
+    mismatch), is not a gdnsq trainer checkpoint, has another format version, lacks the completion
+    marker, or (with ``kind``) is not of that kind ("last" or "best"). Checkpoints written before
+    checksums (plain ``torch.save`` archives) still load, with a warning that they are unverified."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip archive fails inside torch.load
-        raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         "delete it to restart, or restore a complete copy") from None
+    with open(path, "rb") as f:
+        head = f.read(len(_SEAL_MAGIC))
+    if head == _SEAL_MAGIC:
+        ckpt = read_sealed(path)
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated zip archive fails inside torch.load
+            raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             "delete it to restart, or restore a complete copy") from None
+        if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+            warnings.warn(f"checkpoint {path} was written without a checksum (older gdnsq); "
+                          "it is loaded unverified")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a gdnsq trainer checkpoint (format marker missing)")
     if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -678,7 +693,7 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "complete": True,  # written last: its presence marks a complete payload
             }
-            atomic_torch_save(ckpt, os.path.join(self.out_dir, LAST))
+            save_checkpoint(ckpt, os.path.join(self.out_dir, LAST))
         gdist.barrier()
 
     def _save_best(self, epoch: int, val: dict, realised: dict) -> None:
@@ -690,7 +705,7 @@ class Trainer:
             "realised_bits": self._realised_bits(val["act_bits_max"]),
             "student": self.student.state_dict(), "config": self.cfg.to_dict(), "complete": True,
         }
-        atomic_torch_save(ckpt, os.path.join(self.out_dir, BEST))
+        save_checkpoint(ckpt, os.path.join(self.out_dir, BEST))
 
     def _load_last(self, path: str) -> None:
         ckpt = load_checkpoint(path, kind="last")

@@ -25,4 +25,27 @@ __all__ = [
     "binary_linear",
     "binary_conv2d",
 ]
-__version__ = "0.1.0"
+
+
+def _distribution_version() -> str:
+    # gdnsq_kernels ships in the gdnsq distribution, whose version is gdnsq.__version__; read it as
+    # text so that importing the kernels does not import the method package.
+    import pathlib
+    import re
+
+    init = pathlib.Path(__file__).resolve().parent.parent / "gdnsq" / "__init__.py"
+    try:
+        found = re.search(r'^__version__ = "([^"]+)"$', init.read_text(encoding="utf-8"), re.MULTILINE)
+    except OSError:
+        found = None
+    if found is not None:
+        return found.group(1)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gdnsq")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _distribution_version()

@@ -3,7 +3,8 @@
 The environment variable ``GDNSQ_BACKEND`` picks the implementation:
 
 * ``auto`` (default): CUDA tensors -> ``triton``; CPU tensors -> ``cpu`` (the fused C++ path for
-  the quantizers, NumPy popcount for the bit-packed ops).
+  the quantizers, NumPy popcount for the bit-packed ops). Triton is an optional dependency (it
+  has wheels for Linux x86_64/aarch64 only): without it CUDA tensors use ``torch`` (warning once).
 * ``triton``: the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` (tests only).
 * ``reference``: the plain-PyTorch oracle in ``gdnsq_kernels.reference`` (slow, exact).
 * ``cpu``: the fused CPU path (CPU tensors only).
@@ -13,7 +14,9 @@ Each op may also take an explicit ``backend=`` keyword for tests and benchmarks.
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 
@@ -34,6 +37,20 @@ def triton_interpreter_enabled() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when the ``triton`` package imports (nothing else in gdnsq_kernels needs it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_TRITON_MISSING = ("the triton package is not installed (it has wheels for Linux x86_64 and "
+                   "aarch64 only: pip install triton)")
+
+
 def requested_backend(explicit: str | None = None) -> str:
     """The backend asked for, by argument or by ``GDNSQ_BACKEND``; validated, not yet resolved."""
     name = explicit if explicit is not None else os.environ.get("GDNSQ_BACKEND", "auto")
@@ -47,7 +64,15 @@ def resolve_backend(tensor: torch.Tensor, explicit: str | None = None) -> str:
     """Concrete backend for an op on ``tensor``: one of triton, reference, cpu, torch."""
     name = requested_backend(explicit)
     if name == "auto":
-        return "triton" if tensor.is_cuda else "cpu"
+        if not tensor.is_cuda:
+            return "cpu"
+        if triton_available():
+            return "triton"
+        _warn_no_triton_once()
+        return "torch"
+    if name == "triton" and not triton_available():
+        raise RuntimeError(f"GDNSQ_BACKEND=triton was requested but {_TRITON_MISSING}; "
+                           "use GDNSQ_BACKEND=auto, cpu or torch")
     if name == "triton" and not tensor.is_cuda and not triton_interpreter_enabled():
         raise RuntimeError(
             "GDNSQ_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1 "
@@ -56,3 +81,9 @@ def resolve_backend(tensor: torch.Tensor, explicit: str | None = None) -> str:
     if name == "cpu" and tensor.is_cuda:
         raise RuntimeError("GDNSQ_BACKEND=cpu was requested for a CUDA tensor; use auto or triton")
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton_once() -> None:
+    warnings.warn(f"gdnsq_kernels: {_TRITON_MISSING}; CUDA tensors use the eager 'torch' backend",
+                  RuntimeWarning, stacklevel=4)

@@ -6,7 +6,9 @@ reference exactly) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, defa
 ``~/.cache/torch_extensions``, folder ``gdnsq_quantize_cpu_<hash of source and flags>``);
 later processes load the cached build in well under a second.
 If the compiler or ninja is missing or the build fails, ``implementation()`` warns once and
-returns the eager ``torch`` backend instead.
+returns the eager ``torch`` backend instead, unless ``GDNSQ_REQUIRE_CPP=1`` (the test suite sets
+it, so that a failed build fails the tests instead of testing the torch path twice): then the
+build error is raised.
 
 Each op is one pass over the data forward and one backward (the activation backward writes
 ``dx`` and reduces the three parameter sums in the same loop); only ``ln2*s`` scaling of the
@@ -68,6 +70,11 @@ def load_extension():
         return _ext
 
 
+def require_cpp() -> bool:
+    """``GDNSQ_REQUIRE_CPP=1``: a C++ build failure raises instead of degrading (tests, CI)."""
+    return os.environ.get("GDNSQ_REQUIRE_CPP", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def implementation():
     """This module when the extension builds, else ``_torch_quantize`` (warning once)."""
     global _failed
@@ -75,6 +82,8 @@ def implementation():
         try:
             load_extension()
         except Exception as exc:  # compiler, ninja or build failure: degrade, do not crash
+            if require_cpp():
+                raise
             _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             warnings.warn(
                 "gdnsq_kernels: the fused C++ CPU quantizer could not be built "

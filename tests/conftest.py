@@ -14,6 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A failed C++ build must fail the "cpu" cases, not silently run the torch/NumPy fallbacks in
+# their place (the fallback tests switch this off for themselves). GDNSQ_REQUIRE_CPP=0 runs the
+# suite on a machine without a compiler.
+os.environ.setdefault("GDNSQ_REQUIRE_CPP", "1")
+
 import pytest  # noqa: E402
 
 SHARED_MODELS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "models"
@@ -44,6 +49,40 @@ def poison_empty(monkeypatch):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+class _CountingExtension:
+    """Stands in for the loaded C++ extension module and counts the kernel calls made through it."""
+
+    def __init__(self, ext):
+        self._ext, self.calls = ext, []
+
+    def __getattr__(self, name):
+        fn = getattr(self._ext, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture
+def assert_cpp_ran(request, monkeypatch):
+    """For tests parametrized by ``backend``: the "cpu" cases must run the C++ kernels (a build
+    failure or a silent fallback to the torch path would test the torch path twice and pass)."""
+    if getattr(request.node, "callspec", None) is None or request.node.callspec.params.get("backend") != "cpu":
+        yield
+        return
+    from gdnsq_kernels import cpu_quantize
+
+    assert cpu_quantize.implementation() is cpu_quantize, cpu_quantize._failed
+    spy = _CountingExtension(cpu_quantize.load_extension())
+    monkeypatch.setattr(cpu_quantize, "_ext", spy)
+    yield
+    if 0 in request.node.callspec.params.get("shape", (1,)):
+        return  # empty tensors return before any kernel
+    assert spy.calls, "backend='cpu' never reached the C++ extension"
 
 
 @pytest.fixture

@@ -99,6 +99,23 @@ def test_cpp_gemm_builds():
     assert cpu_xnor.available(), cpu_xnor._failed
 
 
+def test_cpp_gemm_build_failure_raises_when_required_else_falls_back(monkeypatch):
+    from gdnsq_kernels import cpu_xnor
+
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpu_xnor, "_ext", None)
+    monkeypatch.setattr(cpu_xnor, "_failed", None)
+    monkeypatch.setattr(cpu_xnor, "load_extension", broken)
+    monkeypatch.setenv("GDNSQ_REQUIRE_CPP", "1")  # the suite's setting: no silent fallback
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        cpu_xnor.available()
+    monkeypatch.setenv("GDNSQ_REQUIRE_CPP", "0")
+    with pytest.warns(RuntimeWarning, match="NumPy popcount"):
+        assert cpu_xnor.available() is False
+
+
 @pytest.mark.parametrize("M,N,K", [(5, 7, 33), (70, 9, 100), (1, 130, 1000)])
 def test_cpu_backend_without_cpp(monkeypatch, M, N, K):
     """The NumPy / float fallback of the cpu backend (no compiler) through the public op."""

@@ -131,7 +131,7 @@ def test_evaluate_real_images_with_shared_checkpoint(capsys, shared_models_dir, 
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
         torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     m = get_model("resnet20")
-    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     m.load_state_dict({k[len("module."):]: v for k, v in sd.items()}, strict=False)
     with torch.no_grad():
         correct = (m.eval()(x).argmax(1) == torch.from_numpy(z["labels"])).sum().item()
@@ -169,8 +169,8 @@ def test_train_fp_resume_is_exact(capsys, tiny_data, tmp_path, one_thread):
     assert code == 0 and part["epochs_done"] == 1 and not part["complete"]
     code, out, err = _train_fp(capsys, tiny_data, tmp_path / "b")
     assert code == 0 and "resuming" in err
-    a = torch.load(tmp_path / "a" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    a = torch.load(tmp_path / "a" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     assert json.loads(out.strip().splitlines()[-1])["test_top1"] == full["test_top1"]

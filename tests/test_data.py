@@ -126,6 +126,35 @@ def test_cifar100_python_format_and_absence(tmp_path):
         load_cifar("cifar100", "test", tmp_path / "empty", progress=None)
 
 
+def _record_call(tag):
+    _CALLED.append(tag)
+    return [0]
+
+
+_CALLED = []
+
+
+class _CallsOnUnpickle:
+    def __reduce__(self):
+        return (_record_call, ("called",))
+
+
+def test_python_batch_with_code_is_refused(tmp_path):
+    # A downloaded "CIFAR batch" is a pickle: only NumPy array globals may be resolved, so a file
+    # carrying a callable is refused and the callable never runs.
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    x = _images(5, 1)
+    for split in ("train", "test"):
+        with open(folder / split, "wb") as f:
+            pickle.dump({b"data": x.transpose(0, 3, 1, 2).reshape(5, 3072),
+                         b"fine_labels": _CallsOnUnpickle()}, f, protocol=2)
+    _CALLED.clear()
+    with pytest.raises(DataError, match=r"train is truncated or corrupt .*refusing to load global .*_record_call"):
+        load_cifar("cifar100", "train", tmp_path, progress=None)
+    assert _CALLED == []
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="dataset must be one of"):
         load_cifar("mnist", "train")

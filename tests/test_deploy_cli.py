@@ -98,7 +98,7 @@ def test_export_errors(run_dir, tmp_path, capsys):
     (run / "run.json").write_text(json.dumps(meta))
     # the student is rebuilt with target 1, but the checkpoint's buffers carry target 2;
     # lower them in the checkpoint to make the realised bits exceed the target
-    ck = torch.load(run / "checkpoint_best.pt")
+    ck = torch.load(run / "checkpoint_best.pt", weights_only=True)
     for k in ck["student"]:
         if k.endswith("weight_quantizer.target_bits"):
             ck["student"][k].fill_(1)

@@ -22,18 +22,32 @@ def _x(n=5, hw=12, seed=3):
     return torch.randn(n, 3, hw, hw, generator=torch.Generator().manual_seed(seed))
 
 
-def _oracle(layer, x):
-    """Plain float64 conv/linear of the dequantized codes (independent of the layer's paths)."""
-    k = layer.weight_codes().double()
-    view = (-1,) + (1,) * (k.dim() - 1)
-    w = layer.weight_min.double().view(view) + layer.weight_step.double().view(view) * k
-    j = layer.codes_of(x.float()).double()
-    a = layer.act_offset.double() + torch.exp2(layer.act_log2_step.float()).double() * j
-    b = None if layer.bias is None else layer.bias.double()
-    if isinstance(layer, DeployedConv2d):
-        c = layer.config
-        return F.conv2d(a, w, b, c["stride"], c["padding"], c["dilation"], c["groups"])
-    return F.linear(a, w, b)
+def _oracle(qlayer, x):
+    """float64 conv/linear of the dequantized grid values, computed from the *trained* (fake-quant)
+    layer's float weight and quantizer parameters with METHOD Part B's formulas written out here:
+    nothing of the deployed layer (its codes, steps or zero points) and no gdnsq_kernels code.
+
+    Weights: s_c = 2**log2_step (float32), z_c = min of channel c, k = round((w - z_c) / s_c) in
+    float32. Activations: s = 2**log2_step, lo = offset, hi = lo + 2**log2_range - s,
+    j = round((clamp(x, lo, hi) - lo) / s) in float32. Rounding is half to even (torch.round)."""
+    wq, aq = qlayer.weight_quantizer, qlayer.act_quantizer
+    w = qlayer.weight.detach().float()
+    c_out = w.shape[0]
+    w2 = w.reshape(c_out, -1)
+    s_w = torch.exp2(wq.log2_step.detach().float()).reshape(-1)
+    s_w = s_w.expand(c_out) if s_w.numel() == 1 else s_w
+    z = w2.amin(1)
+    k = torch.round((w2 - z[:, None]) / s_w[:, None])
+    w64 = (z.double()[:, None] + s_w.double()[:, None] * k.double()).reshape(w.shape)
+    s_a = torch.exp2(aq.log2_step.detach().float())
+    lo = aq.offset.detach().float()
+    hi = lo + torch.exp2(aq.log2_range.detach().float()) - s_a
+    j = torch.round((torch.clamp(x.float(), lo, hi) - lo) / s_a)
+    a64 = lo.double() + s_a.double() * j.double()
+    b = None if qlayer.bias is None else qlayer.bias.detach().double()
+    if isinstance(qlayer, nn.Conv2d):
+        return F.conv2d(a64, w64, b, qlayer.stride, qlayer.padding, qlayer.dilation, qlayer.groups)
+    return F.linear(a64, w64, b)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
@@ -71,7 +85,7 @@ def test_each_layer_matches_float64_oracle(path):
     frozen(_x(hw=11))  # odd size: stride-2 border
     for n, m in deployed_layers(frozen):
         assert m.path == path
-        ref = _oracle(m, captured[n])
+        ref = _oracle(q.get_submodule(n), captured[n])
         # integer paths: correctly rounded (float64 epilogue); float: float32 accumulation
         assert rel_err(m(captured[n]).double(), ref) < (1e-5 if path == "float" else 1e-6), n
 
@@ -201,7 +215,7 @@ def test_conv_geometry_grouped_dilated_wide_padding(conv_args):
     for path in frozen[0].allowed_paths():
         frozen[0].set_path(path)
         assert rel_err(frozen(x), ref) < 1e-5, path
-        assert rel_err(frozen[0](x).double(), _oracle(frozen[0], x)) < 1e-5, path
+        assert rel_err(frozen[0](x).double(), _oracle(model[0], x)) < 1e-5, path
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdnsq.models import (MODELS, CheckpointMismatch, OptionAShortcut, extract_state_dict,
+from gdnsq.models import (read_checkpoint, MODELS, CheckpointMismatch, OptionAShortcut, extract_state_dict,
                           get_model, load_fp_checkpoint, save_fp_checkpoint)
 
 
@@ -101,6 +101,49 @@ def test_checkpoint_mismatch_errors(tmp_path):
         load_fp_checkpoint(get_model("resnet20"), tmp_path / "junk.th")
     with pytest.raises(ValueError, match="no model state dict"):
         extract_state_dict({"epoch": 3})
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls os.system-like code: exactly what weights_only=True must refuse."""
+
+    def __reduce__(self):
+        return (_record_unpickling, ("unpickled",))
+
+
+_UNPICKLED = []
+
+
+def _record_unpickling(tag):
+    _UNPICKLED.append(tag)
+    return tag
+
+
+def test_checkpoint_with_python_objects_is_refused_without_running_them(tmp_path):
+    path = tmp_path / "evil.th"
+    torch.save({"state_dict": get_model("resnet20").state_dict(), "hook": _RunsCodeWhenUnpickled()}, path)
+    _UNPICKLED.clear()
+    with pytest.raises(ValueError, match=r"checkpoint .*evil.th holds a Python object "
+                                         r"\(.*_record_unpickling\).*weights_only=True") as err:
+        load_fp_checkpoint(get_model("resnet20"), path)
+    assert "\n" not in str(err.value)
+    assert _UNPICKLED == []  # the code in the file never ran
+    with pytest.raises(ValueError, match="evil.th holds a Python object"):
+        read_checkpoint(path)
+
+
+def test_read_checkpoint_verifies_trainer_checkpoints(tmp_path):
+    from gdnsq.trainer import CHECKPOINT_FORMAT, save_checkpoint
+
+    sd = get_model("resnet20").state_dict()
+    path = tmp_path / "checkpoint_best.pt"
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "student": sd}, str(path))
+    got = extract_state_dict(read_checkpoint(path))
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    data = bytearray(path.read_bytes())
+    data[len(data) - 100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checkpoint_best.pt is corrupt: its SHA-256 checksum"):
+        read_checkpoint(path)
 
 
 def test_shared_akamaster_checkpoints_fit(shared_models_dir):

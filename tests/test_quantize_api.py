@@ -143,6 +143,7 @@ def test_cpu_build_failure_falls_back_to_torch_once(monkeypatch):
     monkeypatch.setattr(cpu_quantize, "_ext", None)
     monkeypatch.setattr(cpu_quantize, "_failed", None)
     monkeypatch.setattr(cpu_quantize, "load_extension", broken)
+    monkeypatch.setenv("GDNSQ_REQUIRE_CPP", "0")
     x = torch.randn(33, requires_grad=True)
     leaves = _act_leaves("cpu")
     with warnings.catch_warnings(record=True) as rec:
@@ -153,6 +154,19 @@ def test_cpu_build_failure_falls_back_to_torch_once(monkeypatch):
     msgs = [str(r.message) for r in rec if issubclass(r.category, RuntimeWarning)]
     assert len(msgs) == 1 and "torch" in msgs[0] and "no compiler here" in msgs[0]
     torch.testing.assert_close(y1, y2)
+
+
+def test_cpu_build_failure_raises_when_cpp_is_required(monkeypatch):
+    # the suite runs with GDNSQ_REQUIRE_CPP=1 (conftest): a broken build is an error there
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpu_quantize, "_ext", None)
+    monkeypatch.setattr(cpu_quantize, "_failed", None)
+    monkeypatch.setattr(cpu_quantize, "load_extension", broken)
+    monkeypatch.setenv("GDNSQ_REQUIRE_CPP", "1")
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        quantize_activation(torch.randn(5), *_act_leaves("cpu"), seed=2, backend="cpu")
 
 
 def test_empty_inputs_through_autograd():

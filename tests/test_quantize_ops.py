@@ -11,13 +11,16 @@ from gdnsq_kernels import reference as R
 
 from gdnsq_kernels.backend import triton_interpreter_enabled
 
+# the "cpu" cases must reach the C++ kernels (conftest.assert_cpp_ran)
+pytestmark = pytest.mark.usefixtures("assert_cpp_ran")
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # 'triton' on CPU tensors is the interpreter: only where it is on (conftest turns it on when
 # there is no CUDA); on a CUDA machine those cases would raise instead of testing anything.
 CPU_BACKENDS = (("triton",) if triton_interpreter_enabled() else ()) + ("cpu", "torch")
 CASES = [(d, b) for d in DEVICES for b in (CPU_BACKENDS if d == "cpu" else ("triton", "torch"))]
 CASE_IDS = [f"{d}-{b}" for d, b in CASES]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # (log2_step, log2_range, offset): an exact power-of-two grid, and a non-integer one
 ACT_PARAMS = [(-3.0, 1.0, -1.0), (-2.7, 0.6, -0.3)]

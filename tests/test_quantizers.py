@@ -187,7 +187,8 @@ def test_aewgs_statistics_are_averaged_across_ranks(tmp_path):
 
     from _aewgs_dist_worker import run
     mp.spawn(run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     d0, d1 = _deltas(r0["w"], r0["g"], r0["gw"]), _deltas(r1["w"], r1["g"], r1["gw"])
     torch.testing.assert_close(d0, d1, rtol=1e-4, atol=1e-5)  # the same delta on both ranks
     from gdnsq.quantizers import aewgs_grads

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import _trainer_tiny as tiny
-from gdnsq.trainer import LAST, METRICS, CHECKPOINT_VERSION, Trainer, atomic_torch_save, load_checkpoint
+from gdnsq.trainer import (LAST, METRICS, CHECKPOINT_VERSION, Trainer, atomic_torch_save, load_checkpoint,
+                           save_checkpoint)
 
 # Fields that measure time, the only ones allowed to differ between the two runs' metrics.
 TIME_KEYS = {"epoch_seconds", "wall_seconds"}
@@ -133,8 +134,56 @@ def test_truncated_checkpoint_is_rejected(tmp_path):
     path = tmp_path / LAST
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint .*checkpoint_last.pt is truncated or corrupt"):
+        _run(tmp_path, 2)
+    path.write_bytes(data[:40])  # inside the header
+    with pytest.raises(ValueError, match="header missing or truncated"):
+        load_checkpoint(str(path))
+
+
+def _flip_byte(path, where):
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_checkpoint_is_refused(tmp_path):
+    # torch.load alone reads a zip archive with one changed tensor byte silently; the checksum
+    # must refuse it, wherever the byte is (tensor data, pickle, the header's digest).
+    trainer = _run(tmp_path, 1)
+    trainer.fit()
+    path = tmp_path / LAST
+    good = path.read_bytes()
+    # a byte inside a stored tensor: the student's largest one, found by its raw bytes
+    w = max(load_checkpoint(str(path))["student"].values(), key=lambda t: t.numel())
+    raw = w.contiguous().numpy().tobytes()[:16]
+    tensor_at = good.find(raw)
+    assert tensor_at > 0
+    for where in (tensor_at + 3, len(good) // 2, len(good) - 1, 40):
+        path.write_bytes(good)
+        _flip_byte(path, where)
+        with pytest.raises(ValueError, match=r"checkpoint .*checkpoint_last.pt is corrupt: its SHA-256"):
+            load_checkpoint(str(path))
+    path.write_bytes(good)
+    _flip_byte(path, 0)  # the magic itself: no longer a sealed file, and not a zip archive either
     with pytest.raises(ValueError, match="truncated or corrupt"):
         _run(tmp_path, 2)
+    path.write_bytes(good + b"\0")  # trailing bytes
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(str(path))
+    path.write_bytes(good)
+    assert load_checkpoint(str(path), kind="last")["epoch"] == 1
+
+
+def test_unsealed_legacy_checkpoint_loads_with_a_warning(tmp_path):
+    trainer = _run(tmp_path, 1)
+    trainer.fit()
+    path = str(tmp_path / LAST)
+    ckpt = load_checkpoint(path)
+    atomic_torch_save(ckpt, path)  # the pre-checksum layout: a bare torch.save archive
+    with pytest.warns(UserWarning, match="without a checksum"):
+        again = load_checkpoint(path, kind="last")
+    _assert_same_state(again["student"], ckpt["student"])
 
 
 def test_wrong_version_and_marker_are_rejected(tmp_path):
@@ -142,16 +191,16 @@ def test_wrong_version_and_marker_are_rejected(tmp_path):
     trainer.fit()
     path = str(tmp_path / LAST)
     ckpt = load_checkpoint(path)
-    atomic_torch_save({**ckpt, "version": CHECKPOINT_VERSION + 1}, path)
+    save_checkpoint({**ckpt, "version": CHECKPOINT_VERSION + 1}, path)
     with pytest.raises(ValueError, match="format version"):
         load_checkpoint(path)
-    atomic_torch_save({k: v for k, v in ckpt.items() if k != "complete"}, path)
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "complete"}, path)
     with pytest.raises(ValueError, match="completion marker"):
         load_checkpoint(path)
-    atomic_torch_save({"something": 1}, path)
+    save_checkpoint({"something": 1}, path)
     with pytest.raises(ValueError, match="not a gdnsq trainer checkpoint"):
         _run(tmp_path, 2)
-    atomic_torch_save(ckpt, path)
+    save_checkpoint(ckpt, path)
     with pytest.raises(ValueError, match="expected 'best'"):
         load_checkpoint(path, kind="best")
     with pytest.raises(FileNotFoundError):

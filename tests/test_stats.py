@@ -31,12 +31,27 @@ def test_realised_bits_and_is_converged():
         aq.log2_range.fill_(1.0)  # 4 levels of 0.5 on [0, 1.5]
     assert not stats.is_converged(st)  # no eval batch observed yet (+inf)
     st.eval()
+
+    def expected_act_bits(x):
+        # independent of the quantizer's buffer: the layer's input through the FP layers before
+        # it, codes j = round(clamp(h, 0, 1.5) / 0.5), bits = log2(j_max - j_min + 1)
+        with torch.no_grad():
+            h = st[1](st[0](x))
+        j = torch.round(torch.clamp(h, 0.0, 1.5) / 0.5)
+        return math.log2(float(j.max() - j.min()) + 1.0)
+
+    g = torch.Generator().manual_seed(3)
+    wide, narrow = torch.randn(64, 6, generator=g) * 10, torch.randn(64, 6, generator=g) * 0.05
+    want_wide, want_narrow = expected_act_bits(wide), expected_act_bits(narrow)
+    assert want_wide == 2.0 and want_narrow < 2.0  # the two batches tell observations apart
     with torch.no_grad():
-        st(torch.randn(64, 6) * 10)
+        st(narrow)
+    assert stats.realised_bits(st) == {"2": {"weight": 2.0, "act": want_narrow}}
+    with torch.no_grad():
+        st(wide)
     rb = stats.realised_bits(st)
-    assert rb == {"2": {"weight": 2.0, "act": float(aq.observed_bits)}}
-    assert rb["2"]["act"] <= 2.0
-    assert stats.is_converged(st) == (rb["2"]["act"] <= 2.0)
+    assert rb == {"2": {"weight": 2.0, "act": want_wide}}
+    assert stats.is_converged(st)  # 2 bits observed against 2-bit targets
     cb = stats.continuous_bits(st)["2"]
     assert cb["weight"] == pytest.approx(math.log2(3 / 1 + 1)) and cb["act"] == pytest.approx(2.0)
     assert stats.mean_bits(st) == pytest.approx({"weight": 2.0, "act": 2.0})

@@ -454,14 +454,14 @@ class DeployedLinear(_DeployedBase):
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_f = self.config["weight_shape"][1]
+        out_f, in_f = self.config["weight_shape"][0], self.config["weight_shape"][1]
         if x.dim() < 1 or x.shape[-1] != in_f:
             raise ValueError(f"x must have last dim {in_f}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_f).float()
         path = self.config["path"]
         if path == "dequant":
-            return F.linear(x2, self.dequantized_weight().to(x.device), self.bias).view(*lead, -1)
+            return F.linear(x2, self.dequantized_weight().to(x.device), self.bias).view(*lead, out_f)
         codes = self.float_codes(x2)
         if path == "binary":
             from gdnsq_kernels.binary_ops import binary_linear, pack_linear_weight
@@ -472,10 +472,10 @@ class DeployedLinear(_DeployedBase):
                                                       self.weight_step, self.weight_min)
             out = binary_linear(codes.to(torch.uint8), torch.exp2(self.act_log2_step.float()),
                                 self.act_offset, self._cache[key], bias=self.bias)
-            return out.view(*lead, -1)
+            return out.view(*lead, out_f)
         if path == "float":
             return F.linear(self._dequant_act(codes), self.dequantized_weight().to(x.device),
-                            self.bias).view(*lead, -1)
+                            self.bias).view(*lead, out_f)
         dtype = self._int_dtype()
         j = codes if dtype == torch.float32 else codes.to(dtype)
         if path == "int":
@@ -497,7 +497,7 @@ class DeployedLinear(_DeployedBase):
         else:
             raise ValueError(f"unknown path {path!r}")
         s_j = j.sum(1, keepdim=True)
-        return self._epilogue(s_kj, s_j, self._const(x.device)).view(*lead, -1)
+        return self._epilogue(s_kj, s_j, self._const(x.device)).view(*lead, out_f)
 
 
 def build_layer(config: dict) -> _DeployedBase:

@@ -7,7 +7,7 @@ Example::
     meta = load_fp_checkpoint(model, "../shared/models/resnet20_cifar10_akamaster.th")
     meta["normalization"]   # "imagenet": the input normalisation the weights expect
 
-Checkpoint layouts :func:`load_fp_checkpoint` understands (all read with ``torch.load``):
+Checkpoint layouts :func:`load_fp_checkpoint` understands (all read with ``torch.load(weights_only=True)``):
 
 * akamaster: ``{"best_prec1": float, "state_dict": {"module.<name>": tensor}}`` (DataParallel
   prefix stripped; normalisation "imagenet");
@@ -20,12 +20,15 @@ Checkpoint layouts :func:`load_fp_checkpoint` understands (all read with ``torch
 from __future__ import annotations
 
 import pathlib
+import pickle
+import re
 from typing import Dict, Mapping
 
 import torch
 import torch.nn as nn
 
 from .._atomic import atomic_torch_save
+from .._sealed import is_sealed, read_sealed
 
 from .resnet_cifar import DEPTHS, BasicBlock, CifarResNet, OptionAShortcut, resnet20, resnet32, \
     resnet44, resnet56
@@ -54,14 +57,29 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
 
 
 def read_checkpoint(path) -> object:
-    """``torch.load`` a checkpoint on the CPU; FileNotFoundError / one-line ValueError."""
+    """Read a checkpoint on the CPU, safely: FileNotFoundError / one-line ValueError.
+
+    Files are read with ``torch.load(weights_only=True)`` (tensors and plain Python values only;
+    unpickling anything else could run code from the file). gdnsq trainer checkpoints are verified
+    against their checksum first. A file that holds other Python objects is refused with a
+    one-line ValueError naming it."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_sealed(path):
+        return read_sealed(path)  # SealError is a ValueError naming the file
     try:
-        # weights_only=False: akamaster files and gdnsq run checkpoints hold plain python values
-        # next to tensors; only load checkpoints you trust (as with any pickle).
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # not a pickle at all, or a damaged one
+            raise ValueError(f"checkpoint {path} cannot be read (UnpicklingError: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(f"checkpoint {path} holds a Python object ({found.group(1)}) besides "
+                         "tensors and plain containers; gdnsq loads checkpoints with "
+                         "weights_only=True and will not unpickle it (that can run code from the "
+                         "file): re-save only its state dict (torch.save(model.state_dict(), ...)) "
+                         "in a session you trust") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
