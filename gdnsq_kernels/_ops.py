@@ -31,8 +31,9 @@ drawn on the input's device, so that a compiled or captured graph draws fresh no
 The weight gradient of the weight quantizer is the upstream gradient itself (STE), which an op
 cannot return (outputs may not alias inputs), so ``w_step_grad`` returns the step gradient only.
 
-Inside an op the seed tensor is read on the host (``int(seed)``): the op is opaque to the
-compiler, so this is no graph break; on CUDA it is one small device-to-host read per backward.
+Inside an op the Triton backend hashes the seed tensor on the device (the kernels load the key
+from a pointer: no host read, CUDA-graph safe); the C++/torch/reference backends read it on the
+host (``int(seed)``), which is free on CPU and invisible to the compiler (the op is opaque).
 """
 from __future__ import annotations
 
@@ -67,8 +68,12 @@ def _impl(name: str):
     raise ValueError(f"backend must be one of triton, reference, cpu, torch, got {name!r}")
 
 
-def seed_value(seed: Tensor) -> int:
-    """The Python int held by a one-element seed tensor (host read; used inside the ops only)."""
+def seed_value(seed: Tensor, backend: str):
+    """The seed as the backend takes it: the tensor itself for ``triton`` (the kernels hash it
+    on the device: no host read, CUDA-graph safe), else the Python int it holds (a host read;
+    free on CPU)."""
+    if backend == "triton":
+        return seed
     return int(seed.reshape(-1)[0])
 
 
@@ -111,7 +116,7 @@ def act_backward(grad_y: Tensor, x: Tensor, log2_step: Tensor, log2_range: Tenso
         z = (lambda: torch.zeros((), dtype=ct, device=x.device)) if need_grad_params else (lambda: _empty(x, ct))
         return gx, z(), z(), z()
     gx, gs, gr, go = _impl(backend).activation_backward(
-        grad_y, x, log2_step, log2_range, offset, seed_value(seed), bool(dither),
+        grad_y, x, log2_step, log2_range, offset, seed_value(seed, backend), bool(dither),
         need_grad_x=need_grad_x, need_grad_params=need_grad_params)
     gx = _fresh(gx, grad_y, x) if need_grad_x else _empty(x)
     if need_grad_params:
@@ -154,7 +159,7 @@ def w_step_grad(grad_w_hat: Tensor, w: Tensor, log2_step: Tensor, zero_point: Te
     ct = _checks.compute_dtype(w.dtype)
     if w.numel() == 0:
         return torch.zeros(log2_step.shape, dtype=ct, device=w.device)
-    _, gs = _impl(backend).weight_backward(grad_w_hat, w, log2_step, zero_point, seed_value(seed),
+    _, gs = _impl(backend).weight_backward(grad_w_hat, w, log2_step, zero_point, seed_value(seed, backend),
                                           bool(dither), need_grad_w=False, need_grad_step=True)
     return _fresh(gs.to(ct).reshape(log2_step.shape), log2_step)
 

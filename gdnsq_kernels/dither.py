@@ -59,6 +59,16 @@ def seed_key_i32(seed: int) -> int:
     return k - (1 << 32) if k >= (1 << 31) else k
 
 
+def seed_key_tensor(seed: torch.Tensor) -> torch.Tensor:
+    """``seed_key_i32`` computed on ``seed``'s device: (1,) int64 seed tensor -> (1,) int32 key.
+
+    Torch ops only (no host read), so it can run inside a captured CUDA graph.
+    """
+    x = (seed.reshape(1).to(torch.int64) & MASK32) ^ SEED_SALT
+    k = lowbias32_torch(x)  # in [0, 2**32)
+    return torch.where(k >= 2**31, k - 2**32, k).to(torch.int32)
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32) without int64 overflow."""
     lo = x * (c & 0xFFFF)  # < 2**48

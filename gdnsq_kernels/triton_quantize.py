@@ -3,7 +3,10 @@
 * The parameters are read from device pointers inside the kernels (no ``.item()``, no host
   synchronisation); ``2**log2_step`` etc. are computed in-kernel.
 * The dither ``r`` is regenerated in the backward from ``(key, flat index)`` with the hash of
-  ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored.
+  ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored. A seed given as a
+  tensor (what the ``gdnsq::`` ops pass) is hashed to its key on the device and the kernels
+  load the key from that pointer (``KEY_PTR``): no host read, so a CUDA graph replays a fresh
+  draw each step. A Python-int seed is hashed on the host and passed by value.
 * Activation backward: each program writes ``dx`` for its block and three partial sums to a
   small ``(programs, 3)`` buffer; a one-program kernel reduces that buffer in a fixed order
   (deterministic, no atomics) and applies ``ln2*s`` / ``ln2*Q``.
@@ -27,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from .dither import DITHER_MAGNITUDE, seed_key_i32
+from .dither import DITHER_MAGNITUDE, seed_key_i32, seed_key_tensor
 from .reference import is_per_channel
 
 LN2 = math.log(2.0)
@@ -92,7 +95,9 @@ def _act_fwd_kernel(x_ptr, y_ptr, step_ptr, range_ptr, off_ptr, n,
 def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, step_ptr, range_ptr, off_ptr, n, key,
                     BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
                     NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, DITHER: tl.constexpr,
-                    MAG: tl.constexpr):
+                    MAG: tl.constexpr, KEY_PTR: tl.constexpr = False):
+    if KEY_PTR:
+        key = tl.load(key)  # int32 key hashed on the device from the seed tensor
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -174,7 +179,10 @@ def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, step_ptr, K, PER_CHANNEL: tl.constexpr,
 @triton.jit(do_not_specialize=["key"])
 def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, step_ptr, out_ptr, K, key, PER_CHANNEL: tl.constexpr,
                   BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
-                  DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr):
+                  DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr,
+                  KEY_PTR: tl.constexpr = False):
+    if KEY_PTR:
+        key = tl.load(key)
     c = tl.program_id(0)
     base = c.to(tl.int64) * K
     if PER_CHANNEL:
@@ -203,6 +211,13 @@ def _ct(dtype):
     return tl.float32, 2.0**23
 
 
+def _key_arg(seed):
+    """(key argument, KEY_PTR): a seed tensor -> its int32 key on the device; an int -> by value."""
+    if isinstance(seed, torch.Tensor):
+        return seed_key_tensor(seed), True
+    return seed_key_i32(seed), False
+
+
 def _row_block(k: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(max(k, 1))))
 
@@ -228,10 +243,12 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     n_prog = triton.cdiv(n, ACT_BLOCK)
     dx = torch.empty_like(xc) if need_grad_x else xc  # dummy pointer when not written
     part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device) if need_grad_params else g
+    key, key_ptr = _key_arg(seed)
     _act_bwd_kernel[(n_prog,)](
-        g, xc, dx, part, log2_step, log2_range, offset, n, seed_key_i32(seed),
+        g, xc, dx, part, log2_step, log2_range, offset, n, key,
         BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
         NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
+        KEY_PTR=key_ptr,
     )
     grad_x = dx if need_grad_x else None
     if not need_grad_params:
@@ -267,9 +284,10 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     acc_dtype = _checks.compute_dtype(w.dtype)
     per_channel = is_per_channel(log2_step, c_out)
     out = torch.empty(c_out, dtype=acc_dtype, device=w.device)
+    key, key_ptr = _key_arg(seed)
     _w_bwd_kernel[(c_out,)](g, wc, zero_point.to(acc_dtype).contiguous(), log2_step, out, k,
-                            seed_key_i32(seed), PER_CHANNEL=per_channel, BLOCK=_row_block(k),
+                            key, PER_CHANNEL=per_channel, BLOCK=_row_block(k),
                             CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
-                            LN2_C=LN2)
+                            LN2_C=LN2, KEY_PTR=key_ptr)
     grad = out if per_channel else out.sum()
     return grad_w, grad.reshape(log2_step.shape)

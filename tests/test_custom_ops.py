@@ -228,3 +228,38 @@ def test_frozen_model_exports(wbits, abits, path):
     with torch.no_grad():
         assert torch.equal(program.module()(x), ref)
         assert torch.equal(program.module()(x2), frozen(x2))
+
+
+# ----------------------------------------------------------------------------- device-side key
+
+
+def test_seed_key_tensor_matches_host_key():
+    seeds = [0, 1, 7, 2**31 - 2, 123456789, 0x9E3779B9 & 0x7FFFFFFF]
+    keys = [int(dither.seed_key_tensor(torch.tensor([s]))[0]) for s in seeds]
+    assert keys == [dither.seed_key_i32(s) for s in seeds]
+    assert any(k < 0 for k in keys) and any(k > 0 for k in keys)  # both halves of the int32 range
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available(),
+                    reason="needs the Triton interpreter or CUDA")
+def test_triton_backward_takes_seed_tensor():
+    """The Triton backwards load the key from the device (tensor seed) and give the same
+    gradients as the host-hashed int seed, which the other tests compare with the reference."""
+    from gdnsq_kernels import triton_quantize as tq
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(2)
+    x = torch.randn(3000, device=dev) * 2
+    g = torch.randn_like(x)
+    s, r, o = (torch.tensor(v, device=dev) for v in (-3.0, 1.0, -1.0))
+    for seed in (5, 2**31 - 2):
+        by_int = tq.activation_backward(g, x, s, r, o, seed, True)
+        by_tensor = tq.activation_backward(g, x, s, r, o, torch.tensor([seed], device=dev), True)
+        for a, b in zip(by_int, by_tensor):
+            assert torch.equal(a, b)
+        w = torch.randn(6, 50, device=dev)
+        step = torch.full((6,), -3.0, device=dev)
+        _, z = tq.weight_forward(w, step)
+        gw = torch.randn_like(w)
+        assert torch.equal(tq.weight_backward(gw, w, step, z, seed, True)[1],
+                           tq.weight_backward(gw, w, step, z, torch.tensor([seed], device=dev), True)[1])
