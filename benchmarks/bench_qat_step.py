@@ -11,6 +11,11 @@ round by round so that load from other processes on a shared machine hits them a
   multiply, shift back; the conv quantizes its weight with the same composite. Every
   intermediate is kept by autograd.
 * ``gdnsq``: ``gdnsq.quantize_model`` (QConv2d with the fused, recomputing autograd path).
+* ``fp-compiled`` / ``gdnsq-compiled`` (unless ``--no-compile``): the same students wrapped in
+  ``torch.compile(fullgraph=True)`` (the gdnsq:: custom ops stay opaque kernels; inductor fuses
+  what lies between them: BN, ReLU, residual adds, and the backward of those). The teacher and
+  the optimizer run eagerly in every row. The first (compiling) call is timed separately
+  (``compile_s``); saved bytes are not measured for compiled rows (AOTAutograd decides them).
 
 Both quantized providers use the default placement (first conv, classifier FP) and the same
 calibrated parameters. Reported: median step time, bytes saved for backward (unique storages
@@ -170,6 +175,9 @@ def write_atomic(path, text, mode="w"):
 
 def markdown(record: dict, jsonl_text: str) -> str:
     """The results table of ``record`` plus one line per run recorded in ``jsonl_text``."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
     md = [f"QAT step of {record['model']} (batch {record['batch']}, 3x32x32, Jeffreys vs FP teacher, RAdam), "
           f"{record['device']}, {record['threads']} threads, torch {record['torch']}, {record['date']}, "
           f"median of {record['rounds']} interleaved steps (load average at the end: "
@@ -179,22 +187,31 @@ def markdown(record: dict, jsonl_text: str) -> str:
           "|---|---:|---:|---:|---:|---:|"]
     for r in record["results"]:
         md.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
-                  f"{r['saved_MiB']:.1f} | {r['time_vs_fp']:.2f} | {r['bytes_vs_fp']:.3f} |")
+                  f"{fmt(r['saved_MiB'], '.1f')} | {r['time_vs_fp']:.2f} | {fmt(r['bytes_vs_fp'], '.3f')} |")
+    compiled = [r for r in record["results"] if r.get("compile_s") is not None]
+    if compiled:
+        md += ["", "First call (compilation) of the compiled rows: " + ", ".join(
+            f"{r['provider']} {r['compile_s']:.1f} s" for r in compiled) + "."]
+    if (record.get("loadavg") or [0])[0] > 0.5:
+        md += ["", f"The machine was loaded during this run (load average {record['loadavg'][0]:.1f}); "
+                   "rerun on a quiet machine for the figures that count."]
     cmd = ("python benchmarks/bench_qat_step.py " + " ".join(record.get("argv", []))).rstrip()
     md += ["", f"Command: `{cmd}`", "",
            "All recorded runs (qat_step.jsonl; time / saved bytes, as ratios to FP):", "",
-           "| date (UTC) | device | threads | load | eager | gdnsq | gdnsq-nodither |",
-           "|---|---|---:|---:|---|---|---|"]
+           "| date (UTC) | device | threads | load | eager | gdnsq | gdnsq-nodither | gdnsq-compiled |",
+           "|---|---|---:|---:|---|---|---|---|"]
     for line in jsonl_text.splitlines():
         rec = json.loads(line)
         by = {r["provider"]: r for r in rec["results"]}
 
         def cell(name):
             r = by.get(name)
-            return f"{r['time_vs_fp']:.2f}x / {r['bytes_vs_fp']:.2f}x" if r else "-"
+            if not r:
+                return "-"
+            return f"{r['time_vs_fp']:.2f}x / " + (f"{r['bytes_vs_fp']:.2f}x" if r.get("bytes_vs_fp") is not None else "-")
         load = rec.get("loadavg") or [float("nan")]
         md.append(f"| {rec['date']} | {rec['device']} | {rec['threads']} | {load[0]:.1f} | "
-                  f"{cell('eager')} | {cell('gdnsq')} | {cell('gdnsq-nodither')} |")
+                  f"{cell('eager')} | {cell('gdnsq')} | {cell('gdnsq-nodither')} | {cell('gdnsq-compiled')} |")
     return "\n".join(md) + "\n"
 
 
@@ -209,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--no-save", action="store_true", help="do not write the results files")
     ap.add_argument("--nodither-row", action="store_true",
                     help="also time gdnsq with dither=False (diagnostic: cost of the dither hash)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the torch.compile(fullgraph=True) rows (fp-compiled, gdnsq-compiled)")
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite qat_step.md from the last record of qat_step.jsonl and exit")
     args = ap.parse_args(argv)
@@ -243,12 +262,23 @@ def main(argv=None):
                 m.dither = False
         cases.append(("gdnsq-nodither", student_n))
 
+    if not args.no_compile:
+        cases.append(("fp-compiled", copy.deepcopy(student_f)))
+        cases.append(("gdnsq-compiled", copy.deepcopy(student_g)))
+
     providers = {}
     for name, student in cases:
         student.train()
         opt = torch.optim.RAdam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
-        providers[name] = {"step": make_step(student, teacher, opt, x, sync),
-                           "bytes": saved_bytes(student, teacher, x), "times": []}
+        compiled = name.endswith("-compiled")
+        run = torch.compile(student, fullgraph=True) if compiled else student
+        providers[name] = {"step": make_step(run, teacher, opt, x, sync),
+                           "bytes": None if compiled else saved_bytes(student, teacher, x), "times": [],
+                           "compile_s": None}
+        if compiled:  # the first call compiles forward and backward
+            t0 = time.perf_counter()
+            providers[name]["step"]()
+            providers[name]["compile_s"] = time.perf_counter() - t0
     for p in providers.values():
         for _ in range(args.warmup):
             p["step"]()
@@ -264,8 +294,10 @@ def main(argv=None):
     for name, p in providers.items():
         med = statistics.median(p["times"])
         q = statistics.quantiles(p["times"], n=5) if len(p["times"]) >= 2 else [med] * 4
+        b = p["bytes"]
         rows.append({"provider": name, "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3,
-                     "saved_MiB": p["bytes"] / 2**20, "time_vs_fp": med / fp_t, "bytes_vs_fp": p["bytes"] / fp_b})
+                     "saved_MiB": None if b is None else b / 2**20, "time_vs_fp": med / fp_t,
+                     "bytes_vs_fp": None if b is None else b / fp_b, "compile_s": p["compile_s"]})
 
     record = {
         "bench": "qat_step", "model": model_name, "batch": args.batch, "input": [3, 32, 32],
@@ -284,8 +316,11 @@ def main(argv=None):
 
     lines = [f"{'provider':<14} {'median ms':>10} {'p20-p80 ms':>16} {'saved MiB':>10} {'time/FP':>8} {'bytes/FP':>9}"]
     for r in rows:
+        saved = "-" if r["saved_MiB"] is None else f"{r['saved_MiB']:.1f}"
+        ratio = "-" if r["bytes_vs_fp"] is None else f"{r['bytes_vs_fp']:.3f}"
         lines.append(f"{r['provider']:<14} {r['median_ms']:>10.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<8.1f} "
-                     f"{r['saved_MiB']:>10.1f} {r['time_vs_fp']:>8.2f} {r['bytes_vs_fp']:>9.3f}")
+                     f"{saved:>10} {r['time_vs_fp']:>8.2f} {ratio:>9}"
+                     + (f"   (compile {r['compile_s']:.1f} s)" if r["compile_s"] is not None else ""))
     print("\n".join(lines))
 
     if args.profile:

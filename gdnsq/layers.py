@@ -1,6 +1,7 @@
 """Quantized layers: ``QConv2d`` and ``QLinear`` (weights and inputs fake-quantized by GDNSQ).
 
-In training each layer runs one fused autograd Function (``_FusedQuantLayer``) that saves only
+In training each layer runs one fused custom op (``gdnsq::qconv2d`` / ``gdnsq::qlinear``, with
+its backward registered through ``torch.library.register_autograd``) that saves only
 the FP input ``x`` (which the preceding ReLU keeps alive anyway), the quantized weight (small),
 the weight zero points and two dither seeds. The backward recomputes the quantized input
 ``activation_forward(x)``, runs the conv/linear backward, then the activation and weight
@@ -13,6 +14,7 @@ Gradients are identical to that composition for the same seeds (tests/test_layer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +22,14 @@ from torch import nn
 
 from gdnsq_kernels import quantize as _kq
 from gdnsq_kernels import reference as _kref
+from gdnsq_kernels.backend import resolve_backend
 
 from .quantizers import ActivationQuantizer, WeightQuantizer, _check_bits, aewgs_grads
 
 
 @dataclass
 class _Cfg:
-    """Non-tensor arguments of the fused Function."""
+    """Non-tensor arguments of the fused layer op."""
     kind: str            # "conv" or "linear"
     stride: tuple = ()
     padding: tuple = ()
@@ -57,84 +60,197 @@ def _op_backward(cfg: _Cfg, grad_out, x, w, has_bias: bool, mask):
     return gx, gw, gb
 
 
-class _FusedQuantLayer(torch.autograd.Function):
-    """``op(quantize_activation(x), quantize_weight(w), b)`` with recomputation in backward.
+# ----------------------------------------------------------------------------- fused layer ops
+#
+# ``op(quantize_activation(x), quantize_weight(w), b)`` as one ``gdnsq::`` custom op with its
+# own backward (register_autograd) that recomputes the quantized input instead of saving it.
+#
+#   gdnsq::qconv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? a_step, Tensor? a_range,
+#       Tensor? a_off, Tensor w_step, Tensor a_seed, Tensor w_seed, SymInt[] stride,
+#       SymInt[] padding, SymInt[] dilation, SymInt groups, str estimator, bool a_dither,
+#       bool w_dither, ScalarType? cast, str backend) -> (Tensor out, Tensor w_hat, Tensor zero_point)
+#   gdnsq::qlinear(Tensor x, Tensor weight, Tensor? bias, Tensor? a_step, Tensor? a_range,
+#       Tensor? a_off, Tensor w_step, Tensor a_seed, Tensor w_seed, str estimator, bool a_dither,
+#       bool w_dither, ScalarType? cast, str backend) -> (Tensor out, Tensor w_hat, Tensor zero_point)
+#
+# The activation parameters are all None when inputs are not quantized (A32). ``cast`` is the
+# autocast dtype of the conv/linear (None: no autocast); it is read by the Python caller and
+# passed in, because the backward runs outside autocast. ``w_hat`` and ``zero_point`` are
+# returned so that the backward can save them (the layer uses only ``out``).
 
-    Inputs: x, weight, bias (or None), activation log2_step / log2_range / offset (all None when
-    inputs are not quantized), weight log2_step, cfg. Saved: x, weight (a parameter: no new
-    bytes), quantized weight, zero points, parameters (0-d / (C_out,)), seeds.
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a_step, a_range, a_off, w_step, cfg):
-        has_act = a_step is not None
-        # Seed order (activation first, then weight) mirrors the composition's call order.
-        a_seed = _kq.new_seed() if (has_act and cfg.a_dither) else 0
-        w_seed = _kq.new_seed() if cfg.w_dither else 0
-        xq = _kq.activation_forward(x, a_step, a_range, a_off) if has_act else x
-        w_hat, zero_point = _kq.weight_forward(weight, w_step)
-        # Under autocast the quantizers still run in float32 (METHOD Part A item 8); only the
-        # conv/linear runs in the autocast dtype, cast here explicitly so that the backward,
-        # which runs outside autocast, sees the same dtypes.
-        dev = x.device.type
-        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+def _fused_forward(cfg: _Cfg, x, weight, bias, a_step, a_range, a_off, w_step, cast, backend):
+    has_act = a_step is not None
+    xq = torch.ops.gdnsq.act_forward(x, a_step, a_range, a_off, backend) if has_act else x
+    w_hat, zero_point = torch.ops.gdnsq.w_forward(weight, w_step, backend)
+    # Under autocast the quantizers still run in float32 (METHOD Part A item 8); only the
+    # conv/linear runs in the autocast dtype, cast here explicitly so that the backward, which
+    # runs outside autocast, sees the same dtypes.
+    with torch.autocast(x.device.type, enabled=False):
         if cast is not None:
-            with torch.autocast(dev, enabled=False):
-                out = _op_forward(cfg, xq.to(cast), w_hat.to(cast), None if bias is None else bias.to(cast))
+            out = _op_forward(cfg, xq.to(cast), w_hat.to(cast), None if bias is None else bias.to(cast))
         else:
             out = _op_forward(cfg, xq, w_hat, bias)
-        ctx.save_for_backward(x, weight, w_hat, zero_point, a_step, a_range, a_off, w_step)
-        ctx.cfg, ctx.has_act, ctx.has_bias = cfg, has_act, bias is not None
-        ctx.seeds = (a_seed, w_seed)
-        ctx.cast = cast
-        return out
+    return out, w_hat, zero_point
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, w_hat, zero_point, a_step, a_range, a_off, w_step = ctx.saved_tensors
-        cfg, has_act = ctx.cfg, ctx.has_act
-        a_seed, w_seed = ctx.seeds
-        nx, nw, nb, nas, nar, nao, nws = ctx.needs_input_grad[:7]
-        need_act_params = has_act and (nas or nar or nao)
-        need_in = nx or need_act_params
-        need_w = nw or nws
-        # Recompute the quantized input instead of having stored it (the memory saving).
-        xq = _kq.activation_forward(x, a_step, a_range, a_off) if has_act else x
-        grad_out = grad_out.contiguous()
-        if ctx.cast is not None:
-            xq, w_op = xq.to(ctx.cast), w_hat.to(ctx.cast)
-            grad_out = grad_out.to(ctx.cast)
+
+def _fused_fake(cfg: _Cfg, x, weight, bias, a_step, cast):
+    """Output metadata of the fused op: the conv/linear of fakes laid out as the real operands
+    (the quantized input is contiguous, the unquantized one keeps x's layout)."""
+    ct = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    xq = torch.empty_like(x, memory_format=torch.contiguous_format) if a_step is not None else x
+    w_hat = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    if cast is not None:
+        xq, w_op = xq.to(cast), w_hat.to(cast)
+    else:
+        w_op = w_hat
+    b = None if bias is None else bias.to(w_op.dtype)
+    out = _op_forward(cfg, xq, w_op, b)
+    return out, w_hat, weight.new_empty((weight.shape[0],), dtype=ct)
+
+
+def _fused_setup(ctx, cfg: _Cfg, x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed,
+                 cast, backend, output):
+    _, w_hat, zero_point = output
+    # x, the weight (a parameter: no new bytes), the quantized weight, zero points, the
+    # O(1)/O(C_out) parameters and the two seed tensors; never the quantized input.
+    ctx.save_for_backward(x, weight, w_hat, zero_point, a_step, a_range, a_off, w_step, a_seed, w_seed)
+    ctx.cfg, ctx.has_act, ctx.has_bias = cfg, a_step is not None, bias is not None
+    ctx.cast, ctx.backend = cast, backend
+
+
+def _fused_backward(ctx, grad_out):
+    """Gradients of x, weight, bias, the three activation parameters and the weight step."""
+    x, weight, w_hat, zero_point, a_step, a_range, a_off, w_step, a_seed, w_seed = ctx.saved_tensors
+    cfg, has_act, backend = ctx.cfg, ctx.has_act, ctx.backend
+    nx, nw, nb, nas, nar, nao, nws = ctx.needs_input_grad[:7]
+    need_act_params = has_act and (nas or nar or nao)
+    need_in = nx or need_act_params
+    need_w = nw or nws
+    # Recompute the quantized input instead of having stored it (the memory saving).
+    xq = torch.ops.gdnsq.act_forward(x, a_step, a_range, a_off, backend) if has_act else x
+    grad_out = grad_out.contiguous()
+    if ctx.cast is not None:
+        xq, w_op = xq.to(ctx.cast), w_hat.to(ctx.cast)
+        grad_out = grad_out.to(ctx.cast)
+    else:
+        w_op = w_hat
+    g_xq, g_w_hat, g_b = _op_backward(cfg, grad_out, xq, w_op, ctx.has_bias, (need_in, need_w, nb))
+    del xq, w_op
+    if ctx.cast is not None:  # back to the dtypes of x, the weight and the bias
+        g_xq = None if g_xq is None else g_xq.to(x.dtype)
+        g_w_hat = None if g_w_hat is None else g_w_hat.to(weight.dtype)
+        g_b = None if g_b is None else g_b.to(weight.dtype)
+    gx = gas = gar = gao = gw = gws = None
+    if need_in:
+        if has_act:
+            gx, gas, gar, gao = torch.ops.gdnsq.act_backward(
+                g_xq.contiguous(), x, a_step, a_range, a_off, a_seed, cfg.a_dither, backend,
+                bool(nx), bool(need_act_params))
+            gas = gas.reshape(a_step.shape).to(a_step.dtype) if nas else None
+            gar = gar.reshape(a_range.shape).to(a_range.dtype) if nar else None
+            gao = gao.reshape(a_off.shape).to(a_off.dtype) if nao else None
+            gx = gx if nx else None
         else:
-            w_op = w_hat
-        g_xq, g_w_hat, g_b = _op_backward(cfg, grad_out, xq, w_op, ctx.has_bias, (need_in, need_w, nb))
-        del xq, w_op
-        if ctx.cast is not None:  # back to the dtypes of x, the weight and the bias
-            g_xq = None if g_xq is None else g_xq.to(x.dtype)
-            g_w_hat = None if g_w_hat is None else g_w_hat.to(weight.dtype)
-            g_b = None if g_b is None else g_b.to(weight.dtype)
-        gx = gas = gar = gao = gw = gws = None
-        if need_in:
-            if has_act:
-                gx, gas, gar, gao = _kq.activation_backward(
-                    g_xq, x, a_step, a_range, a_off, a_seed, cfg.a_dither,
-                    need_grad_x=nx, need_grad_params=need_act_params)
-                gas = gas.reshape(a_step.shape).to(a_step.dtype) if nas else None
-                gar = gar.reshape(a_range.shape).to(a_range.dtype) if nar else None
-                gao = gao.reshape(a_off.shape).to(a_off.dtype) if nao else None
-                gx = gx if nx else None
-            else:
-                gx = g_xq
-        if need_w:
-            aewgs = cfg.estimator == "aewgs"
-            gw, gws = _kq.weight_backward(g_w_hat, weight, w_step, zero_point, w_seed, cfg.w_dither,
-                                          need_grad_w=nw and not aewgs, need_grad_step=nws)
-            if aewgs:
-                gw, extra = aewgs_grads(g_w_hat, weight, w_step, zero_point)
-                gw = gw if nw else None
-                if nws:
-                    gws = gws.reshape(w_step.shape).float() + extra
-            gws = gws.reshape(w_step.shape).to(w_step.dtype) if nws else None
-        return gx, gw, g_b, gas, gar, gao, gws, None
+            gx = g_xq
+    if need_w:
+        g_w_hat = g_w_hat.contiguous()
+        if cfg.estimator == "aewgs":
+            gw, extra = aewgs_grads(g_w_hat, weight, w_step, zero_point)
+            gw = gw if nw else None
+        else:
+            gw = g_w_hat if nw else None  # STE
+        if nws:
+            gws = torch.ops.gdnsq.w_step_grad(g_w_hat, weight, w_step, zero_point, w_seed,
+                                              cfg.w_dither, backend)
+            if cfg.estimator == "aewgs":
+                gws = gws.reshape(w_step.shape).float() + extra
+            gws = gws.reshape(w_step.shape).to(w_step.dtype)
+    return gx, gw, g_b, gas, gar, gao, gws
+
+
+@torch.library.custom_op("gdnsq::qconv2d", mutates_args=())
+def _qconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             a_step: Optional[torch.Tensor], a_range: Optional[torch.Tensor],
+             a_off: Optional[torch.Tensor], w_step: torch.Tensor, a_seed: torch.Tensor,
+             w_seed: torch.Tensor, stride: List[int], padding: List[int], dilation: List[int],
+             groups: int, estimator: str, a_dither: bool, w_dither: bool,
+             cast: Optional[torch.dtype], backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfg = _Cfg("conv", tuple(stride), tuple(padding), tuple(dilation), groups)
+    return _fused_forward(cfg, x, weight, bias, a_step, a_range, a_off, w_step, cast, backend)
+
+
+@_qconv2d.register_fake
+def _(x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, stride, padding, dilation,
+      groups, estimator, a_dither, w_dither, cast, backend):
+    return _fused_fake(_Cfg("conv", tuple(stride), tuple(padding), tuple(dilation), groups), x, weight,
+                       bias, a_step, cast)
+
+
+def _qconv2d_setup(ctx, inputs, output):
+    (x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, stride, padding, dilation,
+     groups, estimator, a_dither, w_dither, cast, backend) = inputs
+    cfg = _Cfg("conv", tuple(stride), tuple(padding), tuple(dilation), groups, estimator, w_dither, a_dither)
+    _fused_setup(ctx, cfg, x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, cast,
+                 backend, output)
+
+
+def _qconv2d_backward(ctx, grad_out, _g_w_hat, _g_zero_point):
+    return _fused_backward(ctx, grad_out) + (None,) * 11
+
+
+_qconv2d.register_autograd(_qconv2d_backward, setup_context=_qconv2d_setup)
+
+
+@torch.library.custom_op("gdnsq::qlinear", mutates_args=())
+def _qlinear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             a_step: Optional[torch.Tensor], a_range: Optional[torch.Tensor],
+             a_off: Optional[torch.Tensor], w_step: torch.Tensor, a_seed: torch.Tensor,
+             w_seed: torch.Tensor, estimator: str, a_dither: bool, w_dither: bool,
+             cast: Optional[torch.dtype], backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fused_forward(_Cfg("linear"), x, weight, bias, a_step, a_range, a_off, w_step, cast, backend)
+
+
+@_qlinear.register_fake
+def _(x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, estimator, a_dither, w_dither,
+      cast, backend):
+    return _fused_fake(_Cfg("linear"), x, weight, bias, a_step, cast)
+
+
+def _qlinear_setup(ctx, inputs, output):
+    (x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, estimator, a_dither, w_dither,
+     cast, backend) = inputs
+    cfg = _Cfg("linear", estimator=estimator, w_dither=w_dither, a_dither=a_dither)
+    _fused_setup(ctx, cfg, x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, cast,
+                 backend, output)
+
+
+def _qlinear_backward(ctx, grad_out, _g_w_hat, _g_zero_point):
+    return _fused_backward(ctx, grad_out) + (None,) * 7
+
+
+_qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
+
+
+def _fused_layer(cfg: _Cfg, x, weight, bias, a_step, a_range, a_off, w_step):
+    """Run the fused op of ``cfg.kind``: draws the two dither seeds on x's device and calls it."""
+    has_act = a_step is not None
+    dev = x.device
+    backend = resolve_backend(x)
+    # Seed order (activation first, then weight) mirrors the composition's call order.
+    a_seed = _kq.new_seed_tensor(dev) if (has_act and cfg.a_dither) else torch.zeros(1, dtype=torch.int64, device=dev)
+    w_seed = _kq.new_seed_tensor(dev) if cfg.w_dither else torch.zeros(1, dtype=torch.int64, device=dev)
+    cast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    if cfg.kind == "conv":
+        out, _, _ = torch.ops.gdnsq.qconv2d(
+            x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, list(cfg.stride),
+            list(cfg.padding), list(cfg.dilation), cfg.groups, cfg.estimator, cfg.a_dither,
+            cfg.w_dither, cast, backend)
+    else:
+        out, _, _ = torch.ops.gdnsq.qlinear(
+            x, weight, bias, a_step, a_range, a_off, w_step, a_seed, w_seed, cfg.estimator,
+            cfg.a_dither, cfg.w_dither, cast, backend)
+    return out
 
 
 class _QuantMixin:
@@ -202,7 +318,7 @@ class _QuantMixin:
         cfg.estimator, cfg.w_dither = wq.estimator, wq.dither
         cfg.a_dither = aq.dither if act else False
         a = aq.params() if act else (None, None, None)
-        out = _FusedQuantLayer.apply(x, self.weight, self.bias, a[0], a[1], a[2], wq.log2_step, cfg)
+        out = _fused_layer(cfg, x, self.weight, self.bias, a[0], a[1], a[2], wq.log2_step)
         if act and not aq.training:
             with torch.no_grad():
                 aq.observe_output(_kq.activation_forward(x.detach(), *[p.detach() for p in aq.params()]))

@@ -124,21 +124,23 @@ class _AEWGSWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, log2_step, dither):
-        seed = _kq.new_seed() if dither else 0
+        # The seed is a tensor drawn on w's device (no host int: no graph break under compile).
+        seed = (_kq.new_seed_tensor(w.device) if dither
+                else torch.zeros(1, dtype=torch.int64, device=w.device))
         w_hat, zero_point = _kq.weight_forward(w, log2_step)
-        ctx.save_for_backward(w, log2_step, zero_point)
-        ctx.seed, ctx.dither = seed, dither
+        ctx.save_for_backward(w, log2_step, zero_point, seed)
+        ctx.dither = dither
         return w_hat
 
     @staticmethod
     def backward(ctx, grad):
-        w, log2_step, zero_point = ctx.saved_tensors
+        w, log2_step, zero_point, seed = ctx.saved_tensors
         need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad = grad.contiguous()
         grad_w, extra = aewgs_grads(grad, w, log2_step, zero_point)
         grad_step = None
         if need_s:
-            _, grad_step = _kq.weight_backward(grad, w, log2_step, zero_point, ctx.seed,
+            _, grad_step = _kq.weight_backward(grad, w, log2_step, zero_point, seed,
                                                ctx.dither, need_grad_w=False, need_grad_step=True)
             grad_step = (grad_step.reshape(log2_step.shape).float() + extra).to(log2_step.dtype)
         return (grad_w if need_w else None), grad_step, None

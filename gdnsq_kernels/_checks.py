@@ -74,8 +74,14 @@ def check_grad(grad, like: torch.Tensor, name: str) -> None:
 
 
 def check_seed(seed) -> None:
+    """An int, or a one-element int64/int32 tensor (its value is not read: no sync)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype not in (torch.int64, torch.int32) or seed.numel() != 1:
+            raise TypeError(f"seed must be an int or a one-element int64 tensor, got a {seed.dtype} "
+                            f"tensor of shape {tuple(seed.shape)}")
+        return
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        raise TypeError(f"seed must be an int or a one-element int64 tensor, got {type(seed).__name__}")
 
 
 def check_zero_point(zero_point, w: torch.Tensor) -> None:

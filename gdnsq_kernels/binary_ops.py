@@ -39,7 +39,7 @@ Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ def xnor_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, *, backend
         int32 (M, N): ``C[m, n] = sum_{i<k} (2a[m,i]-1)(2b[n,i]-1) = k - 2*popcount(a_m XOR b_n)``.
     """
     _check_gemm_inputs(a_packed, b_packed, k)
-    return _packed_gemm(a_packed, b_packed, int(k), True, backend)
+    return torch.ops.gdnsq.packed_gemm(a_packed, b_packed, int(k), True, resolve_backend(a_packed, backend))
 
 
 def and_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -128,7 +128,7 @@ def and_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, *, backend:
     Same arguments as :func:`xnor_gemm`.
     """
     _check_gemm_inputs(a_packed, b_packed, k)
-    return _packed_gemm(a_packed, b_packed, int(k), False, backend)
+    return torch.ops.gdnsq.packed_gemm(a_packed, b_packed, int(k), False, resolve_backend(a_packed, backend))
 
 
 def _packed_gemm(a, b, k, xnor, backend):
@@ -335,7 +335,7 @@ def _per_channel(v, out_channels: int, name: str, device) -> torch.Tensor:
             raise TypeError(f"{name} must be a float tensor, got {v.dtype}")
         t = v.detach().reshape(-1).to(device=device, dtype=torch.float32)
     elif isinstance(v, (int, float)) and not isinstance(v, bool):
-        t = torch.tensor([float(v)], dtype=torch.float32, device=device)
+        t = torch.full((1,), float(v), dtype=torch.float32, device=device)  # a fill, no H2D copy
     else:
         raise TypeError(f"{name} must be a float or a tensor of shape ({out_channels},), got {type(v).__name__}")
     if t.numel() == 1:
@@ -412,7 +412,7 @@ def _scalar_param(v, name: str, device) -> torch.Tensor:
             raise ValueError(f"{name} must be a number or a 1-element tensor (per-tensor), got shape {tuple(v.shape)}")
         return v.detach().reshape(()).to(device=device, dtype=torch.float64)
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return torch.tensor(float(v), dtype=torch.float64, device=device)
+        return torch.full((), float(v), dtype=torch.float64, device=device)  # a fill, no H2D copy
     raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(v).__name__}")
 
 
@@ -472,12 +472,18 @@ def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     beta = _scalar_param(act_offset, "act_offset", dev)
     b = _bias(bias, pw.out_channels, dev)
     lead = act_codes.shape[:-1]
-    K = pw.in_features
-    j = act_codes.reshape(-1, K)
+    j = act_codes.reshape(-1, pw.in_features)
     name = resolve_backend(j, backend)
+    _remember(pw)
+    out = torch.ops.gdnsq.binary_linear(j, s_a, beta, pw.packed, pw.step, pw.minimum, pw.ones, b, name)
+    return out.reshape(*lead, pw.out_channels)
+
+
+def _binary_linear_impl(j, s_a, beta, pw: PackedBinaryWeight, b, name: str) -> torch.Tensor:
+    """float32 (M, O) of (M, K) codes ``j`` (the body of ``gdnsq::binary_linear``)."""
+    K = pw.in_features
     if name == "reference":
-        out = _ref.binary_linear_reference(j, s_a, beta, pw.codes(), pw.step, pw.minimum, b)
-        return out.reshape(*lead, pw.out_channels)
+        return _ref.binary_linear_reference(j, s_a, beta, pw.codes(), pw.step, pw.minimum, b)
     kj = _packed_gemm(pack_bits_unchecked(j, dim=1), pw.packed, K, False, name)  # int32 (M, O)
     jsum = j.sum(dim=1, dtype=torch.int32)[:, None]  # (M, 1)
     s = pw.step.to(torch.float64)
@@ -488,13 +494,12 @@ def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     if name == "cpu" and _cpp_gemm_available():  # one fused pass, same arithmetic
         from .cpu_xnor import linear_epilogue
 
-        out = linear_epilogue(kj, jsum.reshape(-1), (s * s_a).contiguous(), (m * s_a).contiguous(),
-                              const.expand(pw.out_channels).contiguous())
-        return out.reshape(*lead, pw.out_channels)
+        return linear_epilogue(kj, jsum.reshape(-1), (s * s_a).contiguous(), (m * s_a).contiguous(),
+                               const.expand(pw.out_channels).contiguous())
     # Same-dtype in-place passes (mixed-dtype addcmul takes a slow unvectorised path).
     out = kj.to(torch.float64).mul_(s * s_a).add_(const)
     out.addcmul_(jsum.to(torch.float64), m * s_a)
-    return out.to(torch.float32).reshape(*lead, pw.out_channels)
+    return out.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------- conv2d
@@ -580,11 +585,33 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     s_a = _scalar_param(act_step, "act_step", dev)
     beta = _scalar_param(act_offset, "act_offset", dev)
     b = _bias(bias, pw.out_channels, dev)
-    O = pw.out_channels
     name = resolve_backend(act_codes, backend)
+    _remember(pw)
+    return torch.ops.gdnsq.binary_conv2d(act_codes, s_a, beta, pw.packed, pw.step, pw.minimum, pw.ones,
+                                         pw.tap_ones, b, list(stride), [pt, pb, pl, pr], list(dilation),
+                                         name)
+
+
+def _conv_out_size(H, Wd, kh, kw, stride, pads, dilation):
+    pt, pb, pl, pr = pads
+    Ho = (H + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (Wd + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return Ho, Wo
+
+
+def _binary_conv2d_impl(act_codes, s_a, beta, pw: PackedBinaryWeight, b, stride, pads, dilation,
+                        name: str) -> torch.Tensor:
+    """float32 (N, O, Ho, Wo) (the body of ``gdnsq::binary_conv2d``); pads = (top, bottom, left, right)."""
+    dev = act_codes.device
+    Nb, C, H, Wd = act_codes.shape
+    kh, kw = pw.kernel_size
+    pt, pb, pl, pr = pads
+    Ho, Wo = _conv_out_size(H, Wd, kh, kw, stride, pads, dilation)
+    O = pw.out_channels
     if name == "reference":
-        # F.conv2d pads the dequantized float64 activation with zeros itself.
-        ref_pad = padding if isinstance(padding, str) else (pt, pl)
+        # F.conv2d pads the dequantized float64 activation with zeros itself; unequal pads come
+        # only from padding='same'.
+        ref_pad = (pt, pl) if (pt == pb and pl == pr) else "same"
         return _ref.binary_conv2d_reference(act_codes, s_a, beta, pw.codes(), pw.step, pw.minimum,
                                             b, stride=stride, padding=ref_pad, dilation=dilation)
 
@@ -684,3 +711,81 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
     torch.mul(kj, s * s_a, out=out)  # kj: float64 view with contiguous Ho*Wo planes
     out.add_(const).addcmul_(jsum, m * s_a)
     return out.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- gdnsq:: ops
+#
+#   gdnsq::packed_gemm(Tensor a, Tensor b, int k, bool xnor, str backend) -> Tensor   int32 (M, N)
+#   gdnsq::binary_linear(Tensor j, Tensor s_a, Tensor beta, Tensor packed, Tensor step,
+#       Tensor minimum, Tensor ones, Tensor? bias, str backend) -> Tensor           float32 (M, O)
+#   gdnsq::binary_conv2d(Tensor act_codes, Tensor s_a, Tensor beta, Tensor packed, Tensor step,
+#       Tensor minimum, Tensor ones, Tensor? tap_ones, Tensor? bias, int[] stride, int[] pads,
+#       int[] dilation, str backend) -> Tensor                              float32 (N, O, Ho, Wo)
+#
+# The Python wrappers above validate (shapes, 0/1 values outside tracing) and resolve the
+# backend. A PackedBinaryWeight enters the ops as its tensors; its Python-side cache (derived
+# tensors per geometry) is found again through the packed words (weak reference), so repeated
+# eager calls keep skipping that work.
+
+from torch.utils.weak import WeakTensorKeyDictionary  # noqa: E402
+
+_PACKED_WEIGHTS = WeakTensorKeyDictionary()
+
+
+def _remember(pw: PackedBinaryWeight) -> None:
+    if _PACKED_WEIGHTS.get(pw.packed) is not pw:
+        _PACKED_WEIGHTS[pw.packed] = pw
+
+
+def _weight_of(packed, step, minimum, ones, tap_ones, in_channels: int, kernel_size) -> PackedBinaryWeight:
+    pw = _PACKED_WEIGHTS.get(packed)
+    if (pw is not None and pw.step is step and pw.minimum is minimum and pw.ones is ones
+            and pw.tap_ones is tap_ones):
+        return pw
+    kh, kw = kernel_size if kernel_size is not None else (1, 1)
+    return PackedBinaryWeight(packed, step, minimum, ones, tap_ones, in_channels * kh * kw, in_channels,
+                              kernel_size)
+
+
+@torch.library.custom_op("gdnsq::packed_gemm", mutates_args=())
+def _packed_gemm_op(a: torch.Tensor, b: torch.Tensor, k: int, xnor: bool, backend: str) -> torch.Tensor:
+    out = _packed_gemm(a, b, k, xnor, backend)
+    return out.contiguous()
+
+
+@_packed_gemm_op.register_fake
+def _(a, b, k, xnor, backend):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("gdnsq::binary_linear", mutates_args=())
+def _binary_linear_op(j: torch.Tensor, s_a: torch.Tensor, beta: torch.Tensor, packed: torch.Tensor,
+                      step: torch.Tensor, minimum: torch.Tensor, ones: torch.Tensor,
+                      bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    pw = _weight_of(packed, step, minimum, ones, None, j.shape[1], None)
+    return _binary_linear_impl(j, s_a, beta, pw, bias, backend).contiguous()
+
+
+@_binary_linear_op.register_fake
+def _(j, s_a, beta, packed, step, minimum, ones, bias, backend):
+    return j.new_empty((j.shape[0], packed.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("gdnsq::binary_conv2d", mutates_args=())
+def _binary_conv2d_op(act_codes: torch.Tensor, s_a: torch.Tensor, beta: torch.Tensor,
+                      packed: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor,
+                      ones: torch.Tensor, tap_ones: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      stride: List[int], pads: List[int], dilation: List[int],
+                      backend: str) -> torch.Tensor:
+    kernel = tuple(tap_ones.shape[1:])
+    pw = _weight_of(packed, step, minimum, ones, tap_ones, act_codes.shape[1], kernel)
+    return _binary_conv2d_impl(act_codes, s_a, beta, pw, bias, tuple(stride), tuple(pads),
+                               tuple(dilation), backend).contiguous()
+
+
+@_binary_conv2d_op.register_fake
+def _(act_codes, s_a, beta, packed, step, minimum, ones, tap_ones, bias, stride, pads, dilation, backend):
+    N, _, H, Wd = act_codes.shape
+    kh, kw = tap_ones.shape[1:]
+    Ho, Wo = _conv_out_size(H, Wd, kh, kw, stride, pads, dilation)
+    return act_codes.new_empty((N, packed.shape[0], Ho, Wo), dtype=torch.float32)

@@ -46,15 +46,33 @@ def check_bits(bits: torch.Tensor, name: str = "bits") -> None:
             f"(convert exact codes with .to(torch.uint8))"
         )
     if bits.dtype != torch.bool and bits.numel() > 0:
-        # One min/max pass (and one host sync on CUDA); a code outside {0, 1} would silently
-        # set a neighbouring bit when packed.
+        # A code outside {0, 1} would silently set a neighbouring bit when packed.
+        if _tracing(bits):
+            return  # torch.compile / torch.export: values are unknown at trace time
         if bits.dtype == torch.uint8:
-            bad = int(bits.max()) > 1
+            ok = bits.max() <= 1
         else:
             lo, hi = torch.aminmax(bits)
-            bad = int(lo) < 0 or int(hi) > 1
-        if bad:
-            raise ValueError(f"{name} must contain only 0 and 1")
+            ok = (lo >= 0) & (hi <= 1)
+        if bits.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(f"{name} must contain only 0 and 1")
+        else:
+            # No host sync on an accelerator (CUDA-graph capture stays possible): a device-side
+            # assert fails the next synchronising call instead.
+            torch._assert_async(ok, f"{name} must contain only 0 and 1")
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """True under torch.compile / torch.export tracing (fake tensors: no values to check)."""
+    if torch.compiler.is_compiling():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def pack_bits(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -75,7 +93,8 @@ def pack_bits(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
         tensor([13], dtype=torch.int32)
     """
     check_bits(bits, "bits")
-    return pack_bits_unchecked(bits, dim)
+    dim = _normalize_dim(dim, bits.dim())
+    return torch.ops.gdnsq.pack_bits(bits, dim)
 
 
 def pack_bits_unchecked(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -138,6 +157,10 @@ def unpack_bits(packed: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     check_packed(packed, "packed")
     dim = _normalize_dim(dim, packed.dim())
     check_k(k, packed.shape[dim], "k", "packed")
+    return torch.ops.gdnsq.unpack_bits(packed, int(k), dim)
+
+
+def _unpack_impl(packed: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     x = packed.movedim(dim, -1)
     shifts = torch.arange(WORD_BITS, device=x.device, dtype=torch.int32)
     # Arithmetic right shift sign-extends bit 31, so mask with 1 after shifting.
@@ -170,3 +193,33 @@ def check_k(k, words: int, name: str = "k", packed_name: str = "packed") -> None
         raise ValueError(
             f"{name}={k} needs ceil({k}/32)={num_words(k)} words but {packed_name} has {words}"
         )
+
+
+# ----------------------------------------------------------------------------- gdnsq:: ops
+#   gdnsq::pack_bits(Tensor bits, int dim) -> Tensor          int32, ceil(k/32) words along dim
+#   gdnsq::unpack_bits(Tensor packed, int k, int dim) -> Tensor  uint8 0/1, k along dim
+# ``dim`` is normalised (non-negative) by the Python wrappers, which also validate the values.
+
+
+@torch.library.custom_op("gdnsq::pack_bits", mutates_args=())
+def _pack_bits_op(bits: torch.Tensor, dim: int) -> torch.Tensor:
+    return pack_bits_unchecked(bits, dim)
+
+
+@_pack_bits_op.register_fake
+def _(bits, dim):
+    shape = list(bits.shape)
+    shape[dim] = num_words(shape[dim])
+    return bits.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("gdnsq::unpack_bits", mutates_args=())
+def _unpack_bits_op(packed: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    return _unpack_impl(packed, k, dim)
+
+
+@_unpack_bits_op.register_fake
+def _(packed, k, dim):
+    shape = list(packed.shape)
+    shape[dim] = k
+    return packed.new_empty(shape, dtype=torch.uint8)

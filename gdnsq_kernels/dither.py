@@ -59,6 +59,16 @@ def seed_key_i32(seed: int) -> int:
     return k - (1 << 32) if k >= (1 << 31) else k
 
 
+def seed_key_tensor(seed: torch.Tensor) -> torch.Tensor:
+    """``seed_key_i32`` computed on ``seed``'s device: (1,) int64 seed tensor -> (1,) int32 key.
+
+    Torch ops only (no host read), so it can run inside a captured CUDA graph.
+    """
+    x = (seed.reshape(1).to(torch.int64) & MASK32) ^ SEED_SALT
+    k = lowbias32_torch(x)  # in [0, 2**32)
+    return torch.where(k >= 2**31, k - 2**32, k).to(torch.int32)
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32) without int64 overflow."""
     lo = x * (c & 0xFFFF)  # < 2**48
@@ -99,6 +109,24 @@ def dither(shape, seed: int, *, dtype=torch.float32, device=None) -> torch.Tenso
     return r.reshape(shape)
 
 
+SEED_HIGH = 2**31 - 1  # seeds are drawn from [0, SEED_HIGH)
+
+
+def new_seed_tensor(device=None) -> torch.Tensor:
+    """A 31-bit seed as an int64 tensor of shape (1,), drawn on ``device`` by torch's generator.
+
+    This is what the layers and ``quantize_*`` pass to the ``gdnsq::`` ops: the draw is a
+    tensor op, so ``torch.compile`` keeps it in the graph and a CUDA graph replays the draw (a
+    fresh seed per step) instead of baking in one value. ``torch.manual_seed`` repeats it; the
+    CPU draw equals ``new_seed()`` for the same generator state.
+    """
+    return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
 def new_seed() -> int:
-    """A 31-bit seed drawn from torch's default (CPU) generator; ``torch.manual_seed`` repeats it."""
-    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+    """A 31-bit seed drawn from torch's default (CPU) generator, as a Python int.
+
+    Kept for callers of the low-level functions; the forward path uses ``new_seed_tensor``
+    (a host int would be a graph break under ``torch.compile`` and a constant in a CUDA graph).
+    """
+    return int(new_seed_tensor()[0])

@@ -1,4 +1,4 @@
-"""Public GDNSQ quantizer ops, their dispatch, and the autograd Functions.
+"""Public GDNSQ quantizer ops: argument checks, backend dispatch, and the ``gdnsq::`` op calls.
 
 ``quantize_activation`` and ``quantize_weight`` are the two ops every GDNSQ layer calls. The
 math (forward, closed-form backward, NaN behaviour) is documented in
@@ -11,8 +11,11 @@ form), ``reference``.
 
 The low-level functions (``activation_forward`` ... ``weight_backward``) carry no autograd, so a
 fused layer can save only its float input and recompute the quantized tensor in its backward.
-The autograd Functions here do exactly that: they save the input, the O(1)/O(C_out) parameters
-and zero point, and the integer seed of the dither, never a noise tensor or a mask.
+Every function here validates its arguments, resolves the backend and calls a ``gdnsq::``
+custom op (``gdnsq_kernels._ops``); the trainable ops' backwards (``register_autograd``) save
+the input, the O(1)/O(C_out) parameters and zero point, and the seed tensor of the dither,
+never a noise tensor or a mask. The seed is drawn on the input's device as a tensor
+(``new_seed_tensor``), so ``torch.compile(fullgraph=True)`` traces a whole QAT step.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 
 from . import _checks
 from .backend import resolve_backend
-from .dither import new_seed
+from . import _ops  # noqa: F401  (registers the gdnsq:: ops)
+from .dither import MASK32, new_seed, new_seed_tensor
 
 __all__ = [
     "quantize_activation",
@@ -30,32 +34,15 @@ __all__ = [
     "weight_forward",
     "weight_backward",
     "new_seed",
+    "new_seed_tensor",
 ]
 
 
-def _impl(name: str):
-    """The module implementing backend ``name`` (cpu may degrade to torch, warning once)."""
-    if name == "reference":
-        from . import reference
-
-        return reference
-    if name == "torch":
-        from . import _torch_quantize
-
-        return _torch_quantize
-    if name == "triton":
-        from . import triton_quantize
-
-        return triton_quantize
-    if name == "cpu":
-        from . import cpu_quantize
-
-        return cpu_quantize.implementation()
-    raise ValueError(f"backend must be one of triton, reference, cpu, torch, got {name!r}")
-
-
-def _zero_scalar(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=_checks.compute_dtype(x.dtype), device=x.device)
+def _seed_tensor(seed, device) -> torch.Tensor:
+    """The seed as a one-element int64 tensor on ``device`` (an int: only its low 32 bits matter)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.tensor([seed & MASK32], dtype=torch.int64, device=device)
 
 
 # ----------------------------------------------------------------------------- activation
@@ -69,17 +56,14 @@ def activation_forward(x, log2_step, log2_range, offset, *, backend=None):
     Returns y with x's shape and dtype (math in float32; float64 for float64 x).
     """
     _checks.check_activation_args(x, log2_step, log2_range, offset)
-    name = resolve_backend(x, backend)
-    if x.numel() == 0 and name in ("triton", "cpu"):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return _impl(name).activation_forward(x, log2_step, log2_range, offset)
+    return torch.ops.gdnsq.act_forward(x, log2_step, log2_range, offset, resolve_backend(x, backend))
 
 
 def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither, *, backend=None,
                         need_grad_x=True, need_grad_params=True):
     """Closed-form GDNSQ backward of the activation quantizer (STE input, exact param grads).
 
-    grad_y: upstream gradient, x's shape; seed: int (the dither is regenerated from it);
+    grad_y: upstream gradient, x's shape; seed: int or one-element int64 tensor (the dither is regenerated from it);
     dither: bool (False: r = 0). Returns (grad_x with x's shape and dtype, grad_log2_step,
     grad_log2_range, grad_offset as 0-d float32 tensors; float64 for float64 x). Entries
     switched off by ``need_grad_x`` / ``need_grad_params`` are None (their work is skipped).
@@ -87,44 +71,12 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither, 
     _checks.check_activation_args(x, log2_step, log2_range, offset)
     _checks.check_grad(grad_y, x, "grad_y")
     _checks.check_seed(seed)
-    name = resolve_backend(x, backend)
-    if x.numel() == 0 and name in ("triton", "cpu"):
-        gx = torch.zeros_like(x) if need_grad_x else None
-        if not need_grad_params:
-            return gx, None, None, None
-        return gx, _zero_scalar(x), _zero_scalar(x), _zero_scalar(x)
-    return _impl(name).activation_backward(
-        grad_y, x, log2_step, log2_range, offset, seed, bool(dither),
-        need_grad_x=need_grad_x, need_grad_params=need_grad_params,
-    )
-
-
-class _QuantizeActivation(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, log2_step, log2_range, offset, seed, dither, backend):
-        y = activation_forward(x, log2_step, log2_range, offset, backend=backend)
-        # Only the input and the three scalars are kept; the dither comes back from the seed.
-        ctx.save_for_backward(x, log2_step, log2_range, offset)
-        ctx.seed, ctx.dither, ctx.backend = seed, dither, backend
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, log2_step, log2_range, offset = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_params = need[1] or need[2] or need[3]
-        if not (need[0] or need_params):
-            return (None,) * 7
-        gx, gs, gr, go = activation_backward(
-            grad_y, x, log2_step, log2_range, offset, ctx.seed, ctx.dither,  # backends pick the layout
-            backend=ctx.backend, need_grad_x=need[0], need_grad_params=need_params,
-        )
-
-        def like(grad, p, needed):
-            return grad.to(p.dtype).reshape(p.shape) if needed else None
-
-        return (gx if need[0] else None, like(gs, log2_step, need[1]), like(gr, log2_range, need[2]),
-                like(go, offset, need[3]), None, None, None)
+    gx, gs, gr, go = torch.ops.gdnsq.act_backward(
+        grad_y, x, log2_step, log2_range, offset, _seed_tensor(seed, x.device), bool(dither),
+        resolve_backend(x, backend), bool(need_grad_x), bool(need_grad_params))
+    if not need_grad_params:
+        gs = gr = go = None
+    return (gx if need_grad_x else None), gs, gr, go
 
 
 def _needs_grad(*tensors) -> bool:
@@ -141,7 +93,8 @@ def quantize_activation(x, log2_step, log2_range, offset, *, seed=None, dither=T
     Args:
         x: input of any shape; float16, bfloat16, float32 (math in float32) or float64.
         log2_step, log2_range, offset: 0-d or shape (1,) float tensors on x's device.
-        seed: int seeding the backward's dither; None draws one from torch's default generator
+        seed: int (or one-element int64 tensor) seeding the backward's dither; None draws one
+            on x's device from torch's generator
             (only when a gradient will be needed), so ``torch.manual_seed`` repeats a run.
         dither: False sets the dither ``r`` to 0 (deterministic step gradient).
         backend: None (use ``GDNSQ_BACKEND``), "auto", "triton", "cpu", "torch" or "reference".
@@ -160,10 +113,13 @@ def quantize_activation(x, log2_step, log2_range, offset, *, seed=None, dither=T
         >>> y.sum().backward()
     """
     _checks.check_activation_args(x, log2_step, log2_range, offset)
+    name = resolve_backend(x, backend)
     if seed is None:
-        seed = new_seed() if (dither and _needs_grad(x, log2_step, log2_range, offset)) else 0
+        drawn = dither and _needs_grad(x, log2_step, log2_range, offset)
+        seed = new_seed_tensor(x.device) if drawn else torch.zeros(1, dtype=torch.int64, device=x.device)
     _checks.check_seed(seed)
-    return _QuantizeActivation.apply(x, log2_step, log2_range, offset, seed, bool(dither), backend)
+    return torch.ops.gdnsq.quantize_activation(x, log2_step, log2_range, offset,
+                                               _seed_tensor(seed, x.device), bool(dither), name)
 
 
 # ----------------------------------------------------------------------------- weight
@@ -177,12 +133,7 @@ def weight_forward(w, log2_step, *, backend=None):
     where zero_point is the per-channel minimum of w.
     """
     _checks.check_weight_args(w, log2_step)
-    name = resolve_backend(w, backend)
-    if w.numel() == 0 and name in ("triton", "cpu"):
-        ct = _checks.compute_dtype(w.dtype)
-        return (torch.empty_like(w, memory_format=torch.contiguous_format),
-                torch.zeros(w.shape[0], dtype=ct, device=w.device))
-    return _impl(name).weight_forward(w, log2_step)
+    return torch.ops.gdnsq.w_forward(w, log2_step, resolve_backend(w, backend))
 
 
 def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither, *, backend=None,
@@ -197,35 +148,12 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither, *, backe
     _checks.check_grad(grad_w_hat, w, "grad_w_hat")
     _checks.check_zero_point(zero_point, w)
     _checks.check_seed(seed)
-    name = resolve_backend(w, backend)
-    if w.numel() == 0 and name in ("triton", "cpu"):
-        gw = grad_w_hat if need_grad_w else None
-        if not need_grad_step:
-            return gw, None
-        return gw, torch.zeros(log2_step.shape, dtype=_checks.compute_dtype(w.dtype), device=w.device)
-    return _impl(name).weight_backward(
-        grad_w_hat, w, log2_step, zero_point, seed, bool(dither),
-        need_grad_w=need_grad_w, need_grad_step=need_grad_step,
-    )
-
-
-class _QuantizeWeight(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, log2_step, seed, dither, backend):
-        y, z = weight_forward(w, log2_step, backend=backend)
-        ctx.save_for_backward(w, log2_step, z)  # input + O(C_out); no noise, no codes
-        ctx.seed, ctx.dither, ctx.backend = seed, dither, backend
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        w, log2_step, z = ctx.saved_tensors
-        need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not need_s:
-            return (grad_y if need_w else None), None, None, None, None
-        gw, gs = weight_backward(grad_y.contiguous(), w, log2_step, z, ctx.seed, ctx.dither,
-                                 backend=ctx.backend, need_grad_w=need_w, need_grad_step=True)
-        return (grad_y if need_w else None), gs.to(log2_step.dtype), None, None, None
+    grad_w = grad_w_hat if need_grad_w else None
+    if not need_grad_step:
+        return grad_w, None
+    gs = torch.ops.gdnsq.w_step_grad(grad_w_hat, w, log2_step, zero_point, _seed_tensor(seed, w.device),
+                                     bool(dither), resolve_backend(w, backend))
+    return grad_w, gs
 
 
 def quantize_weight(w, log2_step, *, seed=None, dither=True, backend=None):
@@ -251,7 +179,11 @@ def quantize_weight(w, log2_step, *, seed=None, dither=True, backend=None):
         >>> quantize_weight(w, a, seed=1).square().sum().backward()
     """
     _checks.check_weight_args(w, log2_step)
+    name = resolve_backend(w, backend)
     if seed is None:
-        seed = new_seed() if (dither and _needs_grad(w, log2_step)) else 0
+        drawn = dither and _needs_grad(w, log2_step)
+        seed = new_seed_tensor(w.device) if drawn else torch.zeros(1, dtype=torch.int64, device=w.device)
     _checks.check_seed(seed)
-    return _QuantizeWeight.apply(w, log2_step, seed, bool(dither), backend)
+    w_hat, _ = torch.ops.gdnsq.quantize_weight(w, log2_step, _seed_tensor(seed, w.device),
+                                               bool(dither), name)
+    return w_hat

@@ -8,7 +8,10 @@
 * Every launch is ``exact`` (``enable_fp_fusion=False``, see ``_launch``): ``lo + s*round(v)``
   is two roundings in the reference, not one ``fma``.
 * The dither ``r`` is regenerated in the backward from ``(key, flat index)`` with the hash of
-  ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored.
+  ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored. A seed given as a
+  tensor (what the ``gdnsq::`` ops pass) is hashed to its key on the device and the kernels
+  load the key from that pointer (``KEY_PTR``): no host read, so a CUDA graph replays a fresh
+  draw each step. A Python-int seed is hashed on the host and passed by value.
 * Activation backward in one launch: each program writes ``dx`` for its block and three
   partial sums to a small ``(programs, 3)`` buffer, then takes a ticket (one atomic add); the
   program with the last ticket reduces the whole buffer in a fixed order (deterministic: the
@@ -38,7 +41,7 @@ import triton.language as tl
 
 from . import _checks
 from ._launch import contiguous, launch
-from .dither import DITHER_MAGNITUDE, seed_key_i32
+from .dither import DITHER_MAGNITUDE, seed_key_i32, seed_key_tensor
 from .reference import is_per_channel
 
 LN2 = math.log(2.0)
@@ -127,10 +130,12 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, 
                     BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
                     NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, DITHER: tl.constexpr,
                     MAG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                    FINISH_BLOCK: tl.constexpr, LN2_C: tl.constexpr):
+                    FINISH_BLOCK: tl.constexpr, LN2_C: tl.constexpr, KEY_PTR: tl.constexpr = False):
     """dx for this block; with NEED_PARAMS also the block's three partial sums, and the
     program that takes the last ticket reduces every block's partials in a fixed order
     (deterministic, one launch) into out = (d log2_step, d log2_range, d offset)."""
+    if KEY_PTR:
+        key = tl.load(key)  # int32 key hashed on the device from the seed tensor
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -212,7 +217,10 @@ def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, s_ptr, K, PER_CHANNEL: tl.constexpr,
 @triton.jit(do_not_specialize=["key"])
 def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, PER_CHANNEL: tl.constexpr,
                   BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
-                  DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr):
+                  DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr,
+                  KEY_PTR: tl.constexpr = False):
+    if KEY_PTR:
+        key = tl.load(key)
     c = tl.program_id(0)
     base = c.to(tl.int64) * K
     if PER_CHANNEL:
@@ -239,6 +247,13 @@ def _ct(dtype):
     if dtype == torch.float64:
         return tl.float64, 2.0**52
     return tl.float32, 2.0**23
+
+
+def _key_arg(seed):
+    """(key argument, KEY_PTR): a seed tensor -> its int32 key on the device; an int -> by value."""
+    if isinstance(seed, torch.Tensor):
+        return seed_key_tensor(seed), True
+    return seed_key_i32(seed), False
 
 
 def _row_block(k: int) -> int:
@@ -317,11 +332,12 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     else:
         part = out = ticket = g  # dummy pointers, never touched
     C, H, Wd = chw if chw is not None else (1, 1, 1)
+    key, key_ptr = _key_arg(seed)
     launch(_act_bwd_kernel, (n_prog,), g, xc, dx, part, ticket, out, s, q, off, n, n_prog,
-           seed_key_i32(seed), C, H, Wd, exact=True, dense_ok=True,
+           key, C, H, Wd, exact=True, dense_ok=True,
            BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
            NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
-           CHANNELS_LAST=chw is not None, FINISH_BLOCK=FINISH_BLOCK, LN2_C=LN2)
+           CHANNELS_LAST=chw is not None, FINISH_BLOCK=FINISH_BLOCK, LN2_C=LN2, KEY_PTR=key_ptr)
     grad_x = dx if need_grad_x else None
     if not need_grad_params:
         return grad_x, None, None, None
@@ -354,8 +370,10 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     per_channel = is_per_channel(log2_step, c_out)
     s = _exp2(log2_step, w.dtype, (-1,))
     out = torch.empty(c_out, dtype=acc_dtype, device=w.device)
+    key, key_ptr = _key_arg(seed)
     launch(_w_bwd_kernel, (c_out,), g, wc, contiguous(zero_point.to(acc_dtype)), s, out, k,
-           seed_key_i32(seed), exact=True, PER_CHANNEL=per_channel, BLOCK=_row_block(k),
-           CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE, LN2_C=LN2)
+           key, exact=True, PER_CHANNEL=per_channel, BLOCK=_row_block(k),
+           CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE, LN2_C=LN2,
+           KEY_PTR=key_ptr)
     grad = out if per_channel else out.sum()
     return grad_w, grad.reshape(log2_step.shape)
