@@ -4,6 +4,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -16,7 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_without_cuda_exits_quickly_with_summary(tmp_path):
     out = tmp_path / "results"  # relative OUT: resolved against the caller's directory
-    env = dict(os.environ, OUT="results", GDNSQ_COMMIT="abc123")
+    # the script runs `python` from PATH: make that this interpreter (an unactivated venv)
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, OUT="results", GDNSQ_COMMIT="abc123", PATH=path)
     env.pop("GPU_CHECK_ALLOW_CPU", None)  # the no-CUDA exit is what is checked here
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=tmp_path,
