@@ -23,7 +23,8 @@ What one ``fit()`` does (METHOD.md Part B §3-§4, Part A items 6-8):
   torch/CUDA/numpy/python/the loader generators, trainer counters, metrics file offset);
   constructing a Trainer on the same ``out_dir`` resumes from it;
 * rank 0 writes ``metrics.jsonl`` (a record every ``log_every`` batches and one per epoch),
-  ``report.json``/``report.md`` and ``bits.png`` (per-layer continuous bit-width per epoch).
+  ``report.json``/``report.md``, ``bits.png`` (per-layer continuous bit-width per epoch) and
+  ``curves.png`` (loss and validation top-1 per epoch).
 
 Example::
 
@@ -55,9 +56,9 @@ from . import distributed as gdist
 from . import stats as gstats
 from ._atomic import atomic_torch_save, atomic_write_text
 from .losses import GDNSQObjective
-from .plot import plot_bit_history
+from .plot import plot_bit_history, plot_curves
 from .presets import TrainConfig, get_preset
-from .progress import ProgressBar
+from .progress import close_with, progress_bar
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .schedule import GDNSQSchedule
 
@@ -161,6 +162,13 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+
+
+def _no_forward_buffer_sync() -> dict:
+    """DDP keyword that turns off the per-forward buffer broadcast (renamed in newer torch)."""
+    import inspect
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def _split_batch(batch):
@@ -268,12 +276,19 @@ class Trainer:
                 wq = getattr(layer, "weight_quantizer", None)
                 if wq is not None:
                     wq.estimator = config.estimator
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.RAdam(_param_groups(self.student, config), lr=config.lr, weight_decay=0.0)
         self.schedule = GDNSQSchedule(config.lr, config.warmup_steps, t_scale=config.t_scale, anneal=config.anneal)
         self.objective = GDNSQObjective(self.student, epsilon=config.epsilon)
+        # The module the training step runs: under DDP a DistributedDataParallel wrapper that
+        # averages the gradients over ranks with bucketed all-reduces overlapping the backward.
+        # Buffers are not broadcast per forward: each rank's BatchNorm statistics are averaged at
+        # the epoch end (gdist.average_float_buffers). Evaluation calls self.student directly.
+        self.train_module: nn.Module = self.student
         if gdist.is_distributed():
             self.objective.reduce_fn = gdist.all_reduce_mean
+            self.train_module = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **_no_forward_buffer_sync())
 
         # Trainer state (all of it is in checkpoint_last.pt).
         self.epoch = 0
@@ -292,7 +307,7 @@ class Trainer:
         self._fit_start: Optional[float] = None
         self.resumed_from: Optional[int] = None
         self._last_inputs = None
-        self._bar: Optional[ProgressBar] = None
+        self._bar = None  # the epoch's tqdm bar, closed at the epoch end with its summary
 
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -426,7 +441,7 @@ class Trainer:
             total = len(self.train_loader)
         except TypeError:
             total = None
-        bar = ProgressBar(total, desc=f"epoch {epoch}/{cfg.max_epochs}", enabled=self.is_main and cfg.progress)
+        bar = progress_bar(total, desc=f"epoch {epoch}/{cfg.max_epochs}", enabled=self.is_main and cfg.progress)
         sums = {"loss": 0.0}
         n_batches = 0
         last_parts = {}
@@ -443,7 +458,7 @@ class Trainer:
             with self._autocast():
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
-                student_logits = self.student(x)
+                student_logits = self.train_module(x)
                 loss, parts = self.objective(student_logits.float(), teacher_logits.float(), t)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -451,8 +466,7 @@ class Trainer:
                 raise FloatingPointError(f"Trainer: the loss became {loss_value} at epoch {epoch}, step "
                                          f"{self.global_step + 1} (lr {lr:g}, t {t:g}); lower lr or t_scale")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gdist.average_gradients(self.params)
+            loss.backward()  # under DDP this also averages the gradients over ranks
             self.optimizer.step()
             self.schedule.step()
             self.global_step += 1
@@ -472,9 +486,8 @@ class Trainer:
                        "mean_weight_bits": mb["weight"], "mean_act_bits": mb["act"],
                        "realised_weight_bits_max": max(rw) if rw else None}
                 self._write_metrics(rec)
-                bar.update(1, loss=loss_value, wbits=mb["weight"], abits=mb["act"], lr=lr, t=t)
-            else:
-                bar.update(1)
+                bar.set_postfix(loss=loss_value, wbits=mb["weight"], abits=mb["act"], lr=lr, t=t, refresh=False)
+            bar.update(1)
         if n_batches == 0:
             raise ValueError("Trainer: train_loader produced no batches")
         self._bar = bar  # closed at the epoch end with the validation result
@@ -522,7 +535,8 @@ class Trainer:
         per_layer = self._per_layer_bits()
         self.history.append({"epoch": epoch, "layers": per_layer,
                              "realised": {n: dict(v) for n, v in realised.items()},
-                             "converged": converged, "val_top1": val["top1"] if val else None})
+                             "converged": converged, "val_top1": val["top1"] if val else None,
+                             "train_loss": train["loss"], "val_loss": val["loss"] if val else None})
         # Stop decisions are made before the checkpoint so that it records them.
         if self.bad_validations >= cfg.patience:
             self.stop_reason = "early_stopping"
@@ -555,7 +569,7 @@ class Trainer:
                   "converged": converged, "lr": float(self.schedule.lr)}
         if val is not None and val["top1"] is not None:
             fields["val_top1"] = val["top1"]
-        self._bar.close(**fields)
+        close_with(self._bar, **fields)
 
     def _to_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -760,8 +774,11 @@ class Trainer:
     def _plot(self) -> None:
         if not self.history:
             return
+        run = os.path.basename(os.path.abspath(self.out_dir))
         plot_bit_history(self.history, os.path.join(self.out_dir, "bits.png"), targets=self._targets(),
-                         title=f"GDNSQ per-layer continuous bit-width ({os.path.basename(os.path.abspath(self.out_dir))})")
+                         title=f"GDNSQ per-layer continuous bit-width ({run})")
+        plot_curves(self.history, os.path.join(self.out_dir, "curves.png"),
+                    title=f"GDNSQ loss and validation accuracy ({run})")
 
     def _build_report(self, test: Optional[dict] = None, realised: Optional[dict] = None) -> dict:
         best_path = os.path.join(self.out_dir, BEST)
