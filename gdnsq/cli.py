@@ -386,8 +386,8 @@ def headline(model: str, report: dict) -> str:
     stop = report.get("stop_reason")
     how = f"stopped by {stop}" if stop else "stopped"
     return (f"GDNSQ {model}: targets {target} NOT reached ({how} after {report.get('epochs_run')} "
-            f"epochs; realised {realised} bits): {acc} of the last checkpoint (epoch {epoch}), "
-            f"not a {target.replace('/', '')} model; rerun with a larger budget to continue")
+            f"epochs; realised {realised} bits): {acc} of the last checkpoint (epoch {epoch}); "
+            f"rerun with a larger budget to continue")
 
 
 def cmd_quantize(args) -> dict:

@@ -343,8 +343,8 @@ class Trainer:
             # Fold this segment's time into the total (a later fit() call continues from it).
             self.wall_seconds_before = self._wall_seconds()
             self._fit_start = None
-        self._log(f"gdnsq: stopped after epoch {self.epoch} ({self.stop_reason}); selected epoch: "
-                  f"{self.best_epoch} (val top-1 {self.best_val_top1})")
+        if self.is_main:
+            self._log(f"gdnsq: stopped after epoch {self.epoch} ({self.stop_reason}); {self._selection_text()}")
         return self._write_report()
 
     @torch.no_grad()
@@ -780,16 +780,31 @@ class Trainer:
         plot_curves(self.history, os.path.join(self.out_dir, "curves.png"),
                     title=f"GDNSQ loss and validation accuracy ({run})")
 
-    def _build_report(self, test: Optional[dict] = None, realised: Optional[dict] = None) -> dict:
+    def _selection(self) -> tuple:
+        """(epoch, val top-1, file name, realised bits or None) of the checkpoint the report and
+        :meth:`test` use: ``checkpoint_best.pt`` (the best converged epoch) when some epoch
+        converged, else ``checkpoint_last.pt`` (the last epoch, not converged); all None before
+        the first epoch."""
         best_path = os.path.join(self.out_dir, BEST)
-        selected_epoch, val_top1, sel_file, sel_realised = None, None, None, None
         if os.path.exists(best_path):
             best = load_checkpoint(best_path, kind="best")
-            selected_epoch, val_top1, sel_file = best["epoch"], best["val_top1"], BEST
-            sel_realised = best["realised_bits"]
-        elif self.epoch:
-            selected_epoch, sel_file = self.epoch, LAST
+            return best["epoch"], best["val_top1"], BEST, best["realised_bits"]
+        if self.epoch:
             val_top1 = self.last_val["top1"] if self.last_val and self.last_val["epoch"] == self.epoch else None
+            return self.epoch, val_top1, LAST, None
+        return None, None, None, None
+
+    def _selection_text(self) -> str:
+        epoch, val_top1, sel_file, _ = self._selection()
+        if sel_file is None:
+            return "nothing selected (no epoch run)"
+        val = "-" if val_top1 is None else f"{val_top1:.2f} %"
+        if sel_file == BEST:
+            return f"selected epoch {epoch} (converged; val top-1 {val}; {BEST})"
+        return f"no converged epoch: the last epoch {epoch} stands in (not converged; val top-1 {val}; {LAST})"
+
+    def _build_report(self, test: Optional[dict] = None, realised: Optional[dict] = None) -> dict:
+        selected_epoch, val_top1, sel_file, sel_realised = self._selection()
         if realised is None:
             realised = sel_realised if sel_realised is not None else self._realised_bits()
         targets = self._targets()
