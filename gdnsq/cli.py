@@ -47,11 +47,12 @@ from . import __version__
 from . import data as gdata
 from ._atomic import atomic_write_text
 from .deploy import cli as deploy_cli
-from .cli_support import (RUN_FILE, CliError, act_bits_arg, bits_arg, check_run_folder, checkpoint_file,
+from .cli_support import (RUN_FILE, CliError, act_bits_arg, bits_arg, check_run_folder, checkpoint_args,
+                          checkpoint_file, common_args,
                           evaluate_model, load_model_for_eval, log as _log, nonneg_float, nonneg_int,
                           number_arg, positive_float, positive_int, resolve_device, usage_errors)
-from .models import MODELS, fit_state_dict, get_model, load_fp_checkpoint, save_fp_checkpoint
-from .progress import close_with, progress_bar
+from .models import fit_state_dict, get_model, load_fp_checkpoint, save_fp_checkpoint
+from .progress import progress_bar
 
 __all__ = ["main", "build_parser", "train_fp", "CliError", "evaluate_model", "load_model_for_eval"]
 
@@ -75,22 +76,6 @@ _SCHEDULE_FLAGS = (("epochs", "max_epochs"), ("max_minutes", "max_minutes"), ("b
                    ("t_scale", "t_scale"), ("warmup_steps", "warmup_steps"), ("anneal", "anneal"),
                    ("hold_epochs", "hold_epochs"), ("patience", "patience"), ("val_every", "val_every"),
                    ("precision", "precision"), ("channels_last", "channels_last"), ("seed", "seed"))
-
-
-def _common(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
-    p.add_argument("--model", default="resnet20", choices=sorted(MODELS),
-                   help="architecture (default resnet20)")
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"],
-                   help="data set (default cifar10; cifar100 needs the original files in "
-                        "--data-dir)")
-    p.add_argument("--data-dir", default=None,
-                   help="data/cache directory (default $GDNSQ_DATA_DIR or ~/.cache/gdnsq)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of shuffling, augmentation, init (default 0, or the --config's)")
-    p.add_argument("--json", action="store_true",
-                   help="print the final result as one JSON object on the last stdout line "
-                        "(and no progress bars)")
 
 
 def _emit(args, result: dict, human: str) -> None:
@@ -514,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     t = sub.add_parser("train-fp", help="train the full-precision teacher from scratch")
-    _common(t)
+    common_args(t)
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, fp_report.json)")
     t.add_argument("--epochs", type=positive_int, default=200, help="epochs (default 200)")
     t.add_argument("--lr", type=positive_float, default=0.1, help="peak SGD LR (default 0.1)")
@@ -535,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train_fp)
 
     q = sub.add_parser("quantize", help="GDNSQ fine-tuning of an FP checkpoint to W/A bits")
-    _common(q)
+    common_args(q)
     q.add_argument("--checkpoint", default=None,
                    help="FP teacher checkpoint (akamaster .th or gdnsq train-fp); without it a "
                         "teacher is trained first into OUT/teacher")
@@ -593,20 +578,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("evaluate", help="top-1 accuracy of a checkpoint on the test set")
-    _common(e)
-    e.add_argument("--checkpoint", default=None,
-                   help="FP checkpoint, or a quantize run's checkpoint (file or run folder)")
+    common_args(e)
+    checkpoint_args(e, required=False,
+                    help="FP checkpoint, or a quantize run's checkpoint (file or run folder)")
     e.add_argument("--deployed", default=None, help="a file written by `gdnsq export`")
-    e.add_argument("--weight-bits", type=bits_arg, default=None,
-                   help="bits of a quantized checkpoint without run.json beside it")
-    e.add_argument("--act-bits", type=act_bits_arg, default=None, help="see --weight-bits")
     e.add_argument("--split", choices=["test", "val"], default="test",
                    help="test (default) or the validation split (last --val-size train images)")
     e.add_argument("--val-size", type=positive_int, default=5000)
     e.add_argument("--batch-size", type=positive_int, default=500, help="default 500")
     e.set_defaults(func=cmd_evaluate)
 
-    deploy_cli.add_subcommands(sub, _common)  # `gdnsq export`
+    deploy_cli.add_subcommands(sub)  # `gdnsq export`
     return p
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import data as gdata
-from .models import extract_state_dict, fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint
+from .models import MODELS, extract_state_dict, fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint
 from .progress import progress_bar
 
 RUN_FILE = "run.json"  # written by `gdnsq quantize` into --out: how to rebuild the student
@@ -82,6 +82,32 @@ def act_bits_arg(text: str) -> Optional[int]:
 
 
 act_bits_arg.__name__ = "act_bits"
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    """The options every subcommand takes: --model, --dataset, --data-dir, --device, --seed, --json."""
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS),
+                   help="architecture (default resnet20)")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"],
+                   help="data set (default cifar10; cifar100 needs the original files in "
+                        "--data-dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="data/cache directory (default $GDNSQ_DATA_DIR or ~/.cache/gdnsq)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of shuffling, augmentation, init (default 0, or the --config's)")
+    p.add_argument("--json", action="store_true",
+                   help="print the final result as one JSON object on the last stdout line "
+                        "(and no progress bars)")
+
+
+def checkpoint_args(p: argparse.ArgumentParser, *, required: bool, help: str) -> None:
+    """--checkpoint (a quantize run's checkpoint or folder) and the --weight-bits / --act-bits
+    used when no run.json sits beside it (evaluate, export)."""
+    p.add_argument("--checkpoint", required=required, default=None, help=help)
+    p.add_argument("--weight-bits", type=bits_arg, default=None,
+                   help="bits of a quantized checkpoint without run.json beside it")
+    p.add_argument("--act-bits", type=act_bits_arg, default=None, help="see --weight-bits")
 
 
 # ---------------------------------------------------------------------------- paths and devices

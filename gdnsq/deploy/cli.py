@@ -32,8 +32,8 @@ from typing import Optional
 import torch
 
 from gdnsq import data as gdata
-from gdnsq.cli_support import (CliError, check_output_file, evaluate_model, load_model_for_eval, positive_int,
-                               resolve_device, usage_errors)
+from gdnsq.cli_support import (CliError, check_output_file, checkpoint_args, common_args, evaluate_model,
+                               load_model_for_eval, positive_int, resolve_device, usage_errors)
 
 from .artifact import load, save
 from .freeze import format_layer_table, format_size_report, freeze, layer_table, size_report
@@ -41,24 +41,13 @@ from .layers import PATHS
 
 
 def add_subcommands(subparsers, common=None) -> None:
-    """Add ``export`` to the ``gdnsq`` subparsers; ``common(parser)`` adds the shared options
+    """Add ``export`` to the ``gdnsq`` subparsers; ``common(parser)`` (default
+    :func:`gdnsq.cli_support.common_args`) adds the shared options
     (--model, --dataset, --data-dir, --device, --seed, --json)."""
     e = subparsers.add_parser("export", help="freeze a quantize run's checkpoint into a deployed file")
-    if common is not None:
-        common(e)
-    else:  # standalone use: the options cmd_export reads
-        e.add_argument("--model", default="resnet20")
-        e.add_argument("--dataset", default="cifar10")
-        e.add_argument("--data-dir", default=None)
-        e.add_argument("--device", default="cpu")
-        e.add_argument("--seed", type=int, default=0)
-        e.add_argument("--json", action="store_true")
-    e.add_argument("--checkpoint", required=True,
-                   help="a `gdnsq quantize` run checkpoint (file, or the run folder)")
+    (common or common_args)(e)
+    checkpoint_args(e, required=True, help="a `gdnsq quantize` run checkpoint (file, or the run folder)")
     e.add_argument("--out", required=True, help="deployed model file to write (atomically)")
-    e.add_argument("--weight-bits", type=positive_int, default=None,
-                   help="target bits, when no run.json sits beside the checkpoint")
-    e.add_argument("--act-bits", type=positive_int, default=None, help="see --weight-bits")
     e.add_argument("--strict", action="store_true",
                    help="fail when a layer's realised bits exceed its target (default: warn)")
     e.add_argument("--path", default="auto", choices=("auto",) + PATHS[:4],
