@@ -287,7 +287,8 @@ class Trainer:
         if gdist.is_distributed():
             self.objective.reduce_fn = gdist.all_reduce_mean
             self.train_module = torch.nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self.student, device_ids=[self.device.index if self.device.index is not None
+                                          else torch.cuda.current_device()] if self.device.type == "cuda" else None,
                 **_no_forward_buffer_sync())
 
         # Trainer state (all of it is in checkpoint_last.pt).

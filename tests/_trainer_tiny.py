@@ -134,6 +134,7 @@ def ddp_worker(rank: int, world_size: int, port: int, out_dir: str, epochs: int)
                     "schedule": trainer.schedule.state_dict(), "first_batch_sum": first_batch_sum,
                     "report": report, "steps": trainer.global_step},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        _equivalence_run(rank, out_dir)  # same process group: one spawn serves both tests
     finally:
         gdist.cleanup()
 
@@ -177,22 +178,16 @@ class ConcatShards:
             yield self.dataset[idx]
 
 
-def ddp_equivalence_worker(rank: int, world_size: int, port: int, out_dir: str):
-    """One rank of the DDP-equals-concatenated-batch test: one epoch of the plain student."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _equivalence_run(rank: int, out_dir: str):
+    """This rank's part of the DDP-equals-concatenated-batch test: one epoch of the plain
+    student; its parameters go to ``out_dir/equiv_rank<rank>.pt``."""
     from gdnsq import distributed as gdist
     from gdnsq.trainer import Trainer
-    gdist.init_from_env(device="cpu")
-    try:
-        student, teacher = plain_student_teacher()
-        xtr, ytr = make_data(256, 1)
-        train = gdist.make_loader(TensorDataset(xtr, ytr), 16, shuffle=True, seed=0)
-        trainer = Trainer(student, teacher, train, None, config=fast_config(**EQUIV_CONFIG),
-                          out_dir=os.path.join(out_dir, "ddp"))
-        trainer.fit()
-        torch.save({"params": {n: p.detach().clone() for n, p in trainer.student.named_parameters()},
-                    "steps": trainer.global_step}, os.path.join(out_dir, f"equiv_rank{rank}.pt"))
-    finally:
-        gdist.cleanup()
+    student, teacher = plain_student_teacher()
+    xtr, ytr = make_data(256, 1)
+    train = gdist.make_loader(TensorDataset(xtr, ytr), 16, shuffle=True, seed=0)
+    trainer = Trainer(student, teacher, train, None, config=fast_config(**EQUIV_CONFIG),
+                      out_dir=os.path.join(out_dir, "equiv"))
+    trainer.fit()
+    torch.save({"params": {n: p.detach().clone() for n, p in trainer.student.named_parameters()},
+                "steps": trainer.global_step}, os.path.join(out_dir, f"equiv_rank{rank}.pt"))

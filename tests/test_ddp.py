@@ -27,10 +27,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_take_identical_steps(tmp_path, monkeypatch):
-    monkeypatch.setenv("GDNSQ_BACKEND", "torch")  # inherited by the spawned ranks
-    epochs = 2
-    mp.spawn(tiny.ddp_worker, args=(2, _free_port(), str(tmp_path), epochs), nprocs=2, join=True)
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One 2-rank spawn for the whole module: the tiny BatchNorm run, then the plain run."""
+    out = tmp_path_factory.mktemp("ddp")
+    old = os.environ.get("GDNSQ_BACKEND")
+    os.environ["GDNSQ_BACKEND"] = "torch"  # inherited by the spawned ranks
+    try:
+        mp.spawn(tiny.ddp_worker, args=(2, _free_port(), str(out), EPOCHS), nprocs=2, join=True)
+    finally:
+        if old is None:
+            os.environ.pop("GDNSQ_BACKEND")
+        else:
+            os.environ["GDNSQ_BACKEND"] = old
+    return out
+
+
+def test_two_ranks_take_identical_steps(ddp_run):
+    tmp_path, epochs = ddp_run, EPOCHS
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["first_batch_sum"] != r1["first_batch_sum"]  # different shards
@@ -52,14 +69,13 @@ def test_two_ranks_take_identical_steps(tmp_path, monkeypatch):
     assert r0["report"]["val_top1"] == r1["report"]["val_top1"] or r0["report"]["val_top1"] is None
 
 
-def test_ddp_equals_single_process_on_concatenated_batches(tmp_path, monkeypatch):
+def test_ddp_equals_single_process_on_concatenated_batches(ddp_run, tmp_path, monkeypatch):
     from torch.utils.data import TensorDataset
 
     from gdnsq.trainer import Trainer
-    monkeypatch.setenv("GDNSQ_BACKEND", "torch")
-    mp.spawn(tiny.ddp_equivalence_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "equiv_rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "equiv_rank1.pt", weights_only=True)
+    monkeypatch.setenv("GDNSQ_BACKEND", "torch")  # as the ranks
+    r0 = torch.load(ddp_run / "equiv_rank0.pt", weights_only=True)
+    r1 = torch.load(ddp_run / "equiv_rank1.pt", weights_only=True)
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
     # the same epoch in one process: each step sees both ranks' batches, concatenated
