@@ -370,8 +370,8 @@ def headline(model: str, report: dict) -> str:
                 f"{acc} at the selected epoch {epoch}")
     stop = report.get("stop_reason")
     how = f"stopped by {stop}" if stop else "stopped"
-    return (f"GDNSQ {model}: targets {target} NOT reached ({how} after {report.get('epochs_run')} "
-            f"epochs; realised {realised} bits): {acc} of the last checkpoint (epoch {epoch}); "
+    return (f"GDNSQ {model}: targets {target} NOT reached ({how} after epoch {report.get('epochs_run')}; "
+            f"realised {realised} bits): {acc} of the last checkpoint (epoch {epoch}); "
             f"rerun with a larger budget to continue")
 
 

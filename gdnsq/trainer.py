@@ -567,7 +567,7 @@ class Trainer:
             self._plot()
         fields = {"loss": train["loss"], "wbits": mb["weight"], "abits": mb["act"],
                   "realised": f"W{rmax_w:.3g}/A{rmax_a:.3g}" if rmax_w is not None and rmax_a is not None else "-",
-                  "converged": converged, "lr": float(self.schedule.lr)}
+                  "converged": "yes" if converged else "no", "lr": float(self.schedule.lr)}
         if val is not None and val["top1"] is not None:
             fields["val_top1"] = val["top1"]
         close_with(self._bar, **fields)
