@@ -52,6 +52,7 @@ from .cli_support import (RUN_FILE, CliError, act_bits_arg, bits_arg, check_run_
                           evaluate_model, load_model_for_eval, log as _log, nonneg_float, nonneg_int,
                           number_arg, positive_float, positive_int, resolve_device, usage_errors)
 from .models import fit_state_dict, get_model, load_fp_checkpoint, save_fp_checkpoint
+from .loop import train_epoch
 from .progress import progress_bar
 
 __all__ = ["main", "build_parser", "train_fp", "CliError", "evaluate_model", "load_model_for_eval"]
@@ -129,6 +130,9 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
              progress: bool = True) -> dict:
     """SGD + momentum, per-batch cosine LR (after an optional linear warm-up), checkpoints.
 
+    The batches run through :func:`gdnsq.loop.train_epoch`, the loop the GDNSQ trainer uses;
+    ``train_loss`` / ``train_top1`` in metrics.jsonl are means over the epoch's batches.
+
     Writes ``out/checkpoint_last.pt`` every epoch (resumed from when present),
     ``out/checkpoint_best.pt`` (best validation top-1; the last epoch when ``val_size == 0``),
     ``out/metrics.jsonl`` and, when training is complete, evaluates the best checkpoint on the
@@ -183,8 +187,10 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
         train_loader.set_epoch(epoch)
         bar = progress_bar(len(train_loader), desc=f"train-fp epoch {epoch + 1}/{epochs}", enabled=progress)
         t0 = time.time()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in train_loader:
+
+        def sgd_step(batch):
+            nonlocal step
+            x, y = batch
             cur_lr = lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = cur_lr
@@ -194,16 +200,13 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += loss.item() * y.numel()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += y.numel()
-            bar.set_postfix(loss=loss_sum / seen, acc=100.0 * correct / seen, lr=cur_lr, refresh=False)
-            bar.update(1)
+            top1 = 100.0 * (logits.argmax(1) == y).sum().item() / y.numel()
+            return {"loss": loss.item(), "acc": top1}, {"lr": cur_lr}
+
+        means = train_epoch(train_loader, sgd_step, bar, show_means=True, what="train-fp: the training split")
         bar.close()
-        epoch_s = time.time() - t0
-        rec = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
-               "train_top1": 100.0 * correct / max(seen, 1), "lr": lr_at(step - 1),
-               "epoch_s": round(epoch_s, 2)}
+        rec = {"epoch": epoch + 1, "step": step, "train_loss": means["loss"], "train_top1": means["acc"],
+               "lr": lr_at(step - 1), "epoch_s": round(time.time() - t0, 2)}
         extra = dict(dataset=dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
         if "val" in loaders:
             v = evaluate_model(model, loaders["val"], device, desc="val", progress=progress)

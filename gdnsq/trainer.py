@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from . import distributed as gdist
 from . import stats as gstats
 from ._atomic import atomic_torch_save, atomic_write_text
+from .loop import train_epoch
 from .losses import GDNSQObjective
 from .plot import plot_bit_history, plot_curves
 from .presets import TrainConfig, get_preset
@@ -443,10 +444,8 @@ class Trainer:
         except TypeError:
             total = None
         bar = progress_bar(total, desc=f"epoch {epoch}/{cfg.max_epochs}", enabled=self.is_main and cfg.progress)
-        sums = {"loss": 0.0}
-        n_batches = 0
-        last_parts = {}
-        for batch in self.train_loader:
+
+        def step(batch):
             x, _ = _split_batch(batch)
             x = self._to_input(x)
             self._last_inputs = x
@@ -471,28 +470,23 @@ class Trainer:
             self.optimizer.step()
             self.schedule.step()
             self.global_step += 1
-            n_batches += 1
-            sums["loss"] += loss_value
-            last_parts = {k: float(v) for k, v in dict(parts).items()}
-            for k, v in last_parts.items():
-                if k not in ("loss", "t"):
-                    sums[k] = sums.get(k, 0.0) + v
-            if self.global_step % cfg.log_every == 0:
-                mb = self._mean_bits()
-                # Realised weight bits come from the current codes (cheap); realised activation
-                # bits exist only for eval batches, so they are in the epoch records.
-                rw = [v["weight"] for v in gstats.realised_bits(self.student).values()]
-                rec = {"kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss_value,
-                       **last_parts, "t": t, "lr": lr,
-                       "mean_weight_bits": mb["weight"], "mean_act_bits": mb["act"],
-                       "realised_weight_bits_max": max(rw) if rw else None}
-                self._write_metrics(rec)
-                bar.set_postfix(loss=loss_value, wbits=mb["weight"], abits=mb["act"], lr=lr, t=t, refresh=False)
-            bar.update(1)
-        if n_batches == 0:
-            raise ValueError("Trainer: train_loader produced no batches")
+            parts = {k: float(v) for k, v in dict(parts).items()}
+            metrics = {"loss": loss_value} | {k: v for k, v in parts.items() if k not in ("loss", "t")}
+            if self.global_step % cfg.log_every != 0:
+                return metrics, None
+            mb = self._mean_bits()
+            # Realised weight bits come from the current codes (cheap); realised activation
+            # bits exist only for eval batches, so they are in the epoch records.
+            rw = [v["weight"] for v in gstats.realised_bits(self.student).values()]
+            self._write_metrics({"kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss_value,
+                                 **parts, "t": t, "lr": lr,
+                                 "mean_weight_bits": mb["weight"], "mean_act_bits": mb["act"],
+                                 "realised_weight_bits_max": max(rw) if rw else None})
+            return metrics, {"loss": loss_value, "wbits": mb["weight"], "abits": mb["act"], "lr": lr, "t": t}
+
+        train = train_epoch(self.train_loader, step, bar, what="Trainer: train_loader")
         self._bar = bar  # closed at the epoch end with the validation result
-        return {k: v / n_batches for k, v in sums.items()} | {"batches": n_batches}
+        return train
 
     def _end_of_epoch(self, epoch: int, train: dict, epoch_seconds: float) -> None:
         cfg = self.cfg
