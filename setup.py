@@ -60,8 +60,14 @@ setup(
         "numpy>=1.24",
         # ninja builds the fused C++ CPU path on first use (torch.utils.cpp_extension).
         "ninja",
-        # Pillow decodes the CIFAR-10 PNG distribution and draws the bit-width plots.
+        # Pillow decodes the CIFAR-10 PNG distribution.
         "Pillow>=9",
+        # progress bars of the trainer and the CLI
+        "tqdm>=4.62",
+        # bits.png and curves.png (Agg backend, no display needed)
+        "matplotlib>=3.5",
+        # `gdnsq quantize --config FILE.yaml`
+        "PyYAML>=5.1",
     ],
     extras_require={"test": ["pytest>=7,<10", "pytest-benchmark>=4,<6"]},
     entry_points={"console_scripts": ["gdnsq=gdnsq.cli:main"]},

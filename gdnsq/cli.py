@@ -4,14 +4,27 @@ Subcommands (``gdnsq <cmd> --help`` lists every flag)::
 
     gdnsq train-fp --model resnet20 --dataset cifar10 --out runs/fp20
     gdnsq quantize --model resnet20 --dataset cifar10 --checkpoint FP.th \\
-                   --weight-bits 2 --act-bits 2 --out runs/w2a2 [--preset paper|cpu-fast]
+                   --weight-bits 2 --act-bits 2 --out runs/w2a2 [--preset paper|cpu-fast|cpu-long]
+                   [--config FILE.yaml] [--set lr=0.001 --set hold_epochs=4]
     gdnsq evaluate --model resnet20 --dataset cifar10 --checkpoint FILE [--json]
+    gdnsq export --checkpoint RUN --out FILE          (see gdnsq.deploy.cli)
+    gdnsq --version
 
 Every subcommand accepts ``--json``: the final result is then printed as one JSON object on
-the last line of stdout (progress and log lines go to stderr). Wrong arguments (bits < 1, a
-missing checkpoint, an unknown model, a checkpoint that does not fit the model) print one line
-on stderr and exit with code 2; data that cannot be found or fetched exits with code 1 and a
-line saying what to do. Set ``GDNSQ_DEBUG=1`` to get the traceback instead.
+the last line of stdout and the progress bars are off (log lines go to stderr).
+
+Exit codes: 0 done; 2 a usage error (a bad flag value, a missing or unreadable checkpoint, a
+checkpoint that does not fit the model, an existing file as a run folder ``--out``): one line on
+stderr naming the flag, printed before any work is done where it can be checked up front; 1 data
+that cannot be found or fetched, or an OS error (one line saying what to do), or an internal
+error (its traceback); 130 interrupted (rerun the same command to resume). Set
+``GDNSQ_DEBUG=1`` to get the traceback of the one-line errors too.
+
+Training configuration of ``gdnsq quantize`` (every :class:`gdnsq.presets.TrainConfig` field),
+lowest precedence first: the ``--preset``; the ``--config FILE`` (YAML or JSON mapping of field
+names to values); each ``--set field=value``; the explicit flags (``--lr``, ``--epochs``,
+``--seed``, ``--device``...). The resolved configuration and where each value came from are
+recorded in ``run.json`` and in ``report.json`` (``config`` and ``config["extra"]["cli"]``).
 
 Data: ``--data-dir DIR`` (or the environment variable ``GDNSQ_DATA_DIR``; default
 ``~/.cache/gdnsq``) holds the original python-version CIFAR batches if you have them, else
@@ -28,46 +41,21 @@ import sys
 import time
 from typing import List, Optional
 
-from ._atomic import atomic_write_text
-
 import torch
 
+from . import __version__
 from . import data as gdata
-from .models import MODELS, CheckpointMismatch, extract_state_dict, fit_state_dict, get_model, \
-    load_fp_checkpoint, read_checkpoint, save_fp_checkpoint
+from ._atomic import atomic_write_text
+from .deploy import cli as deploy_cli
+from .cli_support import (RUN_FILE, CliError, act_bits_arg, bits_arg, check_run_folder, checkpoint_args,
+                          checkpoint_file, common_args,
+                          evaluate_model, load_model_for_eval, log as _log, nonneg_float, nonneg_int,
+                          number_arg, positive_float, positive_int, resolve_device, usage_errors)
+from .models import fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint, save_fp_checkpoint
+from .loop import train_epoch
+from .progress import progress_bar
 
-try:  # the trainer's progress bar (stderr; compact lines when not a terminal)
-    from .progress import ProgressBar
-except ImportError:  # pragma: no cover - minimal stand-in so the CLI works without it
-    class ProgressBar:  # type: ignore[no-redef]
-        def __init__(self, total=None, desc="", **kw):
-            self.total, self.desc, self.n, self.fields = total, desc, 0, {}
-
-        def update(self, n=1, **fields):
-            self.n += n
-            self.fields.update(fields)
-
-        def close(self, **fields):
-            self.fields.update(fields)
-            extra = " ".join(f"{k}={v}" for k, v in self.fields.items())
-            print(f"{self.desc} {self.n}/{self.total} {extra}", file=sys.stderr)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.close()
-            return False
-
-RUN_FILE = "run.json"  # written by `gdnsq quantize` into --out: how to rebuild the student
-
-
-class CliError(Exception):
-    """A usage problem reported as one line on stderr with exit code 2."""
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+__all__ = ["main", "build_parser", "train_fp", "CliError", "evaluate_model", "load_model_for_eval"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,71 +69,14 @@ class _Parser(argparse.ArgumentParser):
 # argument helpers
 # ----------------------------------------------------------------------------------------------
 
-def _number_arg(kind, what: str, valid, invalid_msg: Optional[str] = None):
-    """An argparse ``type``: parse with ``kind`` (int/float), reject values failing ``valid``
-    with a one-line message ("expected <what>, got <value>", or ``invalid_msg`` + value)."""
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not valid(v):
-            raise argparse.ArgumentTypeError(f"{invalid_msg or 'expected ' + what}, got {text}")
-        return v
-    parse.__name__ = what.replace(" ", "_")  # argparse names the type in some messages
-    return parse
-
-
-_bits = _number_arg(int, "an integer number of bits", lambda v: 1 <= v <= 16,
-                    "bits must be between 1 and 16")
-
-
-def _act_bits(text: str) -> Optional[int]:
-    """--act-bits: 1-16, or 32 / "none" for float activations (a weights-only model, W<n>A32)."""
-    if text.strip().lower() in ("32", "none"):
-        return None
-    return _bits(text)
-
-
-_act_bits.__name__ = "act_bits"
-_positive_int = _number_arg(int, "a positive integer", lambda v: v >= 1)
-_nonneg_int = _number_arg(int, "a non-negative integer", lambda v: v >= 0)
-_positive_float = _number_arg(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
-_nonneg_float = _number_arg(float, "a non-negative number", lambda v: v >= 0 and math.isfinite(v))
-_anneal_factor = _number_arg(float, "a per-batch factor in (0, 1]", lambda v: 0 < v <= 1)
+_anneal_factor = number_arg(float, "a per-batch factor in (0, 1]", lambda v: 0 < v <= 1)
 
 # quantize flags that override TrainConfig fields one to one: (flag dest, config field)
 _SCHEDULE_FLAGS = (("epochs", "max_epochs"), ("max_minutes", "max_minutes"), ("batch_size", "batch_size"),
                    ("estimator", "estimator"), ("lr", "lr"), ("quantizer_lr_scale", "quantizer_lr_scale"),
                    ("t_scale", "t_scale"), ("warmup_steps", "warmup_steps"), ("anneal", "anneal"),
                    ("hold_epochs", "hold_epochs"), ("patience", "patience"), ("val_every", "val_every"),
-                   ("precision", "precision"), ("channels_last", "channels_last"))
-
-
-def _resolve_device(name: Optional[str]) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda requested but no CUDA device is available (use --device cpu)")
-    return dev
-
-
-def _common(p: argparse.ArgumentParser, *, model_required: bool = False) -> None:
-    p.add_argument("--model", default="resnet20", choices=sorted(MODELS),
-                   help="architecture (default resnet20)")
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"],
-                   help="data set (default cifar10; cifar100 needs the original files in "
-                        "--data-dir)")
-    p.add_argument("--data-dir", default=None,
-                   help="data/cache directory (default $GDNSQ_DATA_DIR or ~/.cache/gdnsq)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of shuffling, augmentation, init")
-    p.add_argument("--json", action="store_true",
-                   help="print the final result as one JSON object on the last stdout line")
+                   ("precision", "precision"), ("channels_last", "channels_last"), ("seed", "seed"))
 
 
 def _emit(args, result: dict, human: str) -> None:
@@ -154,95 +85,17 @@ def _emit(args, result: dict, human: str) -> None:
         print(json.dumps(result, sort_keys=True), flush=True)
 
 
+def _seed(args) -> int:
+    return 0 if args.seed is None else args.seed
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate_model(model: torch.nn.Module, loader, device, desc: str = "evaluate") -> dict:
-    """Top-1 accuracy (percent), image count and mean cross-entropy of ``model`` on ``loader``."""
-    model.eval().to(device)
-    correct = 0
-    n = 0
-    loss_sum = 0.0
-    bar = ProgressBar(total=len(loader), desc=desc)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += y.numel()
-        bar.update(1, top1=100.0 * correct / max(n, 1))
-    bar.close()
-    return {"top1": 100.0 * correct / max(n, 1), "n": n, "loss": loss_sum / max(n, 1)}
-
-
-def _read_run_file(ckpt: pathlib.Path) -> Optional[dict]:
-    for folder in (ckpt.parent, ckpt.parent.parent):
-        f = folder / RUN_FILE
-        if f.is_file():
-            return json.loads(f.read_text(encoding="utf-8"))
-    return None
-
-
-def _quantize(model, weight_bits: int, act_bits: int, extra: Optional[dict] = None):
-    try:
-        from . import convert
-    except ImportError as e:
-        raise CliError(f"quantization support is not available ({e})")
-    return convert.quantize_model(model, weight_bits, act_bits, **(extra or {}))
-
-
-def load_model_for_eval(args) -> tuple:
-    """Build the model of ``--model`` and load ``--checkpoint`` (FP or a quantize run's).
-
-    Returns ``(model, info)`` where info has "normalization", "kind" ("fp"/"quantized"),
-    "weight_bits"/"act_bits" for quantized models.
-    """
-    path = pathlib.Path(args.checkpoint)
-    if path.is_dir():
-        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CliError(f"--checkpoint: {path} is a folder without checkpoint_best.pt or "
-                           "checkpoint_last.pt")
-    if not path.is_file():
-        raise CliError(f"--checkpoint: file not found: {path}")
-    num_classes = gdata.num_classes_of(args.dataset)
-    model = get_model(args.model, num_classes)
-    obj = read_checkpoint(path)
-    sd = extract_state_dict(obj)
-    if not any("quantizer" in k for k in sd):
-        meta = load_fp_checkpoint(model, obj)
-        return model, {"normalization": meta["normalization"], "kind": "fp",
-                       "checkpoint": str(path)}
-    run = _read_run_file(path) or {}
-    wb = args.weight_bits if args.weight_bits is not None else run.get("weight_bits")
-    # act_bits None in run.json is a weights-only (A32) run
-    ab = args.act_bits if args.act_bits is not None else run.get("act_bits", "missing")
-    if wb is None or ab == "missing":
-        raise CliError(f"--checkpoint {path} is a quantized model but no {RUN_FILE} was found "
-                       "next to it; pass --weight-bits and --act-bits")
-    if run.get("model") not in (None, args.model):
-        raise CliError(f"--checkpoint {path} is a {run['model']} run ({RUN_FILE}), "
-                       f"not --model {args.model}")
-    student = _quantize(model, int(wb), None if ab is None else int(ab), run.get("quantize_kwargs"))
-    fit_state_dict(student, sd)
-    norm = run.get("normalization") or (obj.get("normalization") if isinstance(obj, dict)
-                                         else None) or "imagenet"
-    return student, {"normalization": norm, "kind": "quantized", "weight_bits": int(wb),
-                     "act_bits": None if ab is None else int(ab), "checkpoint": str(path)}
-
-
 def cmd_evaluate(args) -> dict:
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     if args.deployed:
-        try:
-            from .deploy import cli as deploy_cli
-        except ImportError as e:
-            raise CliError(f"--deployed needs gdnsq.deploy, which is not available ({e})")
         return deploy_cli.evaluate_deployed(args)
     if not args.checkpoint:
         raise CliError("--checkpoint is required (or --deployed FILE)")
@@ -257,12 +110,13 @@ def cmd_evaluate(args) -> dict:
                                      device=device, normalization=info["normalization"],
                                      progress=_log)["val"]
     t0 = time.time()
-    res = evaluate_model(model, loader, device, desc=f"evaluate {args.split}")
+    res = evaluate_model(model, loader, device, desc=f"evaluate {args.split}", progress=not args.json)
     res.update(split=args.split, model=args.model, dataset=args.dataset,
                seconds=round(time.time() - t0, 2), **info)
     human = (f"{args.model} {args.dataset} {args.split}: top-1 {res['top1']:.2f} % on "
              f"{res['n']} images ({info['kind']}, {res['seconds']:.1f} s)")
     return {"result": res, "human": human}
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,13 +134,18 @@ def _read_or_fail(path) -> object:
 def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, lr: float,
              momentum: float, weight_decay: float, batch_size: int, warmup_epochs: int,
              val_size: int, normalization: str, seed: int, device: torch.device,
-             data_dir=None, max_minutes: Optional[float] = None, nesterov: bool = False) -> dict:
+             data_dir=None, max_minutes: Optional[float] = None, nesterov: bool = False,
+             progress: bool = True) -> dict:
     """SGD + momentum, per-batch cosine LR (after an optional linear warm-up), checkpoints.
+
+    The batches run through :func:`gdnsq.loop.train_epoch`, the loop the GDNSQ trainer uses;
+    ``train_loss`` / ``train_top1`` in metrics.jsonl are means over the epoch's batches.
 
     Writes ``out/checkpoint_last.pt`` every epoch (resumed from when present),
     ``out/checkpoint_best.pt`` (best validation top-1; the last epoch when ``val_size == 0``),
     ``out/metrics.jsonl`` and, when training is complete, evaluates the best checkpoint on the
-    test set once into ``out/fp_report.json``. Returns the report dict.
+    test set once into ``out/fp_report.json``. Returns the report dict. ``progress``: show the
+    progress bars on stderr.
     """
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -334,10 +193,12 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
     for epoch in range(start_epoch, epochs):
         model.train()
         train_loader.set_epoch(epoch)
-        bar = ProgressBar(total=len(train_loader), desc=f"train-fp epoch {epoch + 1}/{epochs}")
+        bar = progress_bar(len(train_loader), desc=f"train-fp epoch {epoch + 1}/{epochs}", enabled=progress)
         t0 = time.time()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in train_loader:
+
+        def sgd_step(batch):
+            nonlocal step
+            x, y = batch
             cur_lr = lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = cur_lr
@@ -347,18 +208,16 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += loss.item() * y.numel()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += y.numel()
-            bar.update(1, loss=loss_sum / seen, acc=100.0 * correct / seen, lr=cur_lr)
+            top1 = 100.0 * (logits.argmax(1) == y).sum().item() / y.numel()
+            return {"loss": loss.item(), "acc": top1}, {"lr": cur_lr}
+
+        means = train_epoch(train_loader, sgd_step, bar, show_means=True, what="train-fp: the training split")
         bar.close()
-        epoch_s = time.time() - t0
-        rec = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
-               "train_top1": 100.0 * correct / max(seen, 1), "lr": lr_at(step - 1),
-               "epoch_s": round(epoch_s, 2)}
+        rec = {"epoch": epoch + 1, "step": step, "train_loss": means["loss"], "train_top1": means["acc"],
+               "lr": lr_at(step - 1), "epoch_s": round(time.time() - t0, 2)}
         extra = dict(dataset=dataset, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size)
         if "val" in loaders:
-            v = evaluate_model(model, loaders["val"], device, desc="val")
+            v = evaluate_model(model, loaders["val"], device, desc="val", progress=progress)
             rec.update(val_top1=v["top1"], val_loss=v["loss"])
             if v["top1"] > best:
                 best = v["top1"]
@@ -394,7 +253,7 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
         # the test set is used once, on the selected (best validation) checkpoint
         best_model = get_model(model_name, num_classes)
         load_fp_checkpoint(best_model, best_path)
-        t = evaluate_model(best_model, loaders["test"], device, desc="test")
+        t = evaluate_model(best_model, loaders["test"], device, desc="test", progress=progress)
         report.update(test_top1=t["top1"], test_n=t["n"], checkpoint=str(best_path))
         atomic_write_text(out / "fp_report.json", json.dumps(report, indent=2) + "\n")
         report["report"] = str(out / "fp_report.json")
@@ -402,13 +261,15 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
 
 
 def cmd_train_fp(args) -> dict:
-    device = _resolve_device(args.device)
-    rep = train_fp(model_name=args.model, dataset=args.dataset, out=pathlib.Path(args.out),
+    out = check_run_folder("--out", args.out)
+    device = resolve_device(args.device)
+    rep = train_fp(model_name=args.model, dataset=args.dataset, out=out,
                    epochs=args.epochs, lr=args.lr, momentum=args.momentum,
                    weight_decay=args.weight_decay, batch_size=args.batch_size,
                    warmup_epochs=args.warmup_epochs, val_size=args.val_size,
-                   normalization=args.normalization, seed=args.seed, device=device,
-                   data_dir=args.data_dir, max_minutes=args.max_minutes, nesterov=args.nesterov)
+                   normalization=args.normalization, seed=_seed(args), device=device,
+                   data_dir=args.data_dir, max_minutes=args.max_minutes, nesterov=args.nesterov,
+                   progress=not args.json)
     if rep.get("test_top1") is not None:
         human = (f"FP {args.model}: test top-1 {rep['test_top1']:.2f} % (best val "
                  f"{rep['best_val_top1']}), checkpoint {rep['checkpoint']}, report {rep['report']}")
@@ -417,100 +278,80 @@ def cmd_train_fp(args) -> dict:
                  f"same command to continue ({args.out})")
     return {"result": rep, "human": human}
 
-
 # ----------------------------------------------------------------------------------------------
 # quantize
 # ----------------------------------------------------------------------------------------------
-
-def _call_calibrate(student, loader) -> None:
-    from .calibrate import calibrate
-    calibrate(student, loader)
-
 
 def argv_of(args) -> List[str]:
     """The command line as given (recorded in run.json and the report)."""
     return list(getattr(args, "argv", None) or sys.argv[1:])
 
 
-def _init_from_checkpoint(path_text: str) -> pathlib.Path:
-    """--init-from: a quantize run folder (its selected checkpoint) or a trainer checkpoint."""
+def _read_config_file(path_text: str) -> dict:
+    """--config FILE: a YAML (.yaml/.yml) or JSON mapping of TrainConfig field names to values."""
     path = pathlib.Path(path_text)
-    if path.is_dir():
-        for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise CliError(f"--init-from: {path} is a folder without checkpoint_best.pt or "
-                       "checkpoint_last.pt (expected a `gdnsq quantize` run folder)")
     if not path.is_file():
-        raise CliError(f"--init-from: no such run folder or checkpoint: {path}")
-    return path
-
-
-def cmd_quantize(args) -> dict:
+        raise CliError(f"--config: file not found: {path}")
+    text = path.read_text(encoding="utf-8")
     try:
-        from . import convert, presets
-        from .trainer import Trainer
-    except ImportError as e:
-        raise CliError(f"quantization support is not available yet ({e})")
-    from . import distributed as gdist
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - json and yaml raise their own error types
+        raise CliError(f"--config {path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
+                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise CliError(f"--config {path}: expected a mapping of TrainConfig fields to values, got "
+                       f"{type(values).__name__}")
+    return values
 
-    out = pathlib.Path(args.out)
-    device = _resolve_device(args.device)
-    # Under torchrun (WORLD_SIZE > 1) every process joins the group, uses its own device and
-    # trains on its shard of each epoch; the batch size is per process.
-    dist_info = gdist.init_from_env(device=device.type)
-    shard = (dist_info.rank, dist_info.world_size)
-    if dist_info.world_size > 1:
-        device = dist_info.device
-        if not args.checkpoint:
-            raise CliError("under torchrun, --checkpoint is required (train the teacher first "
-                           "with `gdnsq train-fp`)")
-    overrides = {"seed": args.seed, "device": str(device)}
-    for dest, field_name in _SCHEDULE_FLAGS:
-        if getattr(args, dest) is not None:
-            overrides[field_name] = getattr(args, dest)
-    if args.anneal_half_life is not None and args.anneal is not None:
-        raise CliError("--anneal and --anneal-half-life set the same thing: give one")
-    cfg = presets.get_preset(args.preset, **overrides)
-    init_from = _init_from_checkpoint(args.init_from) if args.init_from else None
-    num_classes = gdata.num_classes_of(args.dataset)
 
-    # the FP teacher: a given checkpoint, or one trained first into OUT/teacher
-    if args.checkpoint:
-        ckpt = pathlib.Path(args.checkpoint)
-        if not ckpt.is_file():
-            raise CliError(f"--checkpoint: file not found: {ckpt}")
-    else:
-        _log(f"no --checkpoint: training the FP teacher first ({args.teacher_epochs} epochs) "
-             f"into {out / 'teacher'}")
-        rep = train_fp(model_name=args.model, dataset=args.dataset, out=out / "teacher",
-                       epochs=args.teacher_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
-                       batch_size=args.teacher_batch_size, warmup_epochs=0,
-                       val_size=args.val_size,
-                       normalization="imagenet", seed=args.seed, device=device,
-                       data_dir=args.data_dir, max_minutes=args.max_minutes)
-        if not rep["complete"]:
-            return {"result": rep, "human": f"FP teacher not finished ({rep['epochs_done']}/"
-                                             f"{rep['epochs']} epochs); rerun to continue"}
-        ckpt = out / "teacher" / "checkpoint_best.pt"
-    model = get_model(args.model, num_classes)
-    meta = load_fp_checkpoint(model, ckpt)
-    norm = meta["normalization"]
+def resolve_train_config(args):
+    """The TrainConfig of ``gdnsq quantize`` and where its values came from.
 
-    loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
-                                  batch_size=cfg.batch_size, val_size=args.val_size,
-                                  normalization=norm, seed=args.seed, device=device,
-                                  shard=shard, progress=_log if gdist.is_main() else None)
+    Precedence, lowest first: ``--preset``, ``--config FILE``, ``--set field=value`` (in order),
+    explicit flags (``--lr``, ``--epochs``, ``--seed``, ``--device``, ...). Returns
+    ``(config, sources)`` with ``sources = {"preset", "config_file", "set", "flags"}``.
+    """
+    from . import presets
+
+    file_values = _read_config_file(args.config) if args.config else {}
+    overrides = {}
+    for key, value in file_values.items():
+        with usage_errors(f"--config {args.config}"):
+            overrides[key] = presets.parse_field(key, value)
+    set_values = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--set: expected FIELD=VALUE (a TrainConfig field), got {item!r}")
+        with usage_errors("--set"):
+            set_values[key.strip()] = presets.parse_field(key.strip(), value)
+    overrides.update(set_values)
+    flags = {field_name: getattr(args, dest) for dest, field_name in _SCHEDULE_FLAGS
+             if getattr(args, dest) is not None}
     if args.anneal_half_life is not None:
-        # a half-life in epochs becomes a per-batch factor for this loader's batches per epoch
-        cfg.anneal = presets.half_life_to_anneal(args.anneal_half_life, len(loaders["train"]))
-    run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
-           "act_bits": args.act_bits, "normalization": norm, "teacher": str(ckpt),
-           "preset": args.preset, "config": cfg.to_dict(), "val_size": args.val_size,
-           "init_from": None if init_from is None else str(init_from),
-           "command": "gdnsq " + " ".join(argv_of(args)),
-           "quantize_kwargs": {}}
-    out.mkdir(parents=True, exist_ok=True)
+        if args.anneal is not None:
+            raise CliError("--anneal and --anneal-half-life set the same thing: give one")
+        batch = flags.get("batch_size", overrides.get("batch_size", presets.PRESETS[args.preset]["batch_size"]))
+        train_images = 50_000 - args.val_size  # CIFAR-10/100 training split minus the held-out part
+        flags["anneal"] = presets.half_life_to_anneal(args.anneal_half_life, -(-train_images // batch))
+    if args.device is not None:
+        flags["device"] = args.device
+    overrides.update(flags)
+    with usage_errors("--config/--set"):
+        cfg = presets.get_preset(args.preset, **overrides)
+    sources = {"preset": args.preset, "config_file": args.config, "set": set_values, "flags": flags}
+    cfg.extra = dict(cfg.extra, cli=sources)
+    return cfg, sources
+
+
+def _check_run_json(out: pathlib.Path, run: dict) -> None:
+    """Refuse an --out folder that holds a run of another model, data set or bit target."""
     run_file = out / RUN_FILE
     if run_file.is_file():
         old = json.loads(run_file.read_text(encoding="utf-8"))
@@ -518,9 +359,96 @@ def cmd_quantize(args) -> dict:
             if old.get(key) != run[key]:
                 raise CliError(f"--out {out} holds a run with {key}={old.get(key)!r}, not "
                                f"{run[key]!r}; choose another --out")
-    if gdist.is_main():
-        atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
 
+
+def headline(model: str, report: dict) -> str:
+    """One line that says what the run achieved: converged or not, the realised bits, the test
+    accuracy of the selected checkpoint. An unconverged run is never called W<b>A<b>: the
+    targets are named as targets ("targets W2/A2 not reached")."""
+    def bits(v):
+        return "-" if v is None else (f"{v:g}" if float(v).is_integer() else f"{v:.2f}")
+
+    tw, ta = report.get("target_weight_bits"), report.get("target_act_bits")
+    target = f"W{bits(tw) if not isinstance(tw, dict) else 'per-layer'}/" \
+             f"A{'32' if ta is None else (bits(ta) if not isinstance(ta, dict) else 'per-layer')}"
+    rw, ra = report.get("realised_weight_bits_max"), report.get("realised_act_bits_max")
+    realised = f"W{bits(rw)}/A{'32' if ra is None and ta is None else bits(ra)}"
+    top1 = report.get("test_top1")
+    acc = "no test result" if top1 is None else f"test top-1 {top1:.2f} %"
+    epoch = report.get("selected_epoch")
+    if report.get("converged"):
+        return (f"GDNSQ {model} {target}: converged (realised {realised} bits, max over layers); "
+                f"{acc} at the selected epoch {epoch}")
+    stop = report.get("stop_reason")
+    how = f"stopped by {stop}" if stop else "stopped"
+    return (f"GDNSQ {model}: targets {target} NOT reached ({how} after epoch {report.get('epochs_run')}; "
+            f"realised {realised} bits): {acc} of the last checkpoint (epoch {epoch}); "
+            f"rerun with a larger budget to continue")
+
+
+def cmd_quantize(args) -> dict:
+    from . import convert
+    from . import distributed as gdist
+    from .calibrate import calibrate
+    from .trainer import Trainer, load_checkpoint
+
+    # Everything the user named is checked before any work (data, teacher, training).
+    out = check_run_folder("--out", args.out)
+    cfg, sources = resolve_train_config(args)
+    ckpt = checkpoint_file("--checkpoint", args.checkpoint, names=("checkpoint_best.pt",),
+                           what="the FP teacher checkpoint file or a `gdnsq train-fp` run folder") \
+        if args.checkpoint else None
+    init_from = checkpoint_file("--init-from", args.init_from,
+                                what="a `gdnsq quantize` run folder or its checkpoint") \
+        if args.init_from else None
+    run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
+           "act_bits": args.act_bits}
+    _check_run_json(out, run)
+    device = resolve_device(cfg.device)
+    # Under torchrun (WORLD_SIZE > 1) every process joins the group, uses its own device and
+    # trains on its shard of each epoch; the batch size is per process.
+    dist_info = gdist.init_from_env(device=device.type)
+    shard = (dist_info.rank, dist_info.world_size)
+    if dist_info.world_size > 1:
+        device = dist_info.device
+        if ckpt is None:
+            raise CliError("under torchrun, --checkpoint is required (train the teacher first "
+                           "with `gdnsq train-fp`)")
+    cfg.device = str(device)
+    if args.json:
+        cfg.progress = False
+    num_classes = gdata.num_classes_of(args.dataset)
+    model = get_model(args.model, num_classes)
+    if ckpt is not None:
+        with usage_errors("--checkpoint"):
+            meta = load_fp_checkpoint(model, ckpt)
+    else:
+        _log(f"no --checkpoint: training the FP teacher first ({args.teacher_epochs} epochs) "
+             f"into {out / 'teacher'}")
+        rep = train_fp(model_name=args.model, dataset=args.dataset, out=out / "teacher",
+                       epochs=args.teacher_epochs, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                       batch_size=args.teacher_batch_size, warmup_epochs=0,
+                       val_size=args.val_size, normalization="imagenet", seed=cfg.seed, device=device,
+                       data_dir=args.data_dir, max_minutes=args.max_minutes, progress=not args.json)
+        if not rep["complete"]:
+            return {"result": rep, "human": f"FP teacher not finished ({rep['epochs_done']}/"
+                                             f"{rep['epochs']} epochs); rerun to continue"}
+        ckpt = out / "teacher" / "checkpoint_best.pt"
+        meta = load_fp_checkpoint(model, ckpt)
+    norm = meta["normalization"]
+    command = "gdnsq " + " ".join(argv_of(args))
+    run.update({"normalization": norm, "teacher": str(ckpt), "preset": args.preset,
+                "config": cfg.to_dict(), "config_sources": sources, "val_size": args.val_size,
+                "init_from": None if init_from is None else str(init_from),
+                "command": command, "quantize_kwargs": {}})
+    out.mkdir(parents=True, exist_ok=True)
+    if gdist.is_main():
+        atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2) + "\n")
+
+    loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
+                                  batch_size=cfg.batch_size, val_size=args.val_size,
+                                  normalization=norm, seed=cfg.seed, device=device,
+                                  shard=shard, progress=_log if gdist.is_main() else None)
     student = convert.quantize_model(model, args.weight_bits, args.act_bits)
     teacher = convert.teacher_of(student)
     # 10-bit min/max start (METHOD Part B 4.2; the authors used their validation pass, we use
@@ -535,14 +463,14 @@ def cmd_quantize(args) -> dict:
                                   normalization=norm, device=device)
     if gdist.is_main():
         _log(f"calibrating on {calib.num_samples} held-out training images")
-    _call_calibrate(student.to(device), calib)
+    calibrate(student.to(device), calib)
     if init_from is not None:
         # A chained stage: start from a trained (higher-bit) student instead of the calibrated
         # FP weights; the targets are this run's and nothing has been observed yet, so the new
         # run cannot count as converged before it has descended. Also done on a resume, where
         # the trainer then restores its own checkpoint over it.
-        from .trainer import load_checkpoint
-        state = load_checkpoint(str(init_from))["student"]
+        with usage_errors("--init-from"):
+            state = load_checkpoint(str(init_from))["student"]
         state = {k: v for k, v in state.items()
                  if not k.endswith((".target_bits", ".observed_bits"))}
         missing, unexpected = student.load_state_dict(state, strict=False)
@@ -553,7 +481,7 @@ def cmd_quantize(args) -> dict:
         if gdist.is_main():
             _log(f"initialised from the student in {init_from}")
     trainer = Trainer(student, teacher, loaders["train"], loaders.get("val"), config=cfg,
-                      out_dir=str(out), command="gdnsq " + " ".join(argv_of(args)))
+                      out_dir=str(out), command=command)
     # the loader's shuffle/augmentation of epoch e depends on (seed, e); after k completed
     # epochs (a resume) the next one is loader epoch k, as in an uninterrupted run
     loaders["train"].set_epoch(trainer.epoch)
@@ -564,13 +492,9 @@ def cmd_quantize(args) -> dict:
     if dist_info.world_size > 1:
         gdist.cleanup()
     report_md = out / "report.md"
-    summary = {k: report[k] for k in report if not isinstance(report[k], (dict, list))} \
-        if isinstance(report, dict) else {}
+    summary = {k: report[k] for k in report if not isinstance(report[k], (dict, list))}
     summary.update(report=str(out / "report.json"), report_md=str(report_md), out=str(out))
-    top1 = summary.get("test_top1", summary.get("top1"))
-    human = (f"GDNSQ {args.model} W{args.weight_bits}A{args.act_bits or 32}: test top-1 "
-             f"{top1 if top1 is None else f'{top1:.2f} %'}; report: {report_md}")
-    return {"result": summary, "human": human}
+    return {"result": summary, "human": f"{headline(args.model, report)}; report: {report_md}"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,69 +502,78 @@ def cmd_quantize(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gdnsq", description="GDNSQ quantization-aware training for CIFAR ResNets.")
+    p = _Parser(prog="gdnsq", description="GDNSQ quantization-aware training for CIFAR ResNets.",
+                epilog="exit codes: 0 done, 2 usage error, 1 data/OS/internal error, 130 interrupted")
+    p.add_argument("--version", action="version",
+                   version=f"gdnsq {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     t = sub.add_parser("train-fp", help="train the full-precision teacher from scratch")
-    _common(t)
+    common_args(t)
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, fp_report.json)")
-    t.add_argument("--epochs", type=_positive_int, default=200, help="epochs (default 200)")
-    t.add_argument("--lr", type=_positive_float, default=0.1, help="peak SGD LR (default 0.1)")
+    t.add_argument("--epochs", type=positive_int, default=200, help="epochs (default 200)")
+    t.add_argument("--lr", type=positive_float, default=0.1, help="peak SGD LR (default 0.1)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     t.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     t.add_argument("--weight-decay", type=float, default=1e-4,
                    help="L2 on conv/linear weights (default 1e-4)")
-    t.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
-    t.add_argument("--warmup-epochs", type=_nonneg_int, default=0,
+    t.add_argument("--batch-size", type=positive_int, default=128, help="default 128")
+    t.add_argument("--warmup-epochs", type=nonneg_int, default=0,
                    help="linear LR warm-up epochs before the cosine decay (default 0)")
-    t.add_argument("--val-size", type=_nonneg_int, default=5000,
+    t.add_argument("--val-size", type=nonneg_int, default=5000,
                    help="last N training images held out for selection (default 5000; 0: none)")
     t.add_argument("--normalization", default="imagenet", choices=sorted(gdata.NORMALIZATIONS),
                    help="input normalisation, stored in the checkpoint (default imagenet, as "
                         "the akamaster teachers)")
-    t.add_argument("--max-minutes", type=_positive_float, default=None,
+    t.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop after the epoch that passes this wall time (resume by rerunning)")
     t.set_defaults(func=cmd_train_fp)
 
     q = sub.add_parser("quantize", help="GDNSQ fine-tuning of an FP checkpoint to W/A bits")
-    _common(q)
+    common_args(q)
     q.add_argument("--checkpoint", default=None,
                    help="FP teacher checkpoint (akamaster .th or gdnsq train-fp); without it a "
                         "teacher is trained first into OUT/teacher")
-    q.add_argument("--weight-bits", type=_bits, required=True, help="target weight bits (1-16)")
-    q.add_argument("--act-bits", type=_act_bits, required=True,
+    q.add_argument("--weight-bits", type=bits_arg, required=True, help="target weight bits (1-16)")
+    q.add_argument("--act-bits", type=act_bits_arg, required=True,
                    help="target activation bits (1-16), or 32 / none for float activations")
     q.add_argument("--out", required=True, help="run folder (checkpoints, metrics, report)")
     q.add_argument("--preset", default="cpu-fast", choices=["paper", "cpu-fast", "cpu-long"],
                    help="hyper-parameters (default cpu-fast; cpu-long = the slower descent and "
                         "long hold for a 1-3 hour CPU run; paper = the authors' CIFAR recipe)")
-    q.add_argument("--epochs", type=_positive_int, default=None,
+    q.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON mapping of TrainConfig fields to values (over the preset)")
+    q.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set one TrainConfig field (repeatable; over --config, under the explicit "
+                        "flags below), e.g. --set lr=0.001 --set precision=bf16")
+    q.add_argument("--epochs", type=positive_int, default=None,
                    help="maximum epochs (default: the preset's)")
-    q.add_argument("--max-minutes", type=_positive_float, default=None,
+    q.add_argument("--max-minutes", type=positive_float, default=None,
                    help="wall-clock budget; stops cleanly at an epoch end, resumable")
-    q.add_argument("--batch-size", type=_positive_int, default=None,
+    q.add_argument("--batch-size", type=positive_int, default=None,
                    help="default: the preset's (paper 1000, cpu-fast 128)")
     q.add_argument("--estimator", choices=["ste", "aewgs"], default=None,
                    help="weight-gradient estimator (default: the preset's)")
-    q.add_argument("--val-size", type=_nonneg_int, default=5000,
+    q.add_argument("--val-size", type=nonneg_int, default=5000,
                    help="last N training images held out for selection (default 5000)")
-    sched = q.add_argument_group("schedule (defaults: the preset's; all recorded in report.json)")
-    sched.add_argument("--lr", type=_positive_float, default=None, help="peak LR of the model weights")
-    sched.add_argument("--quantizer-lr-scale", type=_positive_float, default=None,
+    sched = q.add_argument_group("schedule (defaults: the preset's, then --config, then --set; "
+                                 "all recorded in report.json)")
+    sched.add_argument("--lr", type=positive_float, default=None, help="peak LR of the model weights")
+    sched.add_argument("--quantizer-lr-scale", type=positive_float, default=None,
                        help="quantizer parameters train at lr x this (sets the bits' descent rate)")
-    sched.add_argument("--t-scale", type=_nonneg_float, default=None,
+    sched.add_argument("--t-scale", type=nonneg_float, default=None,
                        help="penalty weight t grows by t_scale x lr per batch after warm-up")
-    sched.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="batches of LR warm-up")
+    sched.add_argument("--warmup-steps", type=nonneg_int, default=None, help="batches of LR warm-up")
     sched.add_argument("--anneal", type=_anneal_factor, default=None,
                        help="per-batch LR factor once converged and held")
-    sched.add_argument("--anneal-half-life", type=_positive_float, default=None, metavar="EPOCHS",
+    sched.add_argument("--anneal-half-life", type=positive_float, default=None, metavar="EPOCHS",
                        help="the same as a half-life in epochs (instead of --anneal)")
-    sched.add_argument("--hold-epochs", type=_nonneg_int, default=None,
+    sched.add_argument("--hold-epochs", type=nonneg_int, default=None,
                        help="epochs at full LR after the first convergence before annealing")
-    sched.add_argument("--patience", type=_positive_int, default=None,
+    sched.add_argument("--patience", type=positive_int, default=None,
                        help="validations without improvement (after the hold) before stopping")
-    sched.add_argument("--val-every", type=_positive_int, default=None, help="validate every N epochs")
+    sched.add_argument("--val-every", type=positive_int, default=None, help="validate every N epochs")
     sched.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                        help="training step precision (bf16: autocast per step; quantizers stay fp32)")
     sched.add_argument("--channels-last", action="store_const", const=True, default=None,
@@ -648,42 +581,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="start from the student of an earlier quantize run (a chained stage, "
                         "e.g. 4 -> 2 -> 1 bits) with a fresh optimizer and schedule")
-    q.add_argument("--teacher-epochs", type=_positive_int, default=200,
+    q.add_argument("--teacher-epochs", type=positive_int, default=200,
                    help="epochs of the FP teacher trained when --checkpoint is absent "
                         "(SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine; default 200)")
-    q.add_argument("--teacher-batch-size", type=_positive_int, default=128,
+    q.add_argument("--teacher-batch-size", type=positive_int, default=128,
                    help="batch size of that teacher training (default 128)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("evaluate", help="top-1 accuracy of a checkpoint on the test set")
-    _common(e)
-    e.add_argument("--checkpoint", default=None,
-                   help="FP checkpoint, or a quantize run's checkpoint (file or run folder)")
+    common_args(e)
+    checkpoint_args(e, required=False,
+                    help="FP checkpoint, or a quantize run's checkpoint (file or run folder)")
     e.add_argument("--deployed", default=None, help="a file written by `gdnsq export`")
-    e.add_argument("--weight-bits", type=_bits, default=None,
-                   help="bits of a quantized checkpoint without run.json beside it")
-    e.add_argument("--act-bits", type=_act_bits, default=None, help="see --weight-bits")
     e.add_argument("--split", choices=["test", "val"], default="test",
                    help="test (default) or the validation split (last --val-size train images)")
-    e.add_argument("--val-size", type=_positive_int, default=5000)
-    e.add_argument("--batch-size", type=_positive_int, default=500, help="default 500")
+    e.add_argument("--val-size", type=positive_int, default=5000)
+    e.add_argument("--batch-size", type=positive_int, default=500, help="default 500")
     e.set_defaults(func=cmd_evaluate)
 
-    try:  # deployment subcommands (`gdnsq export`), when gdnsq.deploy provides them
-        from .deploy import cli as deploy_cli
-    except ImportError:
-        deploy_cli = None
-    if deploy_cli is not None and hasattr(deploy_cli, "add_subcommands"):
-        deploy_cli.add_subcommands(sub, _common)
+    deploy_cli.add_subcommands(sub)  # `gdnsq export`
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``gdnsq`` console script; returns the exit code."""
+    """Entry point of the ``gdnsq`` console script; returns the exit code.
+
+    Usage errors (argparse, :class:`CliError`) print one line and return 2; data and OS errors
+    one line and return 1; any other exception is a bug and propagates with its traceback."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2, one line)
+    except SystemExit as e:  # argparse: --help / --version (0) or a usage error (2, one line)
         return e.code if isinstance(e.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GDNSQ_DEBUG") == "1"
@@ -693,17 +621,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("gdnsq: interrupted; rerun the same command to resume from its checkpoint",
               file=sys.stderr)
         return 130
+    except CliError as e:
+        if debug:
+            raise
+        print(f"gdnsq {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except gdata.DataError as e:
         if debug:
             raise
         print(f"gdnsq {args.command}: data error: {e}", file=sys.stderr)
         return 1
-    except (CliError, CheckpointMismatch, FileNotFoundError, ValueError, TypeError) as e:
-        if debug:
-            raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"gdnsq {args.command}: error: {msg}", file=sys.stderr)
-        return 2
     except OSError as e:  # disk full, permissions...: not a usage error, but still one line
         if debug:
             raise

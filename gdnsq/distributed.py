@@ -10,10 +10,11 @@ them unconditionally.
 
 How every rank takes identical steps (used by :class:`gdnsq.Trainer`):
 
-* the student's parameters and buffers are broadcast from rank 0 before training;
-* after each backward the gradients are averaged over ranks in one flat all-reduce
-  (:func:`average_gradients`), so the identical optimizer on every rank makes the identical
-  update;
+* the student's parameters and buffers are broadcast from rank 0 before training
+  (:func:`broadcast_module`);
+* the training step runs through ``torch.nn.parallel.DistributedDataParallel``, whose bucketed
+  all-reduces average the gradients over ranks while the backward runs, so the identical
+  optimizer on every rank makes the identical update;
 * the objective's running mean of the distillation loss is updated with the rank average
   (``objective.reduce_fn = all_reduce_mean``), so the penalty coefficient is the same;
 * AEWGS's per-channel statistics are averaged by the quantizers through :func:`all_reduce_mean`;
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -170,37 +171,6 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(buf, src=src)
             if buf.data_ptr() != t.data_ptr():
                 t.copy_(buf.to(t.device))
-
-
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average ``.grad`` of ``params`` over ranks in one flat all-reduce.
-
-    Every rank must pass the same parameters in the same order (the trainer passes the
-    optimizer's parameter list). A parameter that requires grad but has none on this rank
-    contributes zeros, so the flat buffer has the same layout on every rank.
-    """
-    if not is_distributed():
-        return
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        return
-    # float32 unless a parameter is float64, so no gradient loses precision on the wire.
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-    flat = torch.cat([
-        (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
-        for p in params
-    ]).to(_comm_device())
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        g = flat[offset:offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
-        offset += n
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
 
 
 def average_float_buffers(module: torch.nn.Module) -> None:

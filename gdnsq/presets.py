@@ -206,3 +206,55 @@ def get_preset(name: str, **overrides) -> TrainConfig:
     values = dict(PRESETS[name])
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def _field_kind(name: str) -> str:
+    """The annotation of TrainConfig field ``name`` as text ("float", "Optional[int]", ...)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    raise ValueError(f"unknown TrainConfig field {name!r}; known fields: "
+                     f"{sorted(f.name for f in dataclasses.fields(TrainConfig))}")
+
+
+def parse_field(name: str, value):
+    """``value`` (text from ``--set``, or a value read from a YAML/JSON file) converted to the
+    type of TrainConfig field ``name``: "0.002" or 0 -> float for a float field, "true" -> True
+    for a bool, "none"/"null" -> None where the field is Optional. Raises ValueError naming the
+    field for an unknown field or a value of the wrong kind (range checks are TrainConfig's)."""
+    kind = _field_kind(name)
+    optional = kind.startswith("Optional[")
+    base = kind[len("Optional["):-1] if optional else kind
+    text = value.strip() if isinstance(value, str) else None
+    if value is None or (text is not None and text.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"{name}: expected a {base}, got {value!r}")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return text.lower() in ("true", "yes", "1")
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(text) if text is not None else int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(text) if text is not None else float(value)
+        if base == "str":
+            return text if text is not None else str(value)
+        if base == "dict":
+            if isinstance(value, dict):
+                return value
+            import json
+            parsed = json.loads(text)
+            if not isinstance(parsed, dict):
+                raise ValueError
+            return parsed
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a {base}{' or none' if optional else ''}, got {value!r}") from None
+    raise ValueError(f"{name}: fields of type {kind} cannot be set")  # pragma: no cover

@@ -1,120 +1,75 @@
-"""A small dependency-free progress bar for the trainer (stderr by default).
+"""Progress bars for the trainer and the CLI: :mod:`tqdm` on stderr with a log-friendly mode.
 
-On a terminal it redraws one line in place (``\\r``) at most every ``min_interval`` seconds;
-elsewhere (CI logs, files) it stays compact: one line at most every ``plain_interval`` seconds
-and one line when closed.
+On a terminal the bar redraws in place (tqdm's default, at most every 0.1 s). When the stream
+is not a terminal (CI logs, ``2> file``) each refresh is one plain line, at most one every
+``plain_interval`` seconds (30 by default, the first one only after that long), plus one line
+when the bar is closed, so a log holds one line per epoch plus one per half minute.
 
 Example::
 
-    bar = ProgressBar(total=352, desc="epoch 1")
+    bar = progress_bar(352, desc="epoch 1")
     for batch in loader:
         ...
-        bar.update(1, loss=0.12, wbits=3.9, lr=2e-3)
-    bar.close(acc=91.2)
+        bar.update(1)
+        bar.set_postfix(loss=0.12, lr=2e-3, refresh=False)
+    close_with(bar, acc=91.2)
 """
 from __future__ import annotations
 
 import sys
-import time
 from typing import Optional, TextIO
 
+from tqdm import tqdm
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
-            return f"{value:.2e}"
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
-    return str(value)
+PLAIN_INTERVAL = 30.0  # seconds between lines when the stream is not a terminal
+# log lines carry the counts, times and fields but no bar drawing
+_LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+class _LineStream:
+    """Turns tqdm's carriage-return redraws into one newline-terminated line per refresh."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
-class ProgressBar:
-    """Progress over ``total`` items with ``key=value`` fields.
+class _Bar(tqdm):
+    """tqdm whose ``close`` always prints the final line, also when a ``delay`` (the log mode's
+    first-line delay) kept it from ever being drawn."""
 
-    Args:
-        total: number of items expected (None when unknown).
-        desc: prefix text.
-        file: stream to write to (default ``sys.stderr``).
-        enabled: False makes every method a no-op (e.g. on ranks other than 0).
-        width: bar width in characters (terminal mode).
-        min_interval: seconds between redraws on a terminal.
-        plain_interval: seconds between lines when the stream is not a terminal.
-    """
+    def close(self):
+        if not getattr(self, "disable", True):
+            self.delay = 0
+        super().close()
 
-    def __init__(self, total: Optional[int], desc: str = "", *, file: Optional[TextIO] = None,
-                 enabled: bool = True, width: int = 24, min_interval: float = 0.1,
-                 plain_interval: float = 30.0):
-        if total is not None and (not isinstance(total, int) or total < 0):
-            raise ValueError(f"ProgressBar: total must be a non-negative int or None, got {total!r}")
-        self.total = total
-        self.desc = desc
-        self.file = file if file is not None else sys.stderr
-        self.enabled = enabled
-        self.width = width
-        self.min_interval = min_interval
-        self.plain_interval = plain_interval
-        self.n = 0
-        self.fields: dict = {}
-        self.start = time.monotonic()
-        self._closed = False
-        isatty = getattr(self.file, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        # A terminal shows the bar at once; a log gets its first line after plain_interval.
-        self._last_draw = -float("inf") if self.tty else self.start
 
-    def line(self) -> str:
-        """The current status line (without newline or carriage return)."""
-        elapsed = time.monotonic() - self.start
-        parts = [self.desc] if self.desc else []
-        if self.total:
-            frac = min(1.0, self.n / self.total)
-            if self.tty:
-                filled = int(round(frac * self.width))
-                parts.append("[" + "#" * filled + "." * (self.width - filled) + "]")
-            parts.append(f"{self.n}/{self.total}")
-            eta = elapsed / self.n * (self.total - self.n) if self.n else 0.0
-            parts.append(f"{_fmt_time(elapsed)}<{_fmt_time(eta)}")
-        else:
-            parts.append(f"{self.n} {_fmt_time(elapsed)}")
-        parts.extend(f"{k}={_fmt(v)}" for k, v in self.fields.items())
-        return " ".join(parts)
+def progress_bar(total: Optional[int], desc: str = "", *, enabled: bool = True,
+                 file: Optional[TextIO] = None, plain_interval: float = PLAIN_INTERVAL) -> tqdm:
+    """A tqdm bar over ``total`` items (None: unknown) written to ``file`` (default stderr).
 
-    def _draw(self, final: bool = False):
-        if self.tty:
-            text = "\r" + self.line() + "\x1b[K" + ("\n" if final else "")
-        else:
-            text = self.line() + "\n"
-        self.file.write(text)
-        self.file.flush()
-        self._last_draw = time.monotonic()
+    ``enabled=False`` gives a silent bar (other ranks, ``--json``). Not a terminal: plain
+    lines at most every ``plain_interval`` seconds and one at :func:`close_with`."""
+    stream = file if file is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    tty = bool(isatty and isatty())
+    if tty:
+        return _Bar(total=total, desc=desc, file=stream, disable=not enabled, dynamic_ncols=True,
+                    mininterval=0.1)
+    return _Bar(total=total, desc=desc, file=_LineStream(stream), disable=not enabled, ascii=True,
+                bar_format=_LOG_FORMAT, mininterval=plain_interval, maxinterval=plain_interval,
+                delay=plain_interval)
 
-    def update(self, n: int = 1, **fields) -> None:
-        """Advance by ``n`` items and replace the shown fields given as keywords."""
-        if not self.enabled or self._closed:
-            return
-        self.n += n
-        self.fields.update(fields)
-        interval = self.min_interval if self.tty else self.plain_interval
-        if time.monotonic() - self._last_draw >= interval:
-            self._draw()
 
-    def close(self, **fields) -> None:
-        """Draw the final line (always, in both modes) and stop."""
-        if not self.enabled or self._closed:
-            return
-        self.fields.update(fields)
-        self._draw(final=True)
-        self._closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
+def close_with(bar: tqdm, **fields) -> None:
+    """Show ``fields`` (e.g. the epoch's validation accuracy) as the bar's postfix and close it."""
+    if fields:
+        bar.set_postfix(fields, refresh=False)
+    bar.close()

@@ -23,7 +23,8 @@ What one ``fit()`` does (METHOD.md Part B §3-§4, Part A items 6-8):
   torch/CUDA/numpy/python/the loader generators, trainer counters, metrics file offset);
   constructing a Trainer on the same ``out_dir`` resumes from it;
 * rank 0 writes ``metrics.jsonl`` (a record every ``log_every`` batches and one per epoch),
-  ``report.json``/``report.md`` and ``bits.png`` (per-layer continuous bit-width per epoch).
+  ``report.json``/``report.md``, ``bits.png`` (per-layer continuous bit-width per epoch) and
+  ``curves.png`` (loss and validation top-1 per epoch).
 
 Example::
 
@@ -55,10 +56,11 @@ from . import distributed as gdist
 from . import stats as gstats
 from ._atomic import atomic_torch_save, atomic_write_text
 from ._sealed import MAGIC as _SEAL_MAGIC, read_sealed, write_sealed
+from .loop import train_epoch
 from .losses import GDNSQObjective
-from .plot import plot_bit_history
+from .plot import plot_bit_history, plot_curves
 from .presets import TrainConfig, get_preset
-from .progress import ProgressBar
+from .progress import close_with, progress_bar
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .schedule import GDNSQSchedule
 
@@ -178,6 +180,13 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
         raise ValueError(f"TrainConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
 
 
+def _no_forward_buffer_sync() -> dict:
+    """DDP keyword that turns off the per-forward buffer broadcast (renamed in newer torch)."""
+    import inspect
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def _split_batch(batch):
     """(inputs, labels or None) from a loader batch: a tensor, or a tuple/list (x, y, ...)."""
     if torch.is_tensor(batch):
@@ -283,12 +292,20 @@ class Trainer:
                 wq = getattr(layer, "weight_quantizer", None)
                 if wq is not None:
                     wq.estimator = config.estimator
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.RAdam(_param_groups(self.student, config), lr=config.lr, weight_decay=0.0)
         self.schedule = GDNSQSchedule(config.lr, config.warmup_steps, t_scale=config.t_scale, anneal=config.anneal)
         self.objective = GDNSQObjective(self.student, epsilon=config.epsilon)
+        # The module the training step runs: under DDP a DistributedDataParallel wrapper that
+        # averages the gradients over ranks with bucketed all-reduces overlapping the backward.
+        # Buffers are not broadcast per forward: each rank's BatchNorm statistics are averaged at
+        # the epoch end (gdist.average_float_buffers). Evaluation calls self.student directly.
+        self.train_module: nn.Module = self.student
         if gdist.is_distributed():
             self.objective.reduce_fn = gdist.all_reduce_mean
+            self.train_module = torch.nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index if self.device.index is not None
+                                          else torch.cuda.current_device()] if self.device.type == "cuda" else None,
+                **_no_forward_buffer_sync())
 
         # Trainer state (all of it is in checkpoint_last.pt).
         self.epoch = 0
@@ -307,7 +324,7 @@ class Trainer:
         self._fit_start: Optional[float] = None
         self.resumed_from: Optional[int] = None
         self._last_inputs = None
-        self._bar: Optional[ProgressBar] = None
+        self._bar = None  # the epoch's tqdm bar, closed at the epoch end with its summary
 
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -343,8 +360,8 @@ class Trainer:
             # Fold this segment's time into the total (a later fit() call continues from it).
             self.wall_seconds_before = self._wall_seconds()
             self._fit_start = None
-        self._log(f"gdnsq: stopped after epoch {self.epoch} ({self.stop_reason}); selected epoch: "
-                  f"{self.best_epoch} (val top-1 {self.best_val_top1})")
+        if self.is_main:
+            self._log(f"gdnsq: stopped after epoch {self.epoch} ({self.stop_reason}); {self._selection_text()}")
         return self._write_report()
 
     @torch.no_grad()
@@ -441,11 +458,9 @@ class Trainer:
             total = len(self.train_loader)
         except TypeError:
             total = None
-        bar = ProgressBar(total, desc=f"epoch {epoch}/{cfg.max_epochs}", enabled=self.is_main and cfg.progress)
-        sums = {"loss": 0.0}
-        n_batches = 0
-        last_parts = {}
-        for batch in self.train_loader:
+        bar = progress_bar(total, desc=f"epoch {epoch}/{cfg.max_epochs}", enabled=self.is_main and cfg.progress)
+
+        def step(batch):
             x, _ = _split_batch(batch)
             x = self._to_input(x)
             self._last_inputs = x
@@ -458,7 +473,7 @@ class Trainer:
             with self._autocast():
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
-                student_logits = self.student(x)
+                student_logits = self.train_module(x)
                 loss, parts = self.objective(student_logits.float(), teacher_logits.float(), t)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -466,34 +481,27 @@ class Trainer:
                 raise FloatingPointError(f"Trainer: the loss became {loss_value} at epoch {epoch}, step "
                                          f"{self.global_step + 1} (lr {lr:g}, t {t:g}); lower lr or t_scale")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gdist.average_gradients(self.params)
+            loss.backward()  # under DDP this also averages the gradients over ranks
             self.optimizer.step()
             self.schedule.step()
             self.global_step += 1
-            n_batches += 1
-            sums["loss"] += loss_value
-            last_parts = {k: float(v) for k, v in dict(parts).items()}
-            for k, v in last_parts.items():
-                if k not in ("loss", "t"):
-                    sums[k] = sums.get(k, 0.0) + v
-            if self.global_step % cfg.log_every == 0:
-                mb = self._mean_bits()
-                # Realised weight bits come from the current codes (cheap); realised activation
-                # bits exist only for eval batches, so they are in the epoch records.
-                rw = [v["weight"] for v in gstats.realised_bits(self.student).values()]
-                rec = {"kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss_value,
-                       **last_parts, "t": t, "lr": lr,
-                       "mean_weight_bits": mb["weight"], "mean_act_bits": mb["act"],
-                       "realised_weight_bits_max": max(rw) if rw else None}
-                self._write_metrics(rec)
-                bar.update(1, loss=loss_value, wbits=mb["weight"], abits=mb["act"], lr=lr, t=t)
-            else:
-                bar.update(1)
-        if n_batches == 0:
-            raise ValueError("Trainer: train_loader produced no batches")
+            parts = {k: float(v) for k, v in dict(parts).items()}
+            metrics = {"loss": loss_value} | {k: v for k, v in parts.items() if k not in ("loss", "t")}
+            if self.global_step % cfg.log_every != 0:
+                return metrics, None
+            mb = self._mean_bits()
+            # Realised weight bits come from the current codes (cheap); realised activation
+            # bits exist only for eval batches, so they are in the epoch records.
+            rw = [v["weight"] for v in gstats.realised_bits(self.student).values()]
+            self._write_metrics({"kind": "step", "epoch": epoch, "step": self.global_step, "loss": loss_value,
+                                 **parts, "t": t, "lr": lr,
+                                 "mean_weight_bits": mb["weight"], "mean_act_bits": mb["act"],
+                                 "realised_weight_bits_max": max(rw) if rw else None})
+            return metrics, {"loss": loss_value, "wbits": mb["weight"], "abits": mb["act"], "lr": lr, "t": t}
+
+        train = train_epoch(self.train_loader, step, bar, what="Trainer: train_loader")
         self._bar = bar  # closed at the epoch end with the validation result
-        return {k: v / n_batches for k, v in sums.items()} | {"batches": n_batches}
+        return train
 
     def _end_of_epoch(self, epoch: int, train: dict, epoch_seconds: float) -> None:
         cfg = self.cfg
@@ -537,7 +545,8 @@ class Trainer:
         per_layer = self._per_layer_bits()
         self.history.append({"epoch": epoch, "layers": per_layer,
                              "realised": {n: dict(v) for n, v in realised.items()},
-                             "converged": converged, "val_top1": val["top1"] if val else None})
+                             "converged": converged, "val_top1": val["top1"] if val else None,
+                             "train_loss": train["loss"], "val_loss": val["loss"] if val else None})
         # Stop decisions are made before the checkpoint so that it records them.
         if self.bad_validations >= cfg.patience:
             self.stop_reason = "early_stopping"
@@ -567,10 +576,10 @@ class Trainer:
             self._plot()
         fields = {"loss": train["loss"], "wbits": mb["weight"], "abits": mb["act"],
                   "realised": f"W{rmax_w:.3g}/A{rmax_a:.3g}" if rmax_w is not None and rmax_a is not None else "-",
-                  "converged": converged, "lr": float(self.schedule.lr)}
+                  "converged": "yes" if converged else "no", "lr": float(self.schedule.lr)}
         if val is not None and val["top1"] is not None:
             fields["val_top1"] = val["top1"]
-        self._bar.close(**fields)
+        close_with(self._bar, **fields)
 
     def _to_input(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -775,19 +784,37 @@ class Trainer:
     def _plot(self) -> None:
         if not self.history:
             return
+        run = os.path.basename(os.path.abspath(self.out_dir))
         plot_bit_history(self.history, os.path.join(self.out_dir, "bits.png"), targets=self._targets(),
-                         title=f"GDNSQ per-layer continuous bit-width ({os.path.basename(os.path.abspath(self.out_dir))})")
+                         title=f"GDNSQ per-layer continuous bit-width ({run})")
+        plot_curves(self.history, os.path.join(self.out_dir, "curves.png"),
+                    title=f"GDNSQ loss and validation accuracy ({run})")
 
-    def _build_report(self, test: Optional[dict] = None, realised: Optional[dict] = None) -> dict:
+    def _selection(self) -> tuple:
+        """(epoch, val top-1, file name, realised bits or None) of the checkpoint the report and
+        :meth:`test` use: ``checkpoint_best.pt`` (the best converged epoch) when some epoch
+        converged, else ``checkpoint_last.pt`` (the last epoch, not converged); all None before
+        the first epoch."""
         best_path = os.path.join(self.out_dir, BEST)
-        selected_epoch, val_top1, sel_file, sel_realised = None, None, None, None
         if os.path.exists(best_path):
             best = load_checkpoint(best_path, kind="best")
-            selected_epoch, val_top1, sel_file = best["epoch"], best["val_top1"], BEST
-            sel_realised = best["realised_bits"]
-        elif self.epoch:
-            selected_epoch, sel_file = self.epoch, LAST
+            return best["epoch"], best["val_top1"], BEST, best["realised_bits"]
+        if self.epoch:
             val_top1 = self.last_val["top1"] if self.last_val and self.last_val["epoch"] == self.epoch else None
+            return self.epoch, val_top1, LAST, None
+        return None, None, None, None
+
+    def _selection_text(self) -> str:
+        epoch, val_top1, sel_file, _ = self._selection()
+        if sel_file is None:
+            return "nothing selected (no epoch run)"
+        val = "-" if val_top1 is None else f"{val_top1:.2f} %"
+        if sel_file == BEST:
+            return f"selected epoch {epoch} (converged; val top-1 {val}; {BEST})"
+        return f"no converged epoch: the last epoch {epoch} stands in (not converged; val top-1 {val}; {LAST})"
+
+    def _build_report(self, test: Optional[dict] = None, realised: Optional[dict] = None) -> dict:
+        selected_epoch, val_top1, sel_file, sel_realised = self._selection()
         if realised is None:
             realised = sel_realised if sel_realised is not None else self._realised_bits()
         targets = self._targets()

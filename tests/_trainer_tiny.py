@@ -27,16 +27,18 @@ def make_data(n: int, seed: int):
 
 
 class TinyNet(nn.Module):
-    """conv(FP, first) -> conv -> conv -> mean pool -> linear(FP, last): two quantized convs."""
+    """conv(FP, first) -> conv -> conv -> mean pool -> linear(FP, last): two quantized convs.
+    ``batchnorm=False`` replaces the BatchNorms by identities (per-sample independent forward)."""
 
-    def __init__(self):
+    def __init__(self, batchnorm: bool = True):
         super().__init__()
+        norm = nn.BatchNorm2d if batchnorm else (lambda c: nn.Identity())
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
+        self.bn1 = norm(8)
         self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(16)
+        self.bn2 = norm(16)
         self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(16)
+        self.bn3 = norm(16)
         self.fc = nn.Linear(16, NUM_CLASSES)
 
     def forward(self, x):
@@ -132,5 +134,60 @@ def ddp_worker(rank: int, world_size: int, port: int, out_dir: str, epochs: int)
                     "schedule": trainer.schedule.state_dict(), "first_batch_sum": first_batch_sum,
                     "report": report, "steps": trainer.global_step},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        _equivalence_run(rank, out_dir)  # same process group: one spawn serves both tests
     finally:
         gdist.cleanup()
+
+
+def plain_student_teacher():
+    """A BatchNorm-free TinyNet student without dither (its forward on a batch is the
+    concatenation of its forwards on the batch's parts, so a data-parallel step equals one
+    step on the concatenated batch) and its teacher; random FP weights (seeded)."""
+    import gdnsq
+    torch.manual_seed(77)
+    student = gdnsq.quantize_model(TinyNet(batchnorm=False), weight_bits=2, act_bits=2, dither=False)
+    teacher = gdnsq.teacher_of(student)
+    gdnsq.calibrate(student, loaders()[1], bits=4.0)
+    return student, teacher
+
+
+EQUIV_CONFIG = dict(lr=0.05, max_epochs=1, warmup_steps=2)
+
+
+class ConcatShards:
+    """The batches of a ``world_size``-rank DistributedSampler run, concatenated in rank order:
+    step i yields [rank 0's batch i; rank 1's batch i; ...] (the single-process equivalent)."""
+
+    def __init__(self, dataset, batch_size: int, world_size: int, seed: int = 0):
+        from torch.utils.data.distributed import DistributedSampler
+        self.dataset, self.batch_size = dataset, batch_size
+        self.samplers = [DistributedSampler(dataset, num_replicas=world_size, rank=r, shuffle=True, seed=seed)
+                         for r in range(world_size)]
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+
+    def __len__(self):
+        return -(-len(self.samplers[0]) // self.batch_size)
+
+    def __iter__(self):
+        shards = [list(s) for s in self.samplers]
+        for i in range(0, len(shards[0]), self.batch_size):
+            idx = [j for shard in shards for j in shard[i:i + self.batch_size]]
+            yield self.dataset[idx]
+
+
+def _equivalence_run(rank: int, out_dir: str):
+    """This rank's part of the DDP-equals-concatenated-batch test: one epoch of the plain
+    student; its parameters go to ``out_dir/equiv_rank<rank>.pt``."""
+    from gdnsq import distributed as gdist
+    from gdnsq.trainer import Trainer
+    student, teacher = plain_student_teacher()
+    xtr, ytr = make_data(256, 1)
+    train = gdist.make_loader(TensorDataset(xtr, ytr), 16, shuffle=True, seed=0)
+    trainer = Trainer(student, teacher, train, None, config=fast_config(**EQUIV_CONFIG),
+                      out_dir=os.path.join(out_dir, "equiv"))
+    trainer.fit()
+    torch.save({"params": {n: p.detach().clone() for n, p in trainer.student.named_parameters()},
+                "steps": trainer.global_step}, os.path.join(out_dir, f"equiv_rank{rank}.pt"))

@@ -187,13 +187,24 @@ def test_quantize_tiny_end_to_end_and_evaluate(capsys, tiny_data, tmp_path):
     save_fp_checkpoint(fp, get_model("resnet20"), model_name="resnet20", num_classes=10,
                        normalization="imagenet")
     out_dir = tmp_path / "q"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("patience: 7\nlog_every: 3\n")
     argv = ["quantize", "--checkpoint", str(fp), "--weight-bits", "3", "--act-bits", "3",
             "--out", str(out_dir), "--data-dir", str(tiny_data), "--val-size", "8",
-            "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--json"]
+            "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--json",
+            "--config", str(cfg_file), "--set", "log_every=2"]
     code, out, err = _run(capsys, argv)
     assert code == 0, err
     rep = json.loads(out.strip().splitlines()[-1])
     assert rep["test_n"] == 50 and rep["epochs_run"] == 1
+    # --json: no progress bars on stderr; the headline matches the report's convergence
+    assert "it/s" not in err
+    human = out.strip().splitlines()[-2]
+    assert ("NOT reached" in human) == (not rep["converged"]) and (rep["converged"] or "W3A3" not in human)
+    full = json.loads((out_dir / "report.json").read_text())
+    assert full["config"]["patience"] == 7 and full["config"]["log_every"] == 2
+    assert full["config"]["extra"]["cli"]["set"] == {"log_every": 2}
+    assert full["config"]["extra"]["cli"]["config_file"] == str(cfg_file)
     assert rep["target_weight_bits"] == 3 and rep["target_act_bits"] == 3
     assert (out_dir / "report.md").is_file() and str(out_dir / "report.md") in out
     run = json.loads((out_dir / "run.json").read_text())
@@ -224,3 +235,139 @@ def test_quantize_without_checkpoint_trains_the_teacher_first(capsys, tiny_data,
     run = json.loads((out_dir / "run.json").read_text())
     assert run["teacher"] == str(out_dir / "teacher" / "checkpoint_best.pt")
     assert json.loads(out.strip().splitlines()[-1])["test_n"] == 50
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI tells the truth: headline, selection, usage errors vs bugs, --version, --config/--set
+# ----------------------------------------------------------------------------------------------
+
+def _report(**kw):
+    rep = {"target_weight_bits": 2.0, "target_act_bits": 2.0, "realised_weight_bits_max": 4.86,
+           "realised_act_bits_max": 5.17, "test_top1": 90.04, "selected_epoch": 3, "converged": False,
+           "stop_reason": "max_minutes", "epochs_run": 3}
+    rep.update(kw)
+    return rep
+
+
+def test_headline_never_calls_an_unconverged_model_by_its_targets():
+    line = cli.headline("resnet20", _report())
+    assert "W2A2" not in line and "NOT reached" in line and "W4.86/A5.17" in line
+    assert "max_minutes" in line and "epoch 3" in line and "90.04 %" in line
+    line = cli.headline("resnet20", _report(converged=True, realised_weight_bits_max=2.0,
+                                            realised_act_bits_max=1.58, selected_epoch=7))
+    assert "converged" in line and "NOT" not in line and "W2/A2" in line and "W2/A1.58" in line
+    assert "epoch 7" in line
+    # weights-only run (A32)
+    line = cli.headline("resnet20", _report(target_act_bits=None, realised_act_bits_max=None, converged=True,
+                                            realised_weight_bits_max=4.0))
+    assert "W2/A32" in line and "W4/A32" in line
+
+
+def test_trainer_log_and_report_name_the_same_selected_epoch(tmp_path, capsys):
+    """Unconverged run (t_scale 0: no pressure on the bits): the log's epoch is the report's."""
+    import re
+
+    import _trainer_tiny as tiny
+    from gdnsq.trainer import Trainer
+
+    student, teacher = tiny.student_teacher()
+    train, val, _ = tiny.loaders()
+    cfg = tiny.fast_config(max_epochs=2, t_scale=0.0, progress=True)
+    report = Trainer(student, teacher, train, val, config=cfg, out_dir=str(tmp_path)).fit()
+    err = capsys.readouterr().err
+    assert report["converged"] is False and report["selected_epoch"] == 2
+    assert "selected epoch: None" not in err
+    assert re.search(r"no converged epoch: the last epoch (\d+)", err).group(1) == "2"
+
+
+def test_out_that_is_a_file_is_a_usage_error_before_any_work(capsys, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    for argv in (["quantize", "--weight-bits", "2", "--act-bits", "2", "--out", str(f),
+                  "--data-dir", str(tmp_path / "no-data")],
+                 ["train-fp", "--out", str(f / "sub"), "--data-dir", str(tmp_path / "no-data")]):
+        code, out, err = _run(capsys, argv)
+        line = _one_line_error(err)
+        assert code == 2 and "--out" in line and "file" in line, line
+        assert "data" not in line.split("--out")[0]  # nothing was loaded first
+    assert f.read_text() == "mine"
+
+
+def test_folder_as_checkpoint_names_the_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, ["quantize", "--checkpoint", str(tmp_path / "empty"), "--weight-bits", "2",
+                                 "--act-bits", "2", "--out", str(tmp_path / "q")])
+    line = _one_line_error(err)
+    assert code == 2 and "--checkpoint" in line and "is a folder without" in line
+    assert "file not found" not in line
+    code, _, err = _run(capsys, ["evaluate", "--checkpoint", str(tmp_path / "empty")])
+    assert code == 2 and "is a folder without" in _one_line_error(err)
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    def boom(args):
+        raise ValueError("a bug, not a usage error")
+
+    monkeypatch.setattr(cli, "cmd_evaluate", boom)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["evaluate", "--checkpoint", "x.th"])
+    monkeypatch.setattr(cli, "cmd_evaluate", lambda args: (_ for _ in ()).throw(TypeError("also a bug")))
+    with pytest.raises(TypeError):
+        cli.main(["evaluate", "--checkpoint", "x.th"])
+
+
+def test_version(capsys):
+    code, out, _ = _run(capsys, ["--version"])
+    import gdnsq
+    assert code == 0 and out.startswith(f"gdnsq {gdnsq.__version__}")
+
+
+def _quantize_args(*extra):
+    return cli.build_parser().parse_args(["quantize", "--weight-bits", "2", "--act-bits", "2", "--out", "x",
+                                          *extra])
+
+
+def test_config_file_and_set_precedence(tmp_path):
+    """preset < --config < --set < explicit flag, for YAML and JSON files."""
+    from gdnsq.presets import PRESETS
+    yml = tmp_path / "c.yaml"
+    yml.write_text("lr: 1.0e-3\npatience: 9\nhold_epochs: 2\nmax_minutes: null\nprecision: bf16\n")
+    cfg, src = cli.resolve_train_config(_quantize_args("--config", str(yml), "--set", "patience=5",
+                                                       "--set", "hold_epochs=3", "--hold-epochs", "4"))
+    assert cfg.lr == 1e-3 and cfg.precision == "bf16"          # from the file
+    assert cfg.patience == 5                                   # --set over the file
+    assert cfg.hold_epochs == 4                                # the flag over --set
+    assert cfg.t_scale == PRESETS["cpu-fast"]["t_scale"]       # untouched: the preset's
+    assert src["set"] == {"patience": 5, "hold_epochs": 3} and src["flags"]["hold_epochs"] == 4
+    assert cfg.extra["cli"]["config_file"] == str(yml)
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"lr": 0.004, "channels_last": True, "seed": 3}))
+    cfg, _ = cli.resolve_train_config(_quantize_args("--config", str(js), "--seed", "7", "--set", "anneal=0.5"))
+    assert cfg.lr == 0.004 and cfg.channels_last is True and cfg.seed == 7 and cfg.anneal == 0.5
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--set", "no_such_field=1"], "--set: unknown TrainConfig field 'no_such_field'"),
+    (["--set", "patience=two"], "--set: patience: expected a int"),
+    (["--set", "patience"], "--set: expected FIELD=VALUE"),
+    (["--set", "lr=-1"], "--config/--set: TrainConfig.lr"),
+    (["--config", "MISSING"], "--config: file not found"),
+    (["--config", "BAD_YAML"], "not valid YAML"),
+    (["--config", "LIST"], "expected a mapping"),
+], ids=["unknown-field", "bad-int", "no-equals", "out-of-range", "missing-file", "bad-yaml", "not-a-mapping"])
+def test_config_and_set_errors_exit_2(capsys, tmp_path, extra, needle):
+    (tmp_path / "bad.yaml").write_text("lr: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- lr\n")
+    names = {"MISSING": tmp_path / "missing.yaml", "BAD_YAML": tmp_path / "bad.yaml", "LIST": tmp_path / "list.yaml"}
+    extra = [str(names.get(e, e)) for e in extra]
+    code, _, err = _run(capsys, ["quantize", "--weight-bits", "2", "--act-bits", "2",
+                                 "--out", str(tmp_path / "q"), *extra])
+    assert code == 2 and needle in _one_line_error(err)
+    assert not (tmp_path / "q").exists()
+
+
+def test_deploy_cli_does_not_import_the_main_cli():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = "import sys, gdnsq.deploy.cli; assert 'gdnsq.cli' not in sys.modules, 'cycle'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,10 @@
-"""Data-parallel training with 2 CPU processes (gloo): every rank takes identical steps.
+"""Data-parallel training with 2 CPU processes (gloo): every rank takes identical steps, and
+those steps are the single-process steps on the concatenated batches.
 
-The ranks see different shards of the data (checked), so without the gradient all-reduce,
-the loss-mean reduction and the buffer averaging their weights would drift apart.
+The ranks see different shards of the data (checked), so without DDP's gradient all-reduce,
+the loss-mean reduction and the buffer averaging their weights would drift apart; and a
+gradient sum instead of a mean would make the steps differ from the single-process run (RAdam's
+first, unrectified steps are proportional to the gradient).
 """
 import os
 import socket
@@ -24,10 +27,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_take_identical_steps(tmp_path, monkeypatch):
-    monkeypatch.setenv("GDNSQ_BACKEND", "torch")  # inherited by the spawned ranks
-    epochs = 2
-    mp.spawn(tiny.ddp_worker, args=(2, _free_port(), str(tmp_path), epochs), nprocs=2, join=True)
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One 2-rank spawn for the whole module: the tiny BatchNorm run, then the plain run."""
+    out = tmp_path_factory.mktemp("ddp")
+    old = os.environ.get("GDNSQ_BACKEND")
+    os.environ["GDNSQ_BACKEND"] = "torch"  # inherited by the spawned ranks
+    try:
+        mp.spawn(tiny.ddp_worker, args=(2, _free_port(), str(out), EPOCHS), nprocs=2, join=True)
+    finally:
+        if old is None:
+            os.environ.pop("GDNSQ_BACKEND")
+        else:
+            os.environ["GDNSQ_BACKEND"] = old
+    return out
+
+
+def test_two_ranks_take_identical_steps(ddp_run):
+    tmp_path, epochs = ddp_run, EPOCHS
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["first_batch_sum"] != r1["first_batch_sum"]  # different shards
@@ -47,6 +67,32 @@ def test_two_ranks_take_identical_steps(tmp_path, monkeypatch):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     # The val accuracy is over the whole validation set (both shards summed).
     assert r0["report"]["val_top1"] == r1["report"]["val_top1"] or r0["report"]["val_top1"] is None
+
+
+def test_ddp_equals_single_process_on_concatenated_batches(ddp_run, tmp_path, monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from gdnsq.trainer import Trainer
+    monkeypatch.setenv("GDNSQ_BACKEND", "torch")  # as the ranks
+    r0 = torch.load(ddp_run / "equiv_rank0.pt", weights_only=True)
+    r1 = torch.load(ddp_run / "equiv_rank1.pt", weights_only=True)
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    # the same epoch in one process: each step sees both ranks' batches, concatenated
+    torch.set_num_threads(1)
+    student, teacher = tiny.plain_student_teacher()
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    xtr, ytr = tiny.make_data(256, 1)
+    train = tiny.ConcatShards(TensorDataset(xtr, ytr), 16, world_size=2, seed=0)
+    trainer = Trainer(student, teacher, train, None, config=tiny.fast_config(**tiny.EQUIV_CONFIG),
+                      out_dir=str(tmp_path / "single"))
+    trainer.fit()
+    assert trainer.global_step == r0["steps"] == 256 // 2 // 16
+    moved = 0.0
+    for n, p in trainer.student.named_parameters():
+        torch.testing.assert_close(r0["params"][n], p.detach(), rtol=1e-4, atol=1e-5, msg=n)
+        moved = max(moved, float((p.detach() - start[n]).abs().max()))
+    assert moved > 1e-3  # the training moved the weights far beyond the tolerance
 
 
 def test_helpers_are_identity_without_process_group():

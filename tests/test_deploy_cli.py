@@ -109,3 +109,19 @@ def test_export_errors(run_dir, tmp_path, capsys):
     assert code == 2 and "realised bits exceed" in err and not (tmp_path / "x").exists()
     assert cli.main(["evaluate", "--deployed", str(tmp_path / "missing.gdnsq")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_export_and_deployed_usage_errors(run_dir, tmp_path, capsys):
+    """A folder as export --out is refused before the checkpoint is loaded; an unreadable
+    --deployed file is a usage error naming the flag (exit 2), not a traceback."""
+    from gdnsq import cli
+
+    run, _ = run_dir
+    (tmp_path / "outdir").mkdir()
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "outdir")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out" in err and "is a folder" in err and "missing" not in err
+    (tmp_path / "junk.gdnsq").write_bytes(b"not a model")
+    code = cli.main(["evaluate", "--deployed", str(tmp_path / "junk.gdnsq")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--deployed:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -1,9 +1,8 @@
-"""gdnsq.progress.ProgressBar: terminal redraw vs compact log lines."""
+"""gdnsq.progress: tqdm on a terminal, compact newline-terminated lines in logs."""
 import io
+import time
 
-import pytest
-
-from gdnsq.progress import ProgressBar
+from gdnsq.progress import close_with, progress_bar
 
 
 class _TTY(io.StringIO):
@@ -13,37 +12,49 @@ class _TTY(io.StringIO):
 
 def test_terminal_redraws_in_place():
     out = _TTY()
-    bar = ProgressBar(4, desc="epoch 1", file=out, min_interval=0.0)
+    bar = progress_bar(4, desc="epoch 1", file=out)
     for i in range(4):
-        bar.update(1, loss=0.5 / (i + 1), lr=2e-3)
-    bar.close(acc=91.25)
+        bar.set_postfix(loss=0.5 / (i + 1), refresh=False)
+        bar.update(1)
+    close_with(bar, acc=91.25)
     text = out.getvalue()
-    assert text.count("\r") == 5 and text.endswith("\n") and text.count("\n") == 1
+    assert "\r" in text and text.endswith("\n") and text.count("\n") == 1
     last = text.split("\r")[-1]
-    assert "epoch 1" in last and "4/4" in last and "[" + "#" * 24 + "]" in last
-    assert "loss=0.125" in last and "lr=2.00e-03" in last and "acc=91.25" in last
+    assert "epoch 1" in last and "4/4" in last and "acc=91.2" in last
 
 
 def test_log_stream_is_compact():
     out = io.StringIO()
-    bar = ProgressBar(1000, desc="epoch 2", file=out, plain_interval=3600)
+    bar = progress_bar(1000, desc="epoch 2", file=out, plain_interval=3600)
     for _ in range(1000):
-        bar.update(1, loss=1.0)
-    bar.close()
+        bar.set_postfix(loss=1.0, refresh=False)
+        bar.update(1)
+    close_with(bar, acc=50.0)
     lines = out.getvalue().splitlines()
-    assert lines == [lines[0]] and "1000/1000" in lines[0] and "\r" not in out.getvalue()
-    assert "#" not in lines[0]  # no bar drawing in logs
+    # no start line, no redraws within the interval: only the closing line, no bar drawing
+    assert len(lines) == 1 and "1000/1000" in lines[0] and "acc=50" in lines[0]
+    assert "\r" not in out.getvalue() and "#" not in lines[0]
+
+
+def test_log_stream_cadence():
+    """A line per interval: with a 20 ms interval and ~100 ms of work, a few lines, each whole."""
+    out = io.StringIO()
+    bar = progress_bar(10, desc="e", file=out, plain_interval=0.02)
+    for _ in range(10):
+        time.sleep(0.01)
+        bar.update(1)
+    close_with(bar)
+    lines = out.getvalue().splitlines()
+    assert 2 <= len(lines) <= 10 and lines[-1].startswith("e: 10/10") and "\r" not in out.getvalue()
 
 
 def test_disabled_and_unknown_total():
     out = io.StringIO()
-    bar = ProgressBar(10, file=out, enabled=False)
+    bar = progress_bar(10, file=out, enabled=False)
     bar.update(3)
-    bar.close()
+    close_with(bar, a=1)
     assert out.getvalue() == ""
-    bar = ProgressBar(None, desc="x", file=out)
+    bar = progress_bar(None, desc="x", file=out)
     bar.update(5)
-    bar.close()
-    assert "5 " in out.getvalue()
-    with pytest.raises(ValueError, match="total"):
-        ProgressBar(-1)
+    close_with(bar)
+    assert out.getvalue().startswith("x: 5/?")
