@@ -69,8 +69,8 @@ def monotone_thresholds(fn, rows: int, levels: int) -> tuple:
     ``fn(y)`` maps float32 ``(rows, m)`` to integer codes ``(rows, m)``, each row monotone
     (nondecreasing or nonincreasing) in ``y`` over the finite floats. Returns ``thr`` float32
     ``(rows, levels)`` and ``direction`` int8 ``(rows,)`` such that, for every finite ``y``,
-    ``fn(y) - fn_min = #{l : y >= thr[l]}`` (direction +1) or ``#{l : y <= thr[l]}`` (-1), with
-    ``fn_min = fn`` at the low end: the caller checks that it is 0. A level never reached is NaN
+    ``fn(y) = #{l : y >= thr[l]}`` (direction +1) or ``#{l : y <= thr[l]}`` (-1) for codes in
+    ``0..levels``; also returns ``fn_min`` (fn at the low end), which the runtime requires to be 0. A level never reached is NaN
     (compares false), one always reached is -inf/+inf.
     """
     lo_val = torch.full((rows, 1), -_FMAX)
