@@ -8,7 +8,22 @@ Models (CIFAR-10 ResNet-20, input 3x32x32):
   quantizer set to b bits (the eval-mode fake-quant forward a trained model runs);
 * ``deployed WbAb``: ``gdnsq.deploy.freeze`` of that model (W1A1: binary ops; W2A2/W4A4: int or
   bit-plane per layer, chosen by freeze's measurement on a batch of 32);
-* ``deployed-float WbAb``: ``freeze(path="float")`` (float32 conv of the dequantized codes).
+* ``deployed-float WbAb``: ``freeze(path="float")`` (float32 conv of the dequantized codes);
+* ``runtime WbAb``: ``gdnsq.deploy.runtime.runtime(frozen)``: the fused bit-packed C++ runtime
+  for the quantized trunk (docs/deploy.md), same logits as ``deployed``;
+* ``fp32-compile``: the float network under ``torch.compile`` (skip with --no-compile).
+
+Every point is measured at each --threads value (``torch.set_num_threads``); the markdown
+compares rows of the same batch and thread count. The W1A1 artifact size (``save`` of the
+frozen model) is recorded in every row as ``artifact_bytes_w1a1``.
+
+The lead's command on a quiet machine (about 5-10 min)::
+
+    python benchmarks/bench_inference.py --threads 1 2
+
+A quick sanity run while other jobs load the machine (the rows record ``os.getloadavg()``)::
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_inference.py --threads 1 --reps 2 --no-compile
 
 For each model and batch size (1 and 256 by default): median latency over --reps timed calls
 after one warm-up, and images/s = batch / median latency. Every row is appended to
@@ -69,7 +84,7 @@ def time_model(model, batch, device, reps) -> float:
 
 
 @torch.no_grad()
-def build_models(bits_list, device, paths_batch) -> dict:
+def build_models(bits_list, device, paths_batch, compile_fp=True) -> dict:
     from check_deploy_equality import set_bits
 
     torch.manual_seed(0)
@@ -89,7 +104,24 @@ def build_models(bits_list, device, paths_batch) -> dict:
         paths = sorted({r["path"] for r in layer_table(frozen)})
         models[f"deployed W{b}A{b}"] = (frozen, b, "+".join(paths))
         models[f"deployed-float W{b}A{b}"] = (freeze(q, path="float"), b, "float")
+        if device.type == "cpu":
+            from gdnsq.deploy.runtime import runtime
+
+            rt = runtime(frozen, example_input=calib[:8])
+            models[f"runtime W{b}A{b}"] = (rt, b, "fallback" if rt.fallback_reason else f"runtime-{rt.isa}")
+    if compile_fp:
+        models["fp32-compile"] = (torch.compile(fp), None, "torch.compile")
     return models
+
+
+def artifact_bytes(model) -> int:
+    """Bytes of ``gdnsq.deploy.save(model)``."""
+    from gdnsq.deploy import save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.gdnsq")
+        save(model, path, architecture={"name": "resnet20", "kwargs": {"num_classes": 10}})
+        return os.path.getsize(path)
 
 
 def device_name(device) -> str:
@@ -127,20 +159,21 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
                 f"running: absolute times are inflated, compare rows with care)"
                 if loads and max(loads) > 1.5 * os.cpu_count() else "")
         lines += [f"## {dev}", "", f"run {run}, torch {v['torch']}, triton {v['triton']}, gdnsq {v['gdnsq']}{busy}", "",
-                  "| model | paths | batch | latency (ms) | images/s | vs fake-quant | vs FP32 |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        by = {(r["model"], r["batch"]): r for r in sel}
+                  f"W1A1 artifact: {sel[0].get('artifact_bytes_w1a1')} bytes", "",
+                  "| model | paths | batch | threads | latency (ms) | images/s | vs fake-quant | vs FP32 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        by = {(r["model"], r["batch"], r.get("threads")): r for r in sel}
         verdict = []
         for r in sel:
-            fq = by.get((f"fake-quant W{r['bits']}A{r['bits']}", r["batch"])) if r["bits"] else None
-            f32 = by.get(("fp32", r["batch"]))
+            fq = by.get((f"fake-quant W{r['bits']}A{r['bits']}", r["batch"], r.get("threads"))) if r["bits"] else None
+            f32 = by.get(("fp32", r["batch"], r.get("threads")))
             vs_fq = f"{fq['latency_ms'] / r['latency_ms']:.2f}x" if fq and r["model"].startswith("deployed") else ""
             vs_fp = f"{f32['latency_ms'] / r['latency_ms']:.2f}x" if f32 and r["model"] != "fp32" else ""
-            lines.append(f"| {r['model']} | {r['paths'] or ''} | {r['batch']} | {r['latency_ms']:.2f} | "
+            lines.append(f"| {r['model']} | {r['paths'] or ''} | {r['batch']} | {r.get('threads', '')} | {r['latency_ms']:.2f} | "
                          f"{r['images_per_s']:.0f} | {vs_fq} | {vs_fp} |")
-            if fq and r["model"].startswith("deployed "):
+            if fq and (r["model"].startswith("deployed ") or r["model"].startswith("runtime ")):
                 faster = fq["latency_ms"] > r["latency_ms"]
-                verdict.append(f"{r['model']} at batch {r['batch']}: "
+                verdict.append(f"{r['model']} at batch {r['batch']}, {r.get('threads')} thread(s): "
                                f"{'faster' if faster else 'slower'} than fake-quant "
                                f"({fq['latency_ms'] / r['latency_ms']:.2f}x), "
                                f"{'faster' if f32['latency_ms'] > r['latency_ms'] else 'slower'} than FP32 "
@@ -160,28 +193,35 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=0, help="timed calls per point (default: 20 on GPU, 5 on CPU)")
     p.add_argument("--paths-batch", type=int, default=32, help="batch of freeze's path measurement")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch.set_num_threads values")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile FP32 row")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     reps = args.reps or (20 if device.type == "cuda" else 5)
     run = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t_start = time.time()
-    models = build_models(args.bits, device, args.paths_batch)
+    models = build_models(args.bits, device, args.paths_batch, compile_fp=not args.no_compile)
+    w1 = models.get("deployed W1A1")
+    art_w1 = artifact_bytes(w1[0]) if w1 else None
     dev = device_name(device)
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "inference.jsonl"
     rows = []
-    for name, (model, bits, paths) in models.items():
-        for batch in args.batches:
-            lat = time_model(model, batch, device, reps if batch > 1 else reps * 4)
-            row = {"run": run, "device": dev, "versions": versions(), "model": name, "bits": bits,
-                   "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                   "paths": paths, "batch": batch, "reps": reps, "latency_ms": lat * 1e3,
-                   "images_per_s": batch / lat, "command": "python benchmarks/bench_inference.py "
-                   + " ".join(argv if argv is not None else sys.argv[1:])}
-            rows.append(row)
-            print(f"{name:24s} batch {batch:4d}: {lat * 1e3:9.2f} ms  {batch / lat:9.0f} img/s  {paths or ''}",
-                  flush=True)
+    points = [(t, name, batch) for t in args.threads for name in models for batch in args.batches]
+    for threads, name, batch in points:
+        model, bits, paths = models[name]
+        torch.set_num_threads(threads)
+        lat = time_model(model, batch, device, reps if batch > 1 else reps * 4)
+        row = {"run": run, "device": dev, "versions": versions(), "model": name, "bits": bits,
+               "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+               "paths": paths, "batch": batch, "threads": threads, "artifact_bytes_w1a1": art_w1,
+               "reps": reps, "latency_ms": lat * 1e3,
+               "images_per_s": batch / lat, "command": "python benchmarks/bench_inference.py "
+               + " ".join(argv if argv is not None else sys.argv[1:])}
+        rows.append(row)
+        print(f"{name:24s} batch {batch:4d} threads {threads}: {lat * 1e3:9.2f} ms  {batch / lat:9.0f} img/s  {paths or ''}",
+              flush=True)
     with open(jsonl, "a") as f:  # append-only log: one line per point
         for row in rows:
             f.write(json.dumps(row) + "\n")

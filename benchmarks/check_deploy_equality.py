@@ -12,7 +12,9 @@ For each bit-width b in --bits (default 1 2 4):
 3. the model is frozen twice, each saved and reloaded through an artifact: "integer" (the
    default freeze: binary ops for W1A1, else int or bit-plane as measured) and "float"
    (``path="float"``: float32 conv of the dequantized codes), and all three models run on the
-   full CIFAR-10 test set (10,000 images) in eval mode.
+   full CIFAR-10 test set (10,000 images) in eval mode; on the CPU the "integer" artifact also
+   runs on the fused runtime (``gdnsq.deploy.runtime``, variant "runtime", compared with the
+   exact fake-quant model).
 
 Written to --out (default results/deploy_equality.json): per bit-width the fake-quant and
 deployed top-1 and, per frozen variant, the number of images whose top-1 differs from the
@@ -135,6 +137,10 @@ def run_bits(bits, fp, norm, calib_loader, test_loader, device, limit, calib_bat
     frozen, size = _roundtrip(frozen, norm, device)
     exact, _ = _roundtrip(freeze(student, path="float", strict=True), norm, device)
     variants = {"integer": frozen, "float": exact}
+    if device.type == "cpu":  # the fused C++ runtime on the reloaded artifact (docs/deploy.md)
+        from gdnsq.deploy.runtime import runtime
+
+        variants["runtime"] = runtime(frozen, example_input=first_val[:16])
     stats = {k: {"agree": 0, "agree_default_fq": 0, "correct": 0, "max_rel": 0.0, "rels": [], "seconds": 0.0} for k in variants}
     n = fq_correct = 0
     t_fq = 0.0
@@ -157,7 +163,7 @@ def run_bits(bits, fp, norm, calib_loader, test_loader, device, limit, calib_bat
         set_exact_inference(student, True)
         ref_exact = student(x)
         set_exact_inference(student, False)
-        refs = {"integer": ref_exact, "float": ref}
+        refs = {"integer": ref_exact, "float": ref, "runtime": ref_exact}
         for k, model in variants.items():
             t = time.time()
             out = model(x)
@@ -174,9 +180,12 @@ def run_bits(bits, fp, norm, calib_loader, test_loader, device, limit, calib_bat
            "fake_quant_seconds": round(t_fq, 2), "artifact_bytes": size, "freeze_seconds": round(freeze_s, 2),
            "max_rel_err_per_layer": max(layer_err.values()), "rel_err_per_layer": layer_err,
            "paths": {r["name"]: r["path"] for r in layer_table(frozen)}}
+    if "runtime" in variants:
+        res["runtime_isa"] = variants["runtime"].isa
+        res["runtime_fallback"] = variants["runtime"].fallback_reason
     for k, st in stats.items():
         rels = torch.cat(st["rels"])
-        res[k] = {"compared_with": "exact fake-quant" if k == "integer" else "float32 fake-quant",
+        res[k] = {"compared_with": "float32 fake-quant" if k == "float" else "exact fake-quant",
                   "differing_predictions": n - st["agree"],
                   "differing_predictions_vs_float32_fake_quant": n - st["agree_default_fq"],
                   "top1": 100.0 * st["correct"] / n,

@@ -1,0 +1,72 @@
+"""Loader of the fused deploy runtime (``csrc/deploy_runtime.cpp``), one build per ISA.
+
+The instruction set is chosen at build time: ``avx512`` (AVX-512F/DQ + VPOPCNTDQ: vector popcounts and a 16-channel vector epilogue,
+when /proc/cpuinfo lists them), ``avx2`` (AVX2 + FMA + scalar ``popcnt``) or ``scalar`` (plain
+x86-64 / any other CPU). ``load_extension()`` picks the best one the CPU has;
+``load_extension(isa)`` forces one (tests build every ISA the CPU can run), and the environment
+variable ``GDNSQ_DEPLOY_ISA`` forces it for the whole process. Every build uses
+``-ffp-contract=off`` so that the float64 epilogue is not contracted into FMAs (its result
+must equal ``gdnsq_kernels.binary_ops``' epilogue bit for bit).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+
+from .cpu_xnor import _cpu_flags
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "deploy_runtime.cpp")
+_lock = threading.Lock()
+_exts: dict = {}
+
+ISAS = ("avx512", "avx2", "scalar")
+_ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512vpopcntdq", "-mavx2", "-mfma", "-mpopcnt"],
+    "avx2": ["-mavx2", "-mfma", "-mpopcnt"],
+    "scalar": [],
+}
+
+
+def supported_isas() -> tuple:
+    """The ISAs this CPU can run, best first."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ("scalar",)
+    cpu = _cpu_flags()
+    out = []
+    if {"avx512f", "avx512dq", "avx512_vpopcntdq", "avx2", "fma", "popcnt"} <= cpu:
+        out.append("avx512")
+    if {"avx2", "fma", "popcnt"} <= cpu:
+        out.append("avx2")
+    out.append("scalar")
+    return tuple(out)
+
+
+def default_isa() -> str:
+    forced = os.environ.get("GDNSQ_DEPLOY_ISA")
+    if forced:
+        if forced not in ISAS:
+            raise ValueError(f"GDNSQ_DEPLOY_ISA must be one of {ISAS}, got {forced!r}")
+        return forced
+    return supported_isas()[0]
+
+
+def load_extension(isa: str | None = None):
+    """Build (first call) or load the runtime extension for ``isa`` (default: best available)."""
+    isa = isa or default_isa()
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa not in supported_isas():
+        raise ValueError(f"isa {isa!r} is not supported by this CPU (supported: {supported_isas()})")
+    with _lock:
+        if isa in _exts:
+            return _exts[isa]
+        from torch.utils.cpp_extension import load
+
+        flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + _ISA_FLAGS[isa]
+        with open(_SOURCE, "rb") as f:
+            digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
+        _exts[isa] = load(name=f"gdnsq_deploy_rt_{isa}_{digest}", sources=[_SOURCE], extra_cflags=flags,
+                          extra_ldflags=["-fopenmp"], verbose=False)
+        return _exts[isa]
