@@ -337,9 +337,7 @@ def resolve_train_config(args):
     if args.anneal_half_life is not None:
         if args.anneal is not None:
             raise CliError("--anneal and --anneal-half-life set the same thing: give one")
-        batch = flags.get("batch_size", overrides.get("batch_size", presets.PRESETS[args.preset]["batch_size"]))
-        train_images = 50_000 - args.val_size  # CIFAR-10/100 training split minus the held-out part
-        flags["anneal"] = presets.half_life_to_anneal(args.anneal_half_life, -(-train_images // batch))
+        # converted to a per-batch factor once the training loader exists (cmd_quantize)
     if args.device is not None:
         flags["device"] = args.device
     overrides.update(flags)
@@ -387,7 +385,7 @@ def headline(model: str, report: dict) -> str:
 
 
 def cmd_quantize(args) -> dict:
-    from . import convert
+    from . import convert, presets
     from . import distributed as gdist
     from .calibrate import calibrate
     from .trainer import Trainer, load_checkpoint
@@ -437,6 +435,14 @@ def cmd_quantize(args) -> dict:
         meta = load_fp_checkpoint(model, ckpt)
     norm = meta["normalization"]
     command = "gdnsq " + " ".join(argv_of(args))
+    loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
+                                  batch_size=cfg.batch_size, val_size=args.val_size,
+                                  normalization=norm, seed=cfg.seed, device=device,
+                                  shard=shard, progress=_log if gdist.is_main() else None)
+    if args.anneal_half_life is not None:
+        # a half-life in epochs becomes a per-batch factor for this loader's batches per epoch
+        cfg.anneal = presets.half_life_to_anneal(args.anneal_half_life, len(loaders["train"]))
+        sources["flags"]["anneal"] = cfg.anneal
     run.update({"normalization": norm, "teacher": str(ckpt), "preset": args.preset,
                 "config": cfg.to_dict(), "config_sources": sources, "val_size": args.val_size,
                 "init_from": None if init_from is None else str(init_from),
@@ -445,10 +451,6 @@ def cmd_quantize(args) -> dict:
     if gdist.is_main():
         atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2) + "\n")
 
-    loaders = gdata.build_loaders(args.dataset, data_dir=args.data_dir,
-                                  batch_size=cfg.batch_size, val_size=args.val_size,
-                                  normalization=norm, seed=cfg.seed, device=device,
-                                  shard=shard, progress=_log if gdist.is_main() else None)
     student = convert.quantize_model(model, args.weight_bits, args.act_bits)
     teacher = convert.teacher_of(student)
     # 10-bit min/max start (METHOD Part B 4.2; the authors used their validation pass, we use
