@@ -138,3 +138,42 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
         aq.observed_bits.fill_(math.inf)
         report[name] = {"min": lo_obs, "max": hi_obs, "signed": bool(signed), "pruned": span <= 0.0}
     return report
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, loader, *, num_batches: int = 100, device=None) -> int:
+    """Recompute every BatchNorm's running mean/variance with the model's current weights.
+
+    During QAT the running statistics are an exponential average over steps whose weights kept
+    changing (at 1 bit whole channels flip sign late in training), so they can lag the final
+    weights. This resets them and averages ``num_batches`` batches of ``loader`` exactly
+    (``momentum=None``: a cumulative mean), with the model in training mode so that the
+    quantized layers run exactly as in training (no parameter changes, no gradients). The model
+    is put back in its previous mode and momentum. Returns the number of images used.
+
+    ``loader`` should yield training images without augmentation (never the test set).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    seen = 0
+    try:
+        for i, batch in enumerate(loader):
+            if i >= num_batches:
+                break
+            x = _batch_input(batch)
+            if device is not None:
+                x = x.to(device)
+            model(x)
+            seen += x.shape[0]
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.train(was_training)
+    return seen
