@@ -475,6 +475,10 @@ def cmd_quantize(args) -> dict:
             state = load_checkpoint(str(init_from))["student"]
         state = {k: v for k, v in state.items()
                  if not k.endswith((".target_bits", ".observed_bits"))}
+        if args.act_bits is None:
+            # a weights-only (A32) stage from a student with quantized activations: its
+            # activation quantizers have no counterpart here and are dropped
+            state = {k: v for k, v in state.items() if ".act_quantizer." not in k}
         missing, unexpected = student.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith((".target_bits", ".observed_bits"))]
         if missing or unexpected:

@@ -177,13 +177,16 @@ def test_cli_chained_stage_and_weights_only_run(capsys, tmp_path):
     assert float(s2[key]) == 2.0 and float(s1[key]) == 4.0
     capsys.readouterr()
     # weights only: the activation quantizers are absent
+    # (a chained stage from the W2A2 student: its activation quantizers are dropped)
     wonly = tmp_path / "w2a32"
-    code = cli.main(["quantize", "--weight-bits", "2", "--act-bits", "32", "--out", str(wonly)] + common)
+    code = cli.main(["quantize", "--weight-bits", "2", "--act-bits", "32", "--out", str(wonly),
+                     "--init-from", str(stage2)] + common)
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads((wonly / "run.json").read_text())["act_bits"] is None
     sd = load_checkpoint(str(wonly / "checkpoint_last.pt"))["student"]
     assert not any("act_quantizer" in k for k in sd)
+    assert "initialised from the student" in err
     code = cli.main(["evaluate", "--checkpoint", str(wonly), "--data-dir", str(data), "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
