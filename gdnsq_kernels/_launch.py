@@ -55,6 +55,28 @@ def targets_cuda(t: torch.Tensor) -> bool:
     return t.is_cuda or _recorder is not None
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (memory order N, H, W, C) and *not* also row-major.
+
+    A tensor that is both (C == 1 or H*W == 1) counts as contiguous, so that every op output
+    and every fake implementation picks the same format for it (``memory_format_of``)."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format the ``gdnsq::`` ops give an output computed from ``t``:
+    ``torch.channels_last`` for a channels_last 4-D tensor (see ``is_channels_last``), else
+    ``torch.contiguous_format``. The kernels read both in memory order, so neither is copied."""
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def nhwc_view(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) tensor as the row-major (N, H, W, C) view of its memory
+    (a view: no copy); what kernels that take flat row-major buffers are handed."""
+    return t.permute(0, 2, 3, 1)
+
+
 def contiguous(*tensors):
     """The tensors made contiguous (row-major), as a tuple (a single tensor for one argument)."""
     out = tuple(t.contiguous() for t in tensors)

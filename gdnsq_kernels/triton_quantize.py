@@ -18,7 +18,9 @@
   same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``.
 * channels_last activations are read in their memory order (no copy); the dither index is
   the NCHW index, recomputed in the kernel.
-* Weights: one program per output channel loops over the channel's row (min, then quantize;
+* Weights: one program per output channel loops over the channel's row (a channels_last conv
+  weight is read in its memory order too: each channel's row is still one block of memory;
+  the dither index is the logical one, as for activations) (min, then quantize;
   the backward loops once for the per-channel sum). ResNet-sized rows are 144..4608 long, so a
   row is 1..5 blocks; a second stage is only needed for a per-tensor step (a ``sum`` over C_out).
 * Rounding is half-to-even via the ``(v + 2**23) - 2**23`` trick (exact in float32 for
@@ -40,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._launch import contiguous, launch
+from ._launch import contiguous, is_channels_last, launch
 from .dither import DITHER_MAGNITUDE, seed_key_i32, seed_key_tensor
 from .reference import is_per_channel
 
@@ -215,10 +217,12 @@ def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, s_ptr, K, PER_CHANNEL: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["key"])
-def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, PER_CHANNEL: tl.constexpr,
+def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, C, H, Wd, PER_CHANNEL: tl.constexpr,
                   BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
                   DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr,
-                  KEY_PTR: tl.constexpr = False):
+                  KEY_PTR: tl.constexpr = False, CHANNELS_LAST: tl.constexpr = False):
+    """Per output channel c: out[c] = ln2 * s_c * sum_row g*(round(v) - v + s_c*r). A
+    channels_last weight (C_out, C, H, Wd) is read in memory order (CHANNELS_LAST)."""
     if KEY_PTR:
         key = tl.load(key)
     c = tl.program_id(0)
@@ -237,7 +241,7 @@ def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, PER_CHANNEL: tl.c
         v = _div(w - z, s, CT)
         t = _round_half_even(v, MAGIC) - v
         if DITHER:
-            t = t + s * _dither(base + offs, key, MAG, CT)
+            t = t + s * _dither(_logical_index(base + offs, C, H, Wd, CHANNELS_LAST), key, MAG, CT)
         acc += tl.where(mk, g * t, tl.zeros_like(g))
     tl.store(out_ptr + c, tl.full([], LN2_C, CT) * s * tl.sum(acc, axis=0))
 
@@ -279,11 +283,9 @@ def _act_layout(x):
 
     A channels_last activation is read in its own memory order (no copy); the dither index is
     then recomputed as the NCHW index in the kernel. Other non-contiguous inputs are copied."""
-    if x.is_contiguous():
-        return x, None
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return x, tuple(x.shape[1:])
-    return x.contiguous(), None
+    return contiguous(x), None
 
 
 _tickets = {}
@@ -344,15 +346,22 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     return grad_x, out[0], out[1], out[2]
 
 
+def _w_layout(w):
+    """(w as the kernels read it, (C_in, kh, kw) if that is a channels_last conv weight)."""
+    if is_channels_last(w):
+        return w, tuple(w.shape[1:])
+    return contiguous(w), None
+
+
 def weight_forward(w, log2_step):
-    wc = contiguous(w)
+    wc, _ = _w_layout(w)
     c_out = wc.shape[0]
     k = wc.numel() // c_out
     ct, magic = _ct(w.dtype)
-    y = torch.empty_like(wc)
+    y = torch.empty_like(wc)  # keeps a channels_last layout
     z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype), device=w.device)
     s = _exp2(log2_step, w.dtype, (-1,))
-    launch(_w_fwd_kernel, (c_out,), wc, y, z, s, k, exact=True,
+    launch(_w_fwd_kernel, (c_out,), wc, y, z, s, k, exact=True, dense_ok=True,
            PER_CHANNEL=is_per_channel(log2_step, c_out), BLOCK=_row_block(k), CT=ct, MAGIC=magic)
     return y, z
 
@@ -362,7 +371,9 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     grad_w = grad_w_hat if need_grad_w else None
     if not need_grad_step:
         return grad_w, None
-    wc, g = contiguous(w, grad_w_hat)
+    wc, chw = _w_layout(w)
+    # grad_w_hat in w's memory order (a copy only when its layout differs)
+    g = grad_w_hat.contiguous(memory_format=torch.channels_last if chw else torch.contiguous_format)
     c_out = wc.shape[0]
     k = wc.numel() // c_out
     ct, magic = _ct(w.dtype)
@@ -371,9 +382,10 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     s = _exp2(log2_step, w.dtype, (-1,))
     out = torch.empty(c_out, dtype=acc_dtype, device=w.device)
     key, key_ptr = _key_arg(seed)
+    C, H, Wd = chw if chw is not None else (1, 1, 1)
     launch(_w_bwd_kernel, (c_out,), g, wc, contiguous(zero_point.to(acc_dtype)), s, out, k,
-           key, exact=True, PER_CHANNEL=per_channel, BLOCK=_row_block(k),
+           key, C, H, Wd, exact=True, dense_ok=True, PER_CHANNEL=per_channel, BLOCK=_row_block(k),
            CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE, LN2_C=LN2,
-           KEY_PTR=key_ptr)
+           KEY_PTR=key_ptr, CHANNELS_LAST=chw is not None)
     grad = out if per_channel else out.sum()
     return grad_w, grad.reshape(log2_step.shape)

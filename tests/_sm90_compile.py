@@ -41,6 +41,10 @@ def scenarios():
         out.append((f"w_fwd_{tag}", lambda w=w: TQ.weight_forward(w, torch.full((16,), -4.0))))
         out.append((f"w_bwd_{tag}", lambda w=w: TQ.weight_backward(
             torch.ones_like(w), w, torch.full((16,), -4.0), torch.zeros(16, dtype=TQ._checks.compute_dtype(dt)), 5, True)))
+        wcl = w.to(memory_format=torch.channels_last)
+        out.append((f"w_fwd_cl_{tag}", lambda w=wcl: TQ.weight_forward(w, torch.full((16,), -4.0))))
+        out.append((f"w_bwd_cl_{tag}", lambda w=wcl: TQ.weight_backward(
+            torch.ones_like(w), w, torch.full((16,), -4.0), torch.zeros(16, dtype=TQ._checks.compute_dtype(dt)), 5, True)))
     for M in (1, 8, 256):
         a = pack_bits(torch.randint(0, 2, (M, 1000)))
         b = pack_bits(torch.randint(0, 2, (512, 1000)))

@@ -76,6 +76,18 @@ def test_sm90_quantizer_kernel_is_exact(sm90, label, kernel, dtype):
             assert not re.search(r"\bdiv\.(approx|full)\.", ptx), kernel
 
 
+@pytest.mark.parametrize("label,kernel", [("act_bwd_cl", "_act_bwd_kernel"), ("w_fwd_cl", "_w_fwd_kernel"),
+                                          ("w_bwd_cl", "_w_bwd_kernel")])
+def test_sm90_channels_last_variants_are_exact(sm90, label, kernel):
+    """The channels_last variants (memory-order reads, NCHW dither index) are exact too."""
+    for dtype in ("f32", "f16", "f64"):
+        for entry, ptx in _ptx(sm90, f"{label}_{dtype}", kernel):
+            assert entry["constexprs"].get("CHANNELS_LAST", "True") == "True", entry
+            assert entry["options"].get("enable_fp_fusion") is False, entry
+            fma = FLOAT_FMA.search(ptx)
+            assert fma is None, f"{kernel} ({label}): {fma.group(0)}"
+
+
 def test_sm90_activation_backward_is_one_launch_with_ordered_finish(sm90):
     """One launch per backward; the last-ticket reduction is an acq_rel GPU-scope atomic and
     reads the other programs' partials from L2 (ld.global.cg), not a possibly stale L1."""
