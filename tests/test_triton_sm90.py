@@ -100,6 +100,23 @@ def test_sm90_activation_backward_is_one_launch_with_ordered_finish(sm90):
         assert re.search(r"\bld\.global\.cg", ptx), "partials not read with .cg"
 
 
+def test_sm90_every_autotune_config_is_compiled(sm90):
+    """The autotuned forwards are compiled once per config (each then checked above); the
+    reducing backwards run one pinned config (num_warps fixed: deterministic sums)."""
+    from gdnsq_kernels import triton_quantize as TQ
+
+    index, _ = sm90
+    for label, kernel, configs in [("act_fwd_f32", "_act_fwd_kernel", TQ.ACT_FWD_CONFIGS),
+                                   ("w_fwd_f32", "_w_fwd_kernel", TQ.W_FWD_CONFIGS)]:
+        got = [e for e in index if e["label"] == label and e["kernel"] == kernel]
+        assert sorted(int(e["constexprs"]["BLOCK"]) for e in got) == sorted(c.kwargs["BLOCK"] for c in configs)
+        assert sorted(e["options"]["num_warps"] for e in got) == sorted(c.num_warps for c in configs)
+    for label in ("act_bwd_f32", "w_bwd_f32"):
+        got = [e for e in index if e["label"] == label]
+        assert len(got) == 1 and got[0]["n_configs"] == 0
+        assert got[0]["options"]["num_warps"] == TQ.REDUCE_WARPS
+
+
 def test_sm90_fma_check_sees_a_contraction(sm90):
     """Control: the same activation forward compiled *with* fp fusion does contain fma, so the
     check above would catch a launch that forgot ``enable_fp_fusion=False``."""
