@@ -18,11 +18,11 @@
   same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``.
 * channels_last activations are read in their memory order (no copy); the dither index is
   the NCHW index, recomputed in the kernel.
-* Weights: one program per output channel loops over the channel's row (a channels_last conv
-  weight is read in its memory order too: each channel's row is still one block of memory;
-  the dither index is the logical one, as for activations) (min, then quantize;
+* Weights: one program per output channel loops over the channel's row (min, then quantize;
   the backward loops once for the per-channel sum). ResNet-sized rows are 144..4608 long, so a
   row is 1..5 blocks; a second stage is only needed for a per-tensor step (a ``sum`` over C_out).
+  A channels_last conv weight is read in its memory order too (each channel's row is still one
+  block of memory); the backward's dither index is the logical one, as for activations.
 * Rounding is half-to-even via the ``(v + 2**23) - 2**23`` trick (exact in float32 for
   ``|v| < 2**23``; larger values are integers already), which runs identically on the GPU
   and in the interpreter (libdevice is not available there).
