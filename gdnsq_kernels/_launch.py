@@ -132,6 +132,8 @@ def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = Non
         options["num_warps"] = num_warps
     if exact:
         options["enable_fp_fusion"] = False
+    if num_warps is not None and _is_autotuner(kernel):
+        raise RuntimeError(f"{kernel}: num_warps comes from the autotuner's configs")
     if _recorder is not None:
         configs = []
         jit = kernel
