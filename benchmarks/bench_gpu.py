@@ -12,7 +12,9 @@ Run by ``benchmarks/gpu_check.sh``; standalone: ``python benchmarks/bench_gpu.py
   Triton kernel (popcount path for small M, int8 tensor-core path for M >= 16) against bf16
   ``torch.mm`` of the same shape, plus a ResNet-20-sized ``binary_conv2d`` against bf16
   ``F.conv2d``. Each GEMM result is checked equal to the reference first.
-* Kernel launches per QAT step (ResNet-20 W2A2 vs FP, torch.profiler).
+* Kernel launches per QAT step (ResNet-20 W2A2 vs FP, and the W2A2 student in channels_last,
+  torch.profiler), with the copy kernels among them: the channels_last step should launch no
+  more copies than the contiguous one (the quantizers read channels_last in place).
 
 do_bench flushes L2 between repetitions and reports the median in ms. Every measurement is
 independent: one that fails is recorded with its error and the rest still run. Results:
@@ -156,8 +158,10 @@ def gemm_rows(dev, rep_ms, rows=None):
 
 
 def qat_launch_rows(dev, rows=None):
-    """Kernel launches in one QAT step of ResNet-20 W2A2 (batch 128): FP vs gdnsq student,
-    counted with torch.profiler (CUDA kernel events), and how many are gdnsq's Triton kernels."""
+    """Kernel launches in one QAT step of ResNet-20 W2A2 (batch 128): FP vs gdnsq student vs the
+    student and its input in channels_last, counted with torch.profiler (CUDA kernel events;
+    on a CPU device, operator calls), how many are gdnsq's Triton kernels and how many copy
+    (kernel names containing "copy"; ``aten::copy_`` calls on CPU)."""
     import copy
 
     from torch.profiler import ProfilerActivity, profile
@@ -173,30 +177,36 @@ def qat_launch_rows(dev, rows=None):
         x = torch.randn(128, 3, 32, 32, device=dev)
         student = quantize_model(copy.deepcopy(fp), 2, 2)
         calibrate(student, [x])
-        for name, model in (("fp", copy.deepcopy(fp)), ("gdnsq_w2a2", student)):
+        student_cl = copy.deepcopy(student).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        for name, model, inp in (("fp", copy.deepcopy(fp), x), ("gdnsq_w2a2", student, x),
+                                 ("gdnsq_w2a2_channels_last", student_cl, x_cl)):
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
             def step():
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
-                    t_logits = teacher(x)
-                jeffreys_divergence(model(x), t_logits).backward()
+                    t_logits = teacher(inp)
+                jeffreys_divergence(model(inp), t_logits).backward()
                 opt.step()
 
-            for _ in range(3):  # compile / warm up outside the profile
+            for _ in range(3):  # compile / warm up (and autotune) outside the profile
                 step()
-            torch.cuda.synchronize(dev)
+            sync()
             activity = ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU
             with profile(activities=[activity]) as prof:
                 step()
-                torch.cuda.synchronize(dev)
+                sync()
             if dev.type == "cuda":
                 kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             else:
                 kernels = list(prof.events())
             gd = [e for e in kernels if e.name.startswith(("_act_", "_w_", "_packed_gemm", "_bits_dot"))]
+            copies = [e for e in kernels if ("copy" in e.name.lower() if dev.type == "cuda"
+                                             else e.name == "aten::copy_")]
             row = {"group": "qat_launches", "model": name, "kernels_per_step": len(kernels),
-                   "gdnsq_triton_kernels_per_step": len(gd)}
+                   "gdnsq_triton_kernels_per_step": len(gd), "copy_kernels_per_step": len(copies)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     except Exception as exc:  # noqa: BLE001
@@ -262,13 +272,15 @@ def main():
             else:
                 lines.append(f"| conv {r['shape']} | | err {r['max_abs_err_vs_reference']:.2e} | "
                              f"{r['ms_binary']:.4f} | {r['ms_bf16']:.4f} | {r['speedup_vs_bf16']:.2f} |")
-    lines += ["", "| QAT step (ResNet-20, batch 128) | kernels per step | of which gdnsq Triton |", "|---|---|---|"]
+    lines += ["", "| QAT step (ResNet-20, batch 128) | kernels per step | of which gdnsq Triton | copies |",
+              "|---|---|---|---|"]
     for r in rows:
         if r["group"] == "qat_launches":
             if "error" in r:
-                lines.append(f"| error: {r['error'][:80]} | | |")
+                lines.append(f"| error: {r['error'][:80]} | | | |")
             else:
-                lines.append(f"| {r['model']} | {r['kernels_per_step']} | {r['gdnsq_triton_kernels_per_step']} |")
+                lines.append(f"| {r['model']} | {r['kernels_per_step']} | {r['gdnsq_triton_kernels_per_step']} | "
+                             f"{r['copy_kernels_per_step']} |")
     with open(os.path.join(args.out_dir, "bench_gpu.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

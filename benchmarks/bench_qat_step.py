@@ -17,6 +17,12 @@ round by round so that load from other processes on a shared machine hits them a
   the optimizer run eagerly in every row. The first (compiling) call is timed separately
   (``compile_s``); saved bytes are not measured for compiled rows (AOTAutograd decides them).
 
+Launches per step (``launches`` in each row; one extra, untimed, profiled step per provider):
+on CUDA the number of GPU kernels the step launches (``torch.profiler`` CUDA kernel events) and
+how many of them are gdnsq's Triton kernels; on CPU, where there are no launches, the number of
+``gdnsq::`` custom-op calls (nested calls included: ``quantize_activation`` calls
+``act_forward``) and of ATen operator calls per step. ``--no-launches`` skips this.
+
 Both quantized providers use the default placement (first conv, classifier FP) and the same
 calibrated parameters. Reported: median step time, bytes saved for backward (unique storages
 seen by ``torch.autograd.graph.saved_tensors_hooks`` during the forward), and ratios to FP.
@@ -146,6 +152,30 @@ def make_step(student, teacher, optimizer, x, sync):
     return step
 
 
+GDNSQ_TRITON_KERNELS = ("_act_", "_w_", "_packed_gemm", "_bits_dot")
+
+
+def count_launches(step, device):
+    """What one call of ``step`` launches (see the module docstring): a dict of counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+    events = list(prof.events())
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        return {"kind": "cuda_kernels", "kernels": len(kernels),
+                "gdnsq_triton_kernels": sum(e.name.startswith(GDNSQ_TRITON_KERNELS) for e in kernels)}
+    ops = [e.name for e in events]
+    by_op = {}
+    for name in ops:
+        if name.startswith("gdnsq::"):
+            by_op[name] = by_op.get(name, 0) + 1
+    return {"kind": "cpu_op_calls", "gdnsq_op_calls": sum(by_op.values()), "gdnsq_ops": by_op,
+            "aten_op_calls": sum(name.startswith("aten::") for name in ops)}
+
+
 def build_model(num_classes):
     try:
         from gdnsq.models.resnet_cifar import resnet20
@@ -173,6 +203,14 @@ def write_atomic(path, text, mode="w"):
     os.replace(tmp, path)
 
 
+def launches_text(launches: dict) -> str:
+    if launches["kind"] == "cuda_kernels":
+        return f"{launches['kernels']} CUDA kernels ({launches['gdnsq_triton_kernels']} gdnsq Triton)"
+    per_op = ", ".join(f"{k.split('::')[1]} {v}" for k, v in sorted(launches["gdnsq_ops"].items()))
+    return (f"{launches['gdnsq_op_calls']} gdnsq:: op calls" + (f" ({per_op})" if per_op else "")
+            + f", {launches['aten_op_calls']} ATen op calls, nested included (CPU: no kernel launches)")
+
+
 def markdown(record: dict, jsonl_text: str) -> str:
     """The results table of ``record`` plus one line per run recorded in ``jsonl_text``."""
     def fmt(v, spec):
@@ -188,6 +226,10 @@ def markdown(record: dict, jsonl_text: str) -> str:
     for r in record["results"]:
         md.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
                   f"{fmt(r['saved_MiB'], '.1f')} | {r['time_vs_fp']:.2f} | {fmt(r['bytes_vs_fp'], '.3f')} |")
+    counted = [r for r in record["results"] if r.get("launches")]
+    if counted:
+        md += ["", "Launches per step:", ""] + [f"* {r['provider']}: {launches_text(r['launches'])}"
+                                                for r in counted]
     compiled = [r for r in record["results"] if r.get("compile_s") is not None]
     if compiled:
         md += ["", "First call (compilation) of the compiled rows: " + ", ".join(
@@ -228,6 +270,8 @@ def main(argv=None):
                     help="also time gdnsq with dither=False (diagnostic: cost of the dither hash)")
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the torch.compile(fullgraph=True) rows (fp-compiled, gdnsq-compiled)")
+    ap.add_argument("--no-launches", action="store_true",
+                    help="do not count kernel launches / op calls per step (one profiled step each)")
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite qat_step.md from the last record of qat_step.jsonl and exit")
     args = ap.parse_args(argv)
@@ -288,6 +332,10 @@ def main(argv=None):
             p["step"]()
             p["times"].append(time.perf_counter() - t0)
 
+    if not args.no_launches:
+        for p in providers.values():
+            p["launches"] = count_launches(p["step"], device)
+
     fp_t = statistics.median(providers["fp"]["times"])
     fp_b = providers["fp"]["bytes"]
     rows = []
@@ -297,7 +345,8 @@ def main(argv=None):
         b = p["bytes"]
         rows.append({"provider": name, "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3,
                      "saved_MiB": None if b is None else b / 2**20, "time_vs_fp": med / fp_t,
-                     "bytes_vs_fp": None if b is None else b / fp_b, "compile_s": p["compile_s"]})
+                     "bytes_vs_fp": None if b is None else b / fp_b, "compile_s": p["compile_s"],
+                     "launches": p.get("launches")})
 
     record = {
         "bench": "qat_step", "model": model_name, "batch": args.batch, "input": [3, 32, 32],
@@ -321,6 +370,9 @@ def main(argv=None):
         lines.append(f"{r['provider']:<14} {r['median_ms']:>10.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<8.1f} "
                      f"{saved:>10} {r['time_vs_fp']:>8.2f} {ratio:>9}"
                      + (f"   (compile {r['compile_s']:.1f} s)" if r["compile_s"] is not None else ""))
+    for r in rows:
+        if r["launches"]:
+            lines.append(f"launches per step, {r['provider']}: {launches_text(r['launches'])}")
     print("\n".join(lines))
 
     if args.profile:

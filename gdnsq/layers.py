@@ -22,6 +22,7 @@ from torch import nn
 
 from gdnsq_kernels import quantize as _kq
 from gdnsq_kernels import reference as _kref
+from gdnsq_kernels._launch import memory_format_of
 from gdnsq_kernels.backend import resolve_backend
 
 from .quantizers import ActivationQuantizer, WeightQuantizer, _check_bits, aewgs_grads
@@ -96,10 +97,11 @@ def _fused_forward(cfg: _Cfg, x, weight, bias, a_step, a_range, a_off, w_step, c
 
 def _fused_fake(cfg: _Cfg, x, weight, bias, a_step, cast):
     """Output metadata of the fused op: the conv/linear of fakes laid out as the real operands
-    (the quantized input is contiguous, the unquantized one keeps x's layout)."""
+    (the quantized input and weight keep the layouts of x and the weight, as the quantizer ops
+    give them: channels_last stays channels_last)."""
     ct = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    xq = torch.empty_like(x, memory_format=torch.contiguous_format) if a_step is not None else x
-    w_hat = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    xq = torch.empty_like(x, memory_format=memory_format_of(x)) if a_step is not None else x
+    w_hat = torch.empty_like(weight, memory_format=memory_format_of(weight))
     if cast is not None:
         xq, w_op = xq.to(cast), w_hat.to(cast)
     else:
@@ -129,7 +131,8 @@ def _fused_backward(ctx, grad_out):
     need_w = nw or nws
     # Recompute the quantized input instead of having stored it (the memory saving).
     xq = torch.ops.gdnsq.act_forward(x, a_step, a_range, a_off, backend) if has_act else x
-    grad_out = grad_out.contiguous()
+    # dense; a channels_last gradient (what a channels_last conv output gets) is kept as it is
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(grad_out))
     if ctx.cast is not None:
         xq, w_op = xq.to(ctx.cast), w_hat.to(ctx.cast)
         grad_out = grad_out.to(ctx.cast)
@@ -145,7 +148,7 @@ def _fused_backward(ctx, grad_out):
     if need_in:
         if has_act:
             gx, gas, gar, gao = torch.ops.gdnsq.act_backward(
-                g_xq.contiguous(), x, a_step, a_range, a_off, a_seed, cfg.a_dither, backend,
+                g_xq.contiguous(memory_format=memory_format_of(x)), x, a_step, a_range, a_off, a_seed, cfg.a_dither, backend,
                 bool(nx), bool(need_act_params))
             gas = gas.reshape(a_step.shape).to(a_step.dtype) if nas else None
             gar = gar.reshape(a_range.shape).to(a_range.dtype) if nar else None
@@ -154,7 +157,7 @@ def _fused_backward(ctx, grad_out):
         else:
             gx = g_xq
     if need_w:
-        g_w_hat = g_w_hat.contiguous()
+        g_w_hat = g_w_hat.contiguous(memory_format=memory_format_of(weight))
         if cfg.estimator == "aewgs":
             gw, extra = aewgs_grads(g_w_hat, weight, w_step, zero_point)
             gw = gw if nw else None

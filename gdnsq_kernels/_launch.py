@@ -12,9 +12,14 @@
   the sum separately, which can move a value across a rounding tie. The interpreter ignores
   the option (NumPy never fuses).
 
+``kernel`` may be a ``triton.autotune`` wrapper (``Autotuner``); ``grid`` may then be a
+function of the chosen config's meta-parameters, as in plain Triton.
+
 A *recorder* (``record_launches()``) replaces the launch by a note of what would have been
 launched (kernel, argument types, constexprs, options). The sm_90 compile tests use it to
-compile exactly what the host code would launch on a GPU, on a machine without one.
+compile exactly what the host code would launch on a GPU, on a machine without one. For an
+autotuned kernel the record holds its first (default) config and lists every config in
+``configs``, so that a test can compile each.
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ class LaunchRecord:
     constexprs: dict                    # constexpr name -> value
     options: dict = field(default_factory=dict)  # num_warps, enable_fp_fusion, ...
     args: tuple = ()                    # the arguments themselves (tests check for copies)
+    # autotuned kernels: every config as (constexprs, options); the record's own constexprs and
+    # options are those of configs[0] merged with the launch's
+    configs: list = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -53,6 +61,28 @@ def record_launches():
 def targets_cuda(t: torch.Tensor) -> bool:
     """Whether launches for ``t`` compile for a GPU (a CUDA tensor, or recording for one)."""
     return t.is_cuda or _recorder is not None
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (memory order N, H, W, C) and *not* also row-major.
+
+    A tensor that is both (C == 1 or H*W == 1) counts as contiguous, so that every op output
+    and every fake implementation picks the same format for it (``memory_format_of``)."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format the ``gdnsq::`` ops give an output computed from ``t``:
+    ``torch.channels_last`` for a channels_last 4-D tensor (see ``is_channels_last``), else
+    ``torch.contiguous_format``. The kernels read both in memory order, so neither is copied."""
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def nhwc_view(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last (N, C, H, W) tensor as the row-major (N, H, W, C) view of its memory
+    (a view: no copy); what kernels that take flat row-major buffers are handed."""
+    return t.permute(0, 2, 3, 1)
 
 
 def contiguous(*tensors):
@@ -102,19 +132,38 @@ def launch(kernel, grid, *args, exact: bool = False, num_warps: int | None = Non
         options["num_warps"] = num_warps
     if exact:
         options["enable_fp_fusion"] = False
+    if num_warps is not None and _is_autotuner(kernel):
+        raise RuntimeError(f"{kernel}: num_warps comes from the autotuner's configs")
     if _recorder is not None:
-        names = [n for n in _arg_names(kernel) if n not in constexprs]
+        configs = []
+        jit = kernel
+        if _is_autotuner(kernel):
+            jit = kernel.fn
+            configs = [({**constexprs, **c.kwargs},
+                        {**options, "num_warps": c.num_warps, "num_stages": c.num_stages})
+                       for c in kernel.configs]
+            rec_constexprs, rec_options = configs[0]
+        else:
+            rec_constexprs, rec_options = dict(constexprs), options
+        names = [n for n in _arg_names(jit) if n not in rec_constexprs]
         sig = {n: (f"*{_TRITON_TYPES[a.dtype]}" if _is_pointer(a) else _scalar_type(a))
                for n, a in zip(names, args)}
-        sig.update({n: "constexpr" for n in constexprs})
+        sig.update({n: "constexpr" for n in rec_constexprs})
+        grid_t = tuple(grid(rec_constexprs) if callable(grid) else grid)
         if not compile_only:
-            _recorder.append(LaunchRecord(kernel, tuple(grid), sig, dict(constexprs), options,
-                                          tuple(args)))
+            _recorder.append(LaunchRecord(jit, grid_t, sig, rec_constexprs, rec_options,
+                                          tuple(args), configs))
         return None
     with device_guard(device):
         if compile_only:
             return kernel.warmup(*args, grid=grid, **constexprs, **options)
         return kernel[grid](*args, **constexprs, **options)
+
+
+def _is_autotuner(kernel) -> bool:
+    from triton.runtime.autotuner import Autotuner
+
+    return isinstance(kernel, Autotuner)
 
 
 def _is_pointer(a) -> bool:

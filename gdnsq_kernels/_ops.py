@@ -12,14 +12,14 @@ Quantizer ops (schemas; ``seed`` is an int64 tensor of one element holding the d
 drawn on the input's device, so that a compiled or captured graph draws fresh noise per step):
 
     gdnsq::act_forward(Tensor x, Tensor log2_step, Tensor log2_range, Tensor offset, str backend)
-        -> Tensor                                        y, x's shape/dtype, contiguous
+        -> Tensor                                        y, x's shape/dtype/memory format
     gdnsq::act_backward(Tensor grad_y, Tensor x, Tensor log2_step, Tensor log2_range,
         Tensor offset, Tensor seed, bool dither, str backend, bool need_grad_x,
         bool need_grad_params) -> (Tensor, Tensor, Tensor, Tensor)
         grad_x (x's shape/dtype) and the three 0-d parameter gradients in the compute dtype
         (float32; float64 for float64 x). An output not asked for is an empty (0,) tensor.
     gdnsq::w_forward(Tensor w, Tensor log2_step, str backend) -> (Tensor, Tensor)
-        w_hat (w's shape/dtype, contiguous), zero point (C_out,) in the compute dtype
+        w_hat (w's shape/dtype/memory format), zero point (C_out,) in the compute dtype
     gdnsq::w_step_grad(Tensor grad_w_hat, Tensor w, Tensor log2_step, Tensor zero_point,
         Tensor seed, bool dither, str backend) -> Tensor    d log2_step, log2_step's shape
     gdnsq::quantize_activation(Tensor x, Tensor log2_step, Tensor log2_range, Tensor offset,
@@ -27,6 +27,12 @@ drawn on the input's device, so that a compiled or captured graph draws fresh no
     gdnsq::quantize_weight(Tensor w, Tensor log2_step, Tensor seed, bool dither, str backend)
         -> (Tensor, Tensor)      (w_hat, zero point): trainable (register_autograd); the zero
                                  point is returned so that the backward need not recompute it
+
+Memory format: every activation- or weight-shaped output (y, grad_x, w_hat) has its input's
+format (``_launch.memory_format_of``): channels_last for a channels_last 4-D tensor, else
+contiguous, in the real implementation of every backend and in the fake one alike. The kernels
+read channels_last tensors in memory order, so a channels_last network is quantized without a
+single copy of an activation (tests/test_channels_last_ops.py counts them).
 
 The weight gradient of the weight quantizer is the upstream gradient itself (STE), which an op
 cannot return (outputs may not alias inputs), so ``w_step_grad`` returns the step gradient only.
@@ -43,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from ._launch import is_channels_last, memory_format_of, nhwc_view
 
 __all__ = ["seed_value"]
 
@@ -77,13 +84,19 @@ def seed_value(seed: Tensor, backend: str):
     return int(seed.reshape(-1)[0])
 
 
-def _fresh(t: Tensor, *inputs: Tensor) -> Tensor:
-    """``t`` contiguous and not sharing memory with any input (an op's outputs must not alias)."""
-    t = t.contiguous()
+def _fresh(t: Tensor, *inputs: Tensor, memory_format=torch.contiguous_format) -> Tensor:
+    """``t`` in ``memory_format`` (a no-op when it already is: the backends allocate their
+    outputs so) and not sharing memory with any input (an op's outputs must not alias)."""
+    t = t.contiguous(memory_format=memory_format)
     for i in inputs:
         if i is not None and i.numel() > 0 and t.numel() > 0 and t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr():
-            return t.clone()
+            return t.clone(memory_format=memory_format)
     return t
+
+
+def _like(t: Tensor) -> Tensor:
+    """An uninitialised tensor like ``t`` in the format the ops give outputs computed from it."""
+    return torch.empty_like(t, memory_format=memory_format_of(t))
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
@@ -96,14 +109,14 @@ def _empty(like: Tensor, dtype=None) -> Tensor:
 @torch.library.custom_op("gdnsq::act_forward", mutates_args=())
 def act_forward(x: Tensor, log2_step: Tensor, log2_range: Tensor, offset: Tensor, backend: str) -> Tensor:
     if x.numel() == 0:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+        return _like(x)
     y = _impl(backend).activation_forward(x, log2_step, log2_range, offset)
-    return _fresh(y, x)
+    return _fresh(y, x, memory_format=memory_format_of(x))
 
 
 @act_forward.register_fake
 def _(x, log2_step, log2_range, offset, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _like(x)
 
 
 @torch.library.custom_op("gdnsq::act_backward", mutates_args=())
@@ -112,13 +125,13 @@ def act_backward(grad_y: Tensor, x: Tensor, log2_step: Tensor, log2_range: Tenso
                  need_grad_params: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     ct = _checks.compute_dtype(x.dtype)
     if x.numel() == 0:
-        gx = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_grad_x else _empty(x)
+        gx = torch.zeros_like(x, memory_format=memory_format_of(x)) if need_grad_x else _empty(x)
         z = (lambda: torch.zeros((), dtype=ct, device=x.device)) if need_grad_params else (lambda: _empty(x, ct))
         return gx, z(), z(), z()
     gx, gs, gr, go = _impl(backend).activation_backward(
         grad_y, x, log2_step, log2_range, offset, seed_value(seed, backend), bool(dither),
         need_grad_x=need_grad_x, need_grad_params=need_grad_params)
-    gx = _fresh(gx, grad_y, x) if need_grad_x else _empty(x)
+    gx = _fresh(gx, grad_y, x, memory_format=memory_format_of(x)) if need_grad_x else _empty(x)
     if need_grad_params:
         gs, gr, go = (g.to(ct).reshape(()).clone() for g in (gs, gr, go))
     else:
@@ -129,7 +142,7 @@ def act_backward(grad_y: Tensor, x: Tensor, log2_step: Tensor, log2_range: Tenso
 @act_backward.register_fake
 def _(grad_y, x, log2_step, log2_range, offset, seed, dither, backend, need_grad_x, need_grad_params):
     ct = _checks.compute_dtype(x.dtype)
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_grad_x else _empty(x)
+    gx = _like(x) if need_grad_x else _empty(x)
     shape = () if need_grad_params else (0,)
     return (gx,) + tuple(x.new_empty(shape, dtype=ct) for _ in range(3))
 
@@ -141,16 +154,21 @@ def _(grad_y, x, log2_step, log2_range, offset, seed, dither, backend, need_grad
 def w_forward(w: Tensor, log2_step: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     ct = _checks.compute_dtype(w.dtype)
     if w.numel() == 0:
-        return (torch.empty_like(w, memory_format=torch.contiguous_format),
-                torch.zeros(w.shape[0], dtype=ct, device=w.device))
-    y, z = _impl(backend).weight_forward(w, log2_step)
-    return _fresh(y, w), _fresh(z.to(ct), w, log2_step)
+        return _like(w), torch.zeros(w.shape[0], dtype=ct, device=w.device)
+    if backend == "torch" and is_channels_last(w):
+        # per output channel (min, then elementwise): the same on the NHWC view of the memory,
+        # where the torch backend's reshape to (C_out, K) is a view instead of a copy
+        y, z = _impl(backend).weight_forward(nhwc_view(w), log2_step)
+        y = y.permute(0, 3, 1, 2)
+    else:
+        y, z = _impl(backend).weight_forward(w, log2_step)
+    return _fresh(y, w, memory_format=memory_format_of(w)), _fresh(z.to(ct), w, log2_step)
 
 
 @w_forward.register_fake
 def _(w, log2_step, backend):
     ct = _checks.compute_dtype(w.dtype)
-    return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty((w.shape[0],), dtype=ct)
+    return _like(w), w.new_empty((w.shape[0],), dtype=ct)
 
 
 @torch.library.custom_op("gdnsq::w_step_grad", mutates_args=())
@@ -180,7 +198,7 @@ def quantize_activation(x: Tensor, log2_step: Tensor, log2_range: Tensor, offset
 
 @quantize_activation.register_fake
 def _(x, log2_step, log2_range, offset, seed, dither, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _like(x)
 
 
 def _qa_setup(ctx, inputs, output):
@@ -196,9 +214,10 @@ def _qa_backward(ctx, grad_y):
     need_params = need[1] or need[2] or need[3]
     if not (need[0] or need_params):
         return (None,) * 7
+    # grad_y in x's layout: a copy only when autograd hands it over in another one
     gx, gs, gr, go = torch.ops.gdnsq.act_backward(
-        grad_y.contiguous(), x, log2_step, log2_range, offset, seed, ctx.dither, ctx.backend,
-        bool(need[0]), bool(need_params))
+        grad_y.contiguous(memory_format=memory_format_of(x)), x, log2_step, log2_range, offset,
+        seed, ctx.dither, ctx.backend, bool(need[0]), bool(need_params))
 
     def like(grad, p, needed):
         return grad.to(p.dtype).reshape(p.shape) if needed else None
@@ -219,7 +238,7 @@ def quantize_weight(w: Tensor, log2_step: Tensor, seed: Tensor, dither: bool,
 @quantize_weight.register_fake
 def _(w, log2_step, seed, dither, backend):
     ct = _checks.compute_dtype(w.dtype)
-    return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty((w.shape[0],), dtype=ct)
+    return _like(w), w.new_empty((w.shape[0],), dtype=ct)
 
 
 def _qw_setup(ctx, inputs, output):
@@ -233,7 +252,8 @@ def _qw_backward(ctx, grad_y, _grad_zero_point):
     need_w, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gs = None
     if need_s:
-        gs = torch.ops.gdnsq.w_step_grad(grad_y.contiguous(), w, log2_step, zero_point, seed,
+        gs = torch.ops.gdnsq.w_step_grad(grad_y.contiguous(memory_format=memory_format_of(w)), w,
+                                         log2_step, zero_point, seed,
                                          ctx.dither, ctx.backend).to(log2_step.dtype)
     return (grad_y if need_w else None), gs, None, None, None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from ._launch import is_channels_last, nhwc_view
 from .dither import dither as _dither
 from .reference import LN2, is_per_channel
 
@@ -20,6 +21,14 @@ def _act_params(x, log2_step, log2_range, offset):
     q = torch.exp2(log2_range.detach().to(ct).reshape(()))
     lo = offset.detach().to(ct).reshape(())
     return ct, s, q, lo, lo + q - s
+
+
+def _flat_pair(a, b):
+    """``a`` and ``b`` (same shape) flattened for a dot product: in memory order when both are
+    channels_last (a view; ``reshape(-1)`` of a channels_last tensor would copy it)."""
+    if is_channels_last(a) and a.stride() == b.stride():
+        return nhwc_view(a).reshape(-1), nhwc_view(b).reshape(-1)
+    return a.reshape(-1), b.reshape(-1)
 
 
 def activation_forward(x, log2_step, log2_range, offset):
@@ -47,7 +56,7 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     e.sub_(above.to(ct))
     if dither:
         e.add_(_dither(x.shape, seed, dtype=ct, device=x.device).mul_(s))
-    grad_step = LN2 * s * torch.dot(g.reshape(-1), e.reshape(-1))
+    grad_step = LN2 * s * torch.dot(*_flat_pair(g, e))
     grad_range = LN2 * q * torch.where(above, g, 0.0).sum()
     grad_offset = torch.where(out, g, 0.0).sum()
     return grad_x, grad_step, grad_range, grad_offset

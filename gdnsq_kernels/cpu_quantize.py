@@ -13,6 +13,11 @@ build error is raised.
 Each op is one pass over the data forward and one backward (the activation backward writes
 ``dx`` and reduces the three parameter sums in the same loop); only ``ln2*s`` scaling of the
 O(1)/O(C_out) sums happens in Python.
+
+channels_last 4-D inputs (activations, and conv weights of a channels_last model) are not
+copied: the kernels get the row-major NHWC view of their memory (``nhwc_view``) and the
+outputs are allocated channels_last; the backwards are told ``(C, H*W)`` so that the dither
+index is still the NCHW index of each element (the same noise as for a contiguous tensor).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import warnings
 import torch
 
 from . import _checks
+from ._launch import is_channels_last, nhwc_view
 from .dither import DITHER_MAGNITUDE, seed_key
 from .reference import is_per_channel
 
@@ -104,8 +110,21 @@ def _key_i64(seed: int) -> int:
     return seed_key(seed)  # 0..2**32-1, the C++ side takes the low 32 bits
 
 
+def _flat(t):
+    """(t's memory as a row-major tensor, the kernels' (cl_channels, cl_pixels) arguments)."""
+    if is_channels_last(t):
+        return nhwc_view(t), (t.shape[1], t.shape[2] * t.shape[3])
+    return t.contiguous(), (0, 0)
+
+
 def activation_forward(x, log2_step, log2_range, offset):
-    xc = x.detach().contiguous()
+    xd = x.detach()
+    if is_channels_last(xd):  # elementwise: read and write in memory order
+        y = torch.empty_like(xd, memory_format=torch.channels_last)
+        _ext.act_forward(nhwc_view(xd), nhwc_view(y), log2_step.detach(), log2_range.detach(),
+                         offset.detach())
+        return y
+    xc = xd.contiguous()
     y = torch.empty_like(xc)  # allocated here so that tests can poison it
     _ext.act_forward(xc, y, log2_step.detach(), log2_range.detach(), offset.detach())
     return y
@@ -113,13 +132,18 @@ def activation_forward(x, log2_step, log2_range, offset):
 
 def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
                         need_grad_x=True, need_grad_params=True):
-    xc = x.detach().contiguous()
-    g = grad_y.detach().to(x.dtype).contiguous()
-    dx = torch.empty_like(xc) if need_grad_x else None
-    sums = _ext.act_backward(g, xc, dx if need_grad_x else xc, log2_step.detach(),
+    xd = x.detach()
+    fmt = torch.channels_last if is_channels_last(xd) else torch.contiguous_format
+    # grad_y in x's layout (a copy only when its layout differs from x's)
+    g = grad_y.detach().to(x.dtype).contiguous(memory_format=fmt)
+    dx = torch.empty_like(xd, memory_format=fmt) if need_grad_x else None
+    xf, cl = _flat(xd)
+    gf = nhwc_view(g) if cl[0] else g
+    dxf = (nhwc_view(dx) if cl[0] else dx) if need_grad_x else xf
+    sums = _ext.act_backward(gf, xf, dxf, log2_step.detach(),
                              log2_range.detach(), offset.detach(),
                              _key_i64(seed), bool(dither), bool(need_grad_x),
-                             bool(need_grad_params), DITHER_MAGNITUDE)
+                             bool(need_grad_params), DITHER_MAGNITUDE, *cl)
     if not need_grad_params:
         return dx, None, None, None
     ct = _checks.compute_dtype(x.dtype)
@@ -130,9 +154,15 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
 
 def weight_forward(w, log2_step):
     c_out = w.shape[0]
-    w2 = w.detach().contiguous().reshape(c_out, -1)
-    y = torch.empty_like(w2)
+    wd = w.detach()
     z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype))
+    if is_channels_last(wd):  # each output channel's row is still one block of memory
+        y = torch.empty_like(wd, memory_format=torch.channels_last)
+        _ext.w_forward(nhwc_view(wd).reshape(c_out, -1), nhwc_view(y).reshape(c_out, -1), z,
+                       log2_step.detach())
+        return y, z
+    w2 = wd.contiguous().reshape(c_out, -1)
+    y = torch.empty_like(w2)
     _ext.w_forward(w2, y, z, log2_step.detach())
     return y.reshape(w.shape), z
 
@@ -144,9 +174,14 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
         return grad_w, None
     c_out = w.shape[0]
     ct = _checks.compute_dtype(w.dtype)
-    sums = _ext.w_backward(grad_w_hat.detach().to(w.dtype).contiguous().reshape(c_out, -1),
-                           w.detach().contiguous().reshape(c_out, -1), log2_step.detach(),
-                           zero_point.detach(), _key_i64(seed), bool(dither), DITHER_MAGNITUDE)
+    wd = w.detach()
+    fmt = torch.channels_last if is_channels_last(wd) else torch.contiguous_format
+    g = grad_w_hat.detach().to(w.dtype).contiguous(memory_format=fmt)
+    wf, cl = _flat(wd)
+    gf = nhwc_view(g) if cl[0] else g
+    sums = _ext.w_backward(gf.reshape(c_out, -1), wf.reshape(c_out, -1), log2_step.detach(),
+                           zero_point.detach(), _key_i64(seed), bool(dither), DITHER_MAGNITUDE,
+                           *cl)
     s = torch.exp2(log2_step.detach().to(ct).reshape(-1)).double()
     if is_per_channel(log2_step, c_out):
         grad = LN2 * s * sums

@@ -21,10 +21,21 @@
 * Weights: one program per output channel loops over the channel's row (min, then quantize;
   the backward loops once for the per-channel sum). ResNet-sized rows are 144..4608 long, so a
   row is 1..5 blocks; a second stage is only needed for a per-tensor step (a ``sum`` over C_out).
+  A channels_last conv weight is read in its memory order too (each channel's row is still one
+  block of memory); the backward's dither index is the logical one, as for activations.
 * Rounding is half-to-even via the ``(v + 2**23) - 2**23`` trick (exact in float32 for
   ``|v| < 2**23``; larger values are integers already), which runs identically on the GPU
   and in the interpreter (libdevice is not available there).
 * Division uses ``div_rn`` (correctly rounded) so codes match the reference exactly.
+
+Block sizes on CUDA: the two forward kernels are autotuned (``triton.autotune``, a few
+configs keyed on ``n`` / ``K``: ``ACT_FWD_CONFIGS``, ``W_FWD_CONFIGS``). They are elementwise
+plus an exact ``min``, so every config gives the same bits and the choice (made by timing,
+which varies from run to run) cannot change a result. The two backward kernels reduce in
+floating point, and ``tl.sum``'s reduction tree depends on ``BLOCK`` and ``num_warps``: they run
+one pinned config (``ACT_BLOCK``/``REDUCE_WARPS``, ``_row_block(K)``/``REDUCE_WARPS``), so the
+gradients are the same on every run, whatever the autotuner picked for the forwards. Under the
+interpreter (CPU tensors) every kernel runs its fixed default config, without the autotuner.
 
 Other inputs are made contiguous, so element ``i`` of the flat row-major order is the dither
 index.
@@ -40,13 +51,28 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._launch import contiguous, launch
+from ._launch import contiguous, is_channels_last, launch, targets_cuda
 from .dither import DITHER_MAGNITUDE, seed_key_i32, seed_key_tensor
 from .reference import is_per_channel
 
 LN2 = math.log(2.0)
-ACT_BLOCK = 1024
+ACT_BLOCK = 1024      # activation kernels' block: fixed config (interpreter) and the backward's
 FINISH_BLOCK = 1024
+REDUCE_WARPS = 4      # pinned num_warps of the reducing (backward) kernels: see the docstring
+
+# Autotuned configs of the forward kernels on CUDA (bit-identical results whichever wins).
+# Guesses for ~ResNet sizes, not yet tuned on a GPU; the first is the default (recorded by
+# ``_launch.record_launches``).
+ACT_FWD_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 4096}, num_warps=8),
+]
+W_FWD_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 256}, num_warps=2),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+]
 
 
 @triton.jit
@@ -215,10 +241,12 @@ def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, s_ptr, K, PER_CHANNEL: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["key"])
-def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, PER_CHANNEL: tl.constexpr,
+def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, C, H, Wd, PER_CHANNEL: tl.constexpr,
                   BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr,
                   DITHER: tl.constexpr, MAG: tl.constexpr, LN2_C: tl.constexpr,
-                  KEY_PTR: tl.constexpr = False):
+                  KEY_PTR: tl.constexpr = False, CHANNELS_LAST: tl.constexpr = False):
+    """Per output channel c: out[c] = ln2 * s_c * sum_row g*(round(v) - v + s_c*r). A
+    channels_last weight (C_out, C, H, Wd) is read in memory order (CHANNELS_LAST)."""
     if KEY_PTR:
         key = tl.load(key)
     c = tl.program_id(0)
@@ -237,9 +265,21 @@ def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, PER_CHANNEL: tl.c
         v = _div(w - z, s, CT)
         t = _round_half_even(v, MAGIC) - v
         if DITHER:
-            t = t + s * _dither(base + offs, key, MAG, CT)
+            t = t + s * _dither(_logical_index(base + offs, C, H, Wd, CHANNELS_LAST), key, MAG, CT)
         acc += tl.where(mk, g * t, tl.zeros_like(g))
     tl.store(out_ptr + c, tl.full([], LN2_C, CT) * s * tl.sum(acc, axis=0))
+
+
+# The autotuned forms, used where launches target CUDA (see _tuned). The forwards only write
+# their outputs, so the autotuner's benchmark launches need no reset.
+_act_fwd_tuned = triton.autotune(configs=ACT_FWD_CONFIGS, key=["n"])(_act_fwd_kernel)
+_w_fwd_tuned = triton.autotune(configs=W_FWD_CONFIGS, key=["K"])(_w_fwd_kernel)
+
+
+def _tuned(t) -> bool:
+    """Whether launches for ``t`` use the autotuned kernels: on CUDA (or recording for it);
+    under the interpreter the fixed default config runs instead (fast, deterministic tests)."""
+    return targets_cuda(t)
 
 
 def _ct(dtype):
@@ -279,11 +319,9 @@ def _act_layout(x):
 
     A channels_last activation is read in its own memory order (no copy); the dither index is
     then recomputed as the NCHW index in the kernel. Other non-contiguous inputs are copied."""
-    if x.is_contiguous():
-        return x, None
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         return x, tuple(x.shape[1:])
-    return x.contiguous(), None
+    return contiguous(x), None
 
 
 _tickets = {}
@@ -306,8 +344,12 @@ def activation_forward(x, log2_step, log2_range, offset):
     n = xc.numel()
     ct, magic = _ct(x.dtype)
     s, q, off = _act_params(x, log2_step, log2_range, offset)
-    launch(_act_fwd_kernel, (triton.cdiv(n, ACT_BLOCK),), xc, y, s, q, off, n,
-           exact=True, dense_ok=True, BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic)
+    if _tuned(xc):
+        launch(_act_fwd_tuned, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), xc, y, s, q, off, n,
+               exact=True, dense_ok=True, CT=ct, MAGIC=magic)
+    else:
+        launch(_act_fwd_kernel, (triton.cdiv(n, ACT_BLOCK),), xc, y, s, q, off, n,
+               exact=True, dense_ok=True, BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic)
     return y
 
 
@@ -334,7 +376,7 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     C, H, Wd = chw if chw is not None else (1, 1, 1)
     key, key_ptr = _key_arg(seed)
     launch(_act_bwd_kernel, (n_prog,), g, xc, dx, part, ticket, out, s, q, off, n, n_prog,
-           key, C, H, Wd, exact=True, dense_ok=True,
+           key, C, H, Wd, exact=True, dense_ok=True, num_warps=REDUCE_WARPS,
            BLOCK=ACT_BLOCK, CT=ct, MAGIC=magic, NEED_DX=bool(need_grad_x),
            NEED_PARAMS=bool(need_grad_params), DITHER=bool(dither), MAG=DITHER_MAGNITUDE,
            CHANNELS_LAST=chw is not None, FINISH_BLOCK=FINISH_BLOCK, LN2_C=LN2, KEY_PTR=key_ptr)
@@ -344,16 +386,28 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     return grad_x, out[0], out[1], out[2]
 
 
+def _w_layout(w):
+    """(w as the kernels read it, (C_in, kh, kw) if that is a channels_last conv weight)."""
+    if is_channels_last(w):
+        return w, tuple(w.shape[1:])
+    return contiguous(w), None
+
+
 def weight_forward(w, log2_step):
-    wc = contiguous(w)
+    wc, _ = _w_layout(w)
     c_out = wc.shape[0]
     k = wc.numel() // c_out
     ct, magic = _ct(w.dtype)
-    y = torch.empty_like(wc)
+    y = torch.empty_like(wc)  # keeps a channels_last layout
     z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype), device=w.device)
     s = _exp2(log2_step, w.dtype, (-1,))
-    launch(_w_fwd_kernel, (c_out,), wc, y, z, s, k, exact=True,
-           PER_CHANNEL=is_per_channel(log2_step, c_out), BLOCK=_row_block(k), CT=ct, MAGIC=magic)
+    per_channel = is_per_channel(log2_step, c_out)
+    if _tuned(wc):
+        launch(_w_fwd_tuned, (c_out,), wc, y, z, s, k, exact=True, dense_ok=True,
+               PER_CHANNEL=per_channel, CT=ct, MAGIC=magic)
+    else:
+        launch(_w_fwd_kernel, (c_out,), wc, y, z, s, k, exact=True, dense_ok=True,
+               PER_CHANNEL=per_channel, BLOCK=_row_block(k), CT=ct, MAGIC=magic)
     return y, z
 
 
@@ -362,7 +416,9 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     grad_w = grad_w_hat if need_grad_w else None
     if not need_grad_step:
         return grad_w, None
-    wc, g = contiguous(w, grad_w_hat)
+    wc, chw = _w_layout(w)
+    # grad_w_hat in w's memory order (a copy only when its layout differs)
+    g = grad_w_hat.contiguous(memory_format=torch.channels_last if chw else torch.contiguous_format)
     c_out = wc.shape[0]
     k = wc.numel() // c_out
     ct, magic = _ct(w.dtype)
@@ -371,9 +427,11 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     s = _exp2(log2_step, w.dtype, (-1,))
     out = torch.empty(c_out, dtype=acc_dtype, device=w.device)
     key, key_ptr = _key_arg(seed)
+    C, H, Wd = chw if chw is not None else (1, 1, 1)
     launch(_w_bwd_kernel, (c_out,), g, wc, contiguous(zero_point.to(acc_dtype)), s, out, k,
-           key, exact=True, PER_CHANNEL=per_channel, BLOCK=_row_block(k),
+           key, C, H, Wd, exact=True, dense_ok=True, num_warps=REDUCE_WARPS,
+           PER_CHANNEL=per_channel, BLOCK=_row_block(k),
            CT=ct, MAGIC=magic, DITHER=bool(dither), MAG=DITHER_MAGNITUDE, LN2_C=LN2,
-           KEY_PTR=key_ptr)
+           KEY_PTR=key_ptr, CHANNELS_LAST=chw is not None)
     grad = out if per_channel else out.sum()
     return grad_w, grad.reshape(log2_step.shape)

@@ -7,7 +7,8 @@ Run with TRITON_INTERPRET unset (the kernels must be real ``@triton.jit`` functi
 wrappers run on small CPU tensors under ``gdnsq_kernels._launch.record_launches()``, which
 records (kernel, argument types, constexprs, options such as ``enable_fp_fusion``) instead of
 launching; each record is then compiled with ``triton.compile`` for ``GPUTarget("cuda", arch,
-32)``. ``--fusion-control`` also compiles the activation forward with fp fusion *on*, so the
+32)``; an autotuned kernel is compiled once per config (``config`` in the index; config 0
+is the default). ``--fusion-control`` also compiles the activation forward with fp fusion *on*, so the
 tests can show that their ``fma`` check would see a contraction if there were one.
 """
 import json
@@ -41,6 +42,10 @@ def scenarios():
         out.append((f"w_fwd_{tag}", lambda w=w: TQ.weight_forward(w, torch.full((16,), -4.0))))
         out.append((f"w_bwd_{tag}", lambda w=w: TQ.weight_backward(
             torch.ones_like(w), w, torch.full((16,), -4.0), torch.zeros(16, dtype=TQ._checks.compute_dtype(dt)), 5, True)))
+        wcl = w.to(memory_format=torch.channels_last)
+        out.append((f"w_fwd_cl_{tag}", lambda w=wcl: TQ.weight_forward(w, torch.full((16,), -4.0))))
+        out.append((f"w_bwd_cl_{tag}", lambda w=wcl: TQ.weight_backward(
+            torch.ones_like(w), w, torch.full((16,), -4.0), torch.zeros(16, dtype=TQ._checks.compute_dtype(dt)), 5, True)))
     for M in (1, 8, 256):
         a = pack_bits(torch.randint(0, 2, (M, 1000)))
         b = pack_bits(torch.randint(0, 2, (512, 1000)))
@@ -50,8 +55,9 @@ def scenarios():
     return out
 
 
-def compile_record(rec, arch, options=None):
-    src = ASTSource(rec.kernel, rec.signature, constexprs=rec.constexprs)
+def compile_record(rec, arch, options=None, constexprs=None):
+    constexprs = rec.constexprs if constexprs is None else constexprs
+    src = ASTSource(rec.kernel, rec.signature, constexprs=constexprs)
     opts = dict(rec.options if options is None else options)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
@@ -76,13 +82,16 @@ def main():
             fn()
         for i, rec in enumerate(recs):
             name = rec.kernel.fn.__name__
-            kern = compile_record(rec, arch)
-            ptx = kern.asm["ptx"]
-            fname = f"{label}.{i}.{name}.ptx"
-            (out_dir / fname).write_text(ptx)
-            index.append({"label": label, "kernel": name, "file": fname,
-                          "options": rec.options, "constexprs": {k: str(v) for k, v in rec.constexprs.items()},
-                          "grid": list(rec.grid), "cubin_bytes": len(kern.asm.get("cubin", b""))})
+            variants = rec.configs or [(rec.constexprs, rec.options)]
+            for ci, (constexprs, options) in enumerate(variants):
+                kern = compile_record(rec, arch, options, constexprs)
+                ptx = kern.asm["ptx"]
+                fname = f"{label}.{i}.{name}.c{ci}.ptx"
+                (out_dir / fname).write_text(ptx)
+                index.append({"label": label, "kernel": name, "file": fname, "config": ci,
+                              "n_configs": len(rec.configs), "options": options,
+                              "constexprs": {k: str(v) for k, v in constexprs.items()},
+                              "grid": list(rec.grid), "cubin_bytes": len(kern.asm.get("cubin", b""))})
     if "--fusion-control" in sys.argv:
         with _launch.record_launches() as recs:
             TQ.activation_forward(torch.randn(64), torch.tensor(-3.0), torch.tensor(1.0), torch.tensor(-1.0))

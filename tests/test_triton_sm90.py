@@ -76,6 +76,18 @@ def test_sm90_quantizer_kernel_is_exact(sm90, label, kernel, dtype):
             assert not re.search(r"\bdiv\.(approx|full)\.", ptx), kernel
 
 
+@pytest.mark.parametrize("label,kernel", [("act_bwd_cl", "_act_bwd_kernel"), ("w_fwd_cl", "_w_fwd_kernel"),
+                                          ("w_bwd_cl", "_w_bwd_kernel")])
+def test_sm90_channels_last_variants_are_exact(sm90, label, kernel):
+    """The channels_last variants (memory-order reads, NCHW dither index) are exact too."""
+    for dtype in ("f32", "f16", "f64"):
+        for entry, ptx in _ptx(sm90, f"{label}_{dtype}", kernel):
+            assert entry["constexprs"].get("CHANNELS_LAST", "True") == "True", entry
+            assert entry["options"].get("enable_fp_fusion") is False, entry
+            fma = FLOAT_FMA.search(ptx)
+            assert fma is None, f"{kernel} ({label}): {fma.group(0)}"
+
+
 def test_sm90_activation_backward_is_one_launch_with_ordered_finish(sm90):
     """One launch per backward; the last-ticket reduction is an acq_rel GPU-scope atomic and
     reads the other programs' partials from L2 (ld.global.cg), not a possibly stale L1."""
@@ -86,6 +98,23 @@ def test_sm90_activation_backward_is_one_launch_with_ordered_finish(sm90):
         atom = re.search(r"\batom\.[a-z.]*acq_rel[a-z0-9.]*\.add\b", ptx)
         assert atom and ".gpu." in atom.group(0), "no acq_rel gpu-scope atomic add"
         assert re.search(r"\bld\.global\.cg", ptx), "partials not read with .cg"
+
+
+def test_sm90_every_autotune_config_is_compiled(sm90):
+    """The autotuned forwards are compiled once per config (each then checked above); the
+    reducing backwards run one pinned config (num_warps fixed: deterministic sums)."""
+    from gdnsq_kernels import triton_quantize as TQ
+
+    index, _ = sm90
+    for label, kernel, configs in [("act_fwd_f32", "_act_fwd_kernel", TQ.ACT_FWD_CONFIGS),
+                                   ("w_fwd_f32", "_w_fwd_kernel", TQ.W_FWD_CONFIGS)]:
+        got = [e for e in index if e["label"] == label and e["kernel"] == kernel]
+        assert sorted(int(e["constexprs"]["BLOCK"]) for e in got) == sorted(c.kwargs["BLOCK"] for c in configs)
+        assert sorted(e["options"]["num_warps"] for e in got) == sorted(c.num_warps for c in configs)
+    for label in ("act_bwd_f32", "w_bwd_f32"):
+        got = [e for e in index if e["label"] == label]
+        assert len(got) == 1 and got[0]["n_configs"] == 0
+        assert got[0]["options"]["num_warps"] == TQ.REDUCE_WARPS
 
 
 def test_sm90_fma_check_sees_a_contraction(sm90):

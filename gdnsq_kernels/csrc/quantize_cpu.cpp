@@ -6,7 +6,10 @@
 // match the reference bit for bit in the forward).
 //
 // Design notes:
-// * Inputs arrive contiguous; element i of the flat buffer is the dither index.
+// * Inputs arrive contiguous; element i of the flat buffer is the dither index, except for a
+//   channels_last 4-D tensor, which the caller passes as its (contiguous) NHWC permutation with
+//   (cl_channels, cl_pixels) = (C, H*W): the kernels read it in memory order (no copy) and the
+//   dither index is the NCHW index of each element (nchw_index), as for a contiguous tensor.
 // * Loops are branch-free (ternaries) so the compiler vectorises them; round-half-to-even
 //   uses the (v + 2^23) - 2^23 trick instead of nearbyint, which does not vectorise on SSE2.
 // * Reductions use fixed-size chunks whose boundaries do not depend on the thread count,
@@ -51,6 +54,15 @@ template <typename T>
 inline T dither_at(int64_t i, uint32_t key, T mag) {
   uint32_t h = lowbias32(static_cast<uint32_t>(i) ^ key);
   return (h >> 31) ? mag : -mag;
+}
+
+// NCHW (row-major logical) index of memory position i of a channels_last tensor with C
+// channels and HW = H*W pixels per image (memory order N, H, W, C).
+inline int64_t nchw_index(int64_t i, int64_t C, int64_t HW) {
+  const int64_t c = i % C;
+  const int64_t p = i / C;  // n*HW + pixel
+  const int64_t n = p / HW;
+  return (n * C + c) * HW + (p - n * HW);
 }
 
 template <typename T>
@@ -107,10 +119,12 @@ inline void add_lanes(const acc_t* __restrict__ buf, acc_t* __restrict__ lanes) 
 // Adds [sum g*t, sum_{x>hi} g, sum_out g] over [b, e) to out[0..2]; t = e - [x>hi] + s*r.
 // Each sub-block of kSub elements is first mapped elementwise into small buffers (a plain
 // loop the compiler vectorises, dither hash included), then added into lanes.
-template <typename scalar_t, typename acc_t, bool kDither>
+// kCL: the buffer is a channels_last tensor in memory order (see nchw_index); only the dither
+// index changes (a separate instantiation so that the contiguous loop stays vectorised).
+template <typename scalar_t, typename acc_t, bool kDither, bool kCL>
 void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
                           int64_t b, int64_t e, acc_t s, acc_t lo, acc_t hi, acc_t smag,
-                          uint32_t key, double* out) {
+                          uint32_t key, int64_t cl_c, int64_t cl_hw, double* out) {
   acc_t l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {};
   alignas(64) acc_t t0[kSub], t1[kSub], t2[kSub];
   for (int64_t sb = b; sb < e; sb += kSub) {
@@ -127,7 +141,11 @@ void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __res
       xc = xc > hi ? hi : xc;
       acc_t v = (xc - lo) / s;
       acc_t t = (round_half_even(v) - v) - (above ? acc_t(1) : acc_t(0));
-      if (kDither) t = t + dither_at<acc_t>(base + static_cast<uint32_t>(j), key, smag);  // s*r
+      if (kDither) {
+        const uint32_t idx = kCL ? static_cast<uint32_t>(nchw_index(sb + j, cl_c, cl_hw))
+                                 : base + static_cast<uint32_t>(j);
+        t = t + dither_at<acc_t>(idx, key, smag);  // s*r
+      }
       t0[j] = gv * t;
       t1[j] = above ? gv : acc_t(0);
       t2[j] = (below | above) ? gv : acc_t(0);
@@ -157,9 +175,10 @@ void w_quantize_row(const scalar_t* __restrict__ row, scalar_t* __restrict__ yro
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kDither>
+template <typename scalar_t, typename acc_t, bool kDither, bool kCL>
 double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ gp,
-                  int64_t base, int64_t K, acc_t s, acc_t zc, acc_t smag, uint32_t key) {
+                  int64_t base, int64_t K, acc_t s, acc_t zc, acc_t smag, uint32_t key,
+                  int64_t cl_c, int64_t cl_hw) {
   acc_t lanes[kLanes] = {};
   alignas(64) acc_t tb[kSub];
   for (int64_t sb = base; sb < base + K; sb += kSub) {
@@ -170,7 +189,11 @@ double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ 
     for (int j = 0; j < len; ++j) {
       acc_t v = (static_cast<acc_t>(ws[j]) - zc) / s;
       acc_t t = round_half_even(v) - v;
-      if (kDither) t = t + dither_at<acc_t>(ib + static_cast<uint32_t>(j), key, smag);
+      if (kDither) {
+        const uint32_t idx = kCL ? static_cast<uint32_t>(nchw_index(sb + j, cl_c, cl_hw))
+                                 : ib + static_cast<uint32_t>(j);
+        t = t + dither_at<acc_t>(idx, key, smag);
+      }
       tb[j] = static_cast<acc_t>(gs[j]) * t;
     }
     for (int j = len; j < kSub; ++j) tb[j] = acc_t(0);
@@ -252,7 +275,10 @@ void act_forward(const at::Tensor& x, at::Tensor y, const at::Tensor& log2_step,
 at::Tensor act_backward(const at::Tensor& g, const at::Tensor& x, at::Tensor dx,
                                      const at::Tensor& log2_step, const at::Tensor& log2_range,
                                      const at::Tensor& offset, int64_t key, bool dither,
-                                     bool need_dx, bool need_params, double mag) {
+                                     bool need_dx, bool need_params, double mag,
+                                     int64_t cl_channels, int64_t cl_pixels) {
+  const bool cl = cl_channels > 0;
+  TORCH_CHECK(!cl || cl_pixels > 0, "cl_pixels must be positive with cl_channels");
   check_cpu_contig(x, "x");
   check_cpu_contig(g, "grad_y");
   TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_y must have x's dtype");
@@ -281,10 +307,16 @@ at::Tensor act_backward(const at::Tensor& g, const at::Tensor& x, at::Tensor dx,
         const int64_t e = std::min(n, b + kChunk);
         if (need_dx) act_grad_x_range<scalar_t, acc_t>(xp, gp, dxp, b, e, lo, hi);
         if (!need_params) continue;
-        if (dither) {
-          act_param_sums_range<scalar_t, acc_t, true>(xp, gp, b, e, s, lo, hi, smag, ukey, &part[c * 3]);
+        double* out = &part[c * 3];
+        if (dither && cl) {
+          act_param_sums_range<scalar_t, acc_t, true, true>(xp, gp, b, e, s, lo, hi, smag, ukey,
+                                                            cl_channels, cl_pixels, out);
+        } else if (dither) {
+          act_param_sums_range<scalar_t, acc_t, true, false>(xp, gp, b, e, s, lo, hi, smag, ukey,
+                                                             0, 1, out);
         } else {
-          act_param_sums_range<scalar_t, acc_t, false>(xp, gp, b, e, s, lo, hi, smag, ukey, &part[c * 3]);
+          act_param_sums_range<scalar_t, acc_t, false, false>(xp, gp, b, e, s, lo, hi, smag, ukey,
+                                                              0, 1, out);
         }
       }
     });
@@ -338,7 +370,10 @@ void w_forward(const at::Tensor& w, at::Tensor y, at::Tensor z, const at::Tensor
 // Per-channel sums (C,) float64 of g*(e + s*r); the caller applies ln2*s (and sums for a
 // per-tensor step).
 at::Tensor w_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor& log2_step,
-                      const at::Tensor& zero_point, int64_t key, bool dither, double mag) {
+                      const at::Tensor& zero_point, int64_t key, bool dither, double mag,
+                      int64_t cl_channels, int64_t cl_pixels) {
+  const bool cl = cl_channels > 0;
+  TORCH_CHECK(!cl || cl_pixels > 0, "cl_pixels must be positive with cl_channels");
   check_cpu_contig(w, "w");
   check_cpu_contig(g, "grad_w_hat");
   TORCH_CHECK(w.dim() == 2 && g.sizes() == w.sizes(), "w and grad must be (C, K)");
@@ -364,8 +399,14 @@ at::Tensor w_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor
         const acc_t s = sp[per_channel ? c : 0];
         const acc_t zc = zp[c];
         const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
-        op[c] = dither ? w_grad_row<scalar_t, acc_t, true>(wp, gp, base, K, s, zc, smag, ukey)
-                       : w_grad_row<scalar_t, acc_t, false>(wp, gp, base, K, s, zc, smag, ukey);
+        if (dither && cl) {
+          op[c] = w_grad_row<scalar_t, acc_t, true, true>(wp, gp, base, K, s, zc, smag, ukey,
+                                                          cl_channels, cl_pixels);
+        } else if (dither) {
+          op[c] = w_grad_row<scalar_t, acc_t, true, false>(wp, gp, base, K, s, zc, smag, ukey, 0, 1);
+        } else {
+          op[c] = w_grad_row<scalar_t, acc_t, false, false>(wp, gp, base, K, s, zc, smag, ukey, 0, 1);
+        }
       }
     });
   });
