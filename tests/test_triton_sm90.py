@@ -119,7 +119,7 @@ def test_sm90_every_kernel_is_compiled(sm90):
 
     env_interp = os.environ.get("TRITON_INTERPRET")
     names = set()
-    for mod in ("gdnsq_kernels.triton_quantize", "gdnsq_kernels.triton_xnor"):
+    for mod in ("gdnsq_kernels.quantize.triton_quantize", "gdnsq_kernels.binary.triton_xnor"):
         src = inspect.getsource(importlib.import_module(mod))
         names |= set(re.findall(r"^def (_\w+_kernel)\(", src, flags=re.M))
     compiled = {e["kernel"] for e in sm90[0]}
