@@ -44,8 +44,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gdnsq_kernels  # noqa: E402
-from gdnsq_kernels import binary_ops, cpu_xnor, pack_bits, xnor_gemm  # noqa: E402
-from gdnsq_kernels.binary_ops import (  # noqa: E402
+from gdnsq_kernels import binary as binary_ops, pack_bits, xnor_gemm  # noqa: E402
+from gdnsq_kernels.binary import cpu_xnor  # noqa: E402
+from gdnsq_kernels.binary import (  # noqa: E402
     binary_conv2d,
     binary_linear,
     pack_conv_weight,

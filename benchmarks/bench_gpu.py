@@ -5,7 +5,7 @@ Run by ``benchmarks/gpu_check.sh``; standalone: ``python benchmarks/bench_gpu.py
 * Copy bandwidth: ``y.copy_(x)`` on 256 MB float32, the yardstick for the memory-bound ops.
 * Quantizers, forward and backward, on a 256 MB tensor (64M float32; a 16384 x 4096 weight)
   and at ResNet-20 sizes (activations 128x16x32x32, weight 64x64x3x3): ``fused`` (the Triton
-  kernels), ``eager`` (the plain-PyTorch reference, ``gdnsq_kernels.reference``) and
+  kernels), ``eager`` (the plain-PyTorch reference, ``gdnsq_kernels.quantize.reference``) and
   ``compiled`` (``torch.compile`` of that reference). GB/s counts the minimum traffic (each
   input read once, each output written once) against the measured copy bandwidth.
 * Binary GEMM (4096 x 4096, 1-bit weight and activation codes) at batch 1 / 16 / 256: the
@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from gdnsq_kernels import quantize as Q  # noqa: E402
-from gdnsq_kernels import reference as R  # noqa: E402
+from gdnsq_kernels.quantize import reference as R  # noqa: E402
 
 MB = 1 << 20
 GEMM_NK = 4096  # N = K of the binary GEMM (a 4096 x 4096 layer)
@@ -107,8 +107,9 @@ def quantizer_rows(dev, rep_ms, big_elems, rows=None):
 
 
 def gemm_rows(dev, rep_ms, rows=None):
-    from gdnsq_kernels import binary_reference, pack_bits, xnor_gemm
-    from gdnsq_kernels.triton_xnor import _config
+    from gdnsq_kernels import pack_bits, xnor_gemm
+    from gdnsq_kernels.binary import reference as binary_reference
+    from gdnsq_kernels.binary.triton_xnor import _config
 
     rows = [] if rows is None else rows
     n = k = GEMM_NK
@@ -136,7 +137,7 @@ def gemm_rows(dev, rep_ms, rows=None):
     try:
         import torch.nn.functional as F
 
-        from gdnsq_kernels.binary_ops import binary_conv2d, pack_conv_weight
+        from gdnsq_kernels.binary import binary_conv2d, pack_conv_weight
 
         j = torch.randint(0, 2, (CONV_BATCH, 64, 8, 8), device=dev)
         kc = torch.randint(0, 2, (64, 64, 3, 3), device=dev)

@@ -42,8 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from gdnsq_kernels import quantize_activation, quantize_weight  # noqa: E402
-from gdnsq_kernels._composite import composite_activation, composite_weight  # noqa: E402
-from gdnsq_kernels.dither import DITHER_MAGNITUDE, SEED_SALT, lowbias32_int, lowbias32_torch  # noqa: E402
+from gdnsq_kernels.quantize._composite import composite_activation, composite_weight  # noqa: E402
+from gdnsq_kernels.quantize.dither import DITHER_MAGNITUDE, SEED_SALT, lowbias32_int, lowbias32_torch  # noqa: E402
 
 ACT_SHAPE = (128, 16, 32, 32)
 W_SHAPE = (64, 64, 3, 3)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gdnsq_kernels import pack_bits, xnor_gemm
-from gdnsq_kernels.binary_ops import binary_conv2d, pack_conv_weight
+from gdnsq_kernels.binary import binary_conv2d, pack_conv_weight
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 M, K, N = 64, 1024, 256

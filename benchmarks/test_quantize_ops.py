@@ -11,8 +11,8 @@ import torch
 
 from bench_quantize import reference_surrogate_activation, reference_surrogate_weight
 from gdnsq_kernels import quantize_activation, quantize_weight
-from gdnsq_kernels._composite import composite_activation, composite_weight
-from gdnsq_kernels.dither import SEED_SALT, lowbias32_int
+from gdnsq_kernels.quantize._composite import composite_activation, composite_weight
+from gdnsq_kernels.quantize.dither import SEED_SALT, lowbias32_int
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ACT_SHAPE = (8, 16, 32, 32)   # ResNet-20's first stage at batch 8

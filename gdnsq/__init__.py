@@ -16,8 +16,8 @@ from .losses import BitWidthPenalty, GDNSQObjective, jeffreys_divergence
 from .schedule import GDNSQSchedule
 from . import stats
 
-from .trainer import Trainer
-from .presets import TrainConfig, get_preset
+from .train.trainer import Trainer
+from .train.presets import TrainConfig, get_preset
 from .layers import set_exact_inference
 
 __all__ = [

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdnsq_kernels import quantize as _kq
-from gdnsq_kernels import reference as _kref
+from gdnsq_kernels.quantize import reference as _kref
 from gdnsq_kernels._launch import memory_format_of
 from gdnsq_kernels.backend import resolve_backend
 

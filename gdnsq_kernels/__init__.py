@@ -11,7 +11,7 @@ implementation; see ``gdnsq_kernels.backend``.
 """
 from .backend import BACKENDS, resolve_backend
 from .quantize import quantize_activation, quantize_weight
-from .binary_ops import and_gemm, binary_conv2d, binary_linear, pack_bits, unpack_bits, xnor_gemm
+from .binary import and_gemm, binary_conv2d, binary_linear, pack_bits, unpack_bits, xnor_gemm
 
 __all__ = [
     "BACKENDS",

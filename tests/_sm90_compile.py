@@ -21,9 +21,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gdnsq_kernels import _launch, triton_quantize as TQ
-from gdnsq_kernels.bitpack import pack_bits
-from gdnsq_kernels.triton_xnor import packed_gemm_triton
+from gdnsq_kernels import _launch
+from gdnsq_kernels.quantize import triton_quantize as TQ
+from gdnsq_kernels.binary.bitpack import pack_bits
+from gdnsq_kernels.binary.triton_xnor import packed_gemm_triton
 
 
 def scenarios():

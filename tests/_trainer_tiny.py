@@ -105,7 +105,7 @@ def student_teacher(weight_bits=2, act_bits=2, calib_bits=4.0, calib_loader=None
 def fast_config(**overrides):
     """A config for the tiny task: large LR (RAdam's rectification keeps early steps small),
     short warm-up, fast t growth, LR halving every ~2 epochs after convergence."""
-    from gdnsq.presets import get_preset
+    from gdnsq.train.presets import get_preset
     values = dict(lr=0.2, quantizer_lr_scale=1.0, warmup_steps=5, t_scale=5.0, anneal=0.95, val_every=1, patience=3,
                   max_epochs=8, log_every=2, progress=False, device="cpu", seed=0)
     values.update(overrides)
@@ -117,8 +117,8 @@ def ddp_worker(rank: int, world_size: int, port: int, out_dir: str, epochs: int)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from gdnsq import distributed as gdist
-    from gdnsq.trainer import Trainer
+    from gdnsq.train import distributed as gdist
+    from gdnsq.train.trainer import Trainer
     info = gdist.init_from_env(device="cpu")
     assert info.backend == "gloo" and info.world_size == world_size
     try:
@@ -181,8 +181,8 @@ class ConcatShards:
 def _equivalence_run(rank: int, out_dir: str):
     """This rank's part of the DDP-equals-concatenated-batch test: one epoch of the plain
     student; its parameters go to ``out_dir/equiv_rank<rank>.pt``."""
-    from gdnsq import distributed as gdist
-    from gdnsq.trainer import Trainer
+    from gdnsq.train import distributed as gdist
+    from gdnsq.train.trainer import Trainer
     student, teacher = plain_student_teacher()
     xtr, ytr = make_data(256, 1)
     train = gdist.make_loader(TensorDataset(xtr, ytr), 16, shuffle=True, seed=0)

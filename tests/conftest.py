@@ -74,7 +74,7 @@ def assert_cpp_ran(request, monkeypatch):
     if getattr(request.node, "callspec", None) is None or request.node.callspec.params.get("backend") != "cpu":
         yield
         return
-    from gdnsq_kernels import cpu_quantize
+    from gdnsq_kernels.quantize import cpu_quantize
 
     assert cpu_quantize.implementation() is cpu_quantize, cpu_quantize._failed
     spy = _CountingExtension(cpu_quantize.load_extension())

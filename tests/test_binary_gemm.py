@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from gdnsq_kernels import and_gemm, pack_bits, xnor_gemm
-from gdnsq_kernels import binary_ops, binary_reference
+from gdnsq_kernels import binary as binary_ops
+from gdnsq_kernels.binary import reference as binary_reference
 from gdnsq_kernels.backend import triton_interpreter_enabled
 
 CUDA = torch.cuda.is_available()
@@ -75,7 +76,7 @@ def test_xnor_and_identity():
 @pytest.mark.parametrize("M,N,K", [(70, 9, 100), (3, 5, 1000), (65, 1, 33), (37, 130, 64), (1, 70, 2000)])
 def test_cpu_paths_agree(M, N, K):
     """Every CPU strategy (C++ popcount, NumPy popcount, float sgemm of unpacked codes) is exact."""
-    from gdnsq_kernels import cpu_xnor
+    from gdnsq_kernels.binary import cpu_xnor
 
     x = torch.randint(0, 2, (M, K))
     y = torch.randint(0, 2, (N, K))
@@ -92,7 +93,7 @@ def test_cpp_gemm_builds():
     """The C++ popcount GEMM is the cpu backend wherever a compiler exists (it does in CI)."""
     import shutil
 
-    from gdnsq_kernels import cpu_xnor
+    from gdnsq_kernels.binary import cpu_xnor
 
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the cpu backend uses NumPy popcount")
@@ -100,7 +101,7 @@ def test_cpp_gemm_builds():
 
 
 def test_cpp_gemm_build_failure_raises_when_required_else_falls_back(monkeypatch):
-    from gdnsq_kernels import cpu_xnor
+    from gdnsq_kernels.binary import cpu_xnor
 
     def broken():
         raise RuntimeError("no compiler here")
@@ -131,7 +132,7 @@ def test_cpu_backend_without_cpp(monkeypatch, M, N, K):
 @pytest.mark.parametrize("xnor", [True, False])
 def test_triton_multi_tile_and_word_loop(device, xnor, poison_empty):
     """Small forced blocks: several M/N tiles with ragged edges and several word-loop steps."""
-    from gdnsq_kernels.triton_xnor import packed_gemm_triton
+    from gdnsq_kernels.binary.triton_xnor import packed_gemm_triton
 
     M, N, K = 5, 7, 161  # 6 words: 3 loop steps of 2 words, ragged last tile in M and N
     x = torch.randint(0, 2, (M, K), device=device)
@@ -185,7 +186,7 @@ def test_errors():
 @pytest.mark.parametrize("M", [1, 3, 8, 15, 16, 100])
 def test_triton_gpu_block_sizes(device, M, poison_empty):
     """The path and tiles the GPU table picks for small and large M (run here by the interpreter)."""
-    from gdnsq_kernels.triton_xnor import DOT_MIN_M, _config, packed_gemm_triton
+    from gdnsq_kernels.binary.triton_xnor import DOT_MIN_M, _config, packed_gemm_triton
 
     N, K = 70, 300  # W = 10 words: not a multiple of any BLOCK_W, ragged N tiles
     cfg = _config(M, N, (K + 31) // 32, interpret=False)
@@ -208,7 +209,7 @@ def test_triton_gpu_block_sizes(device, M, poison_empty):
 ])
 def test_triton_tensor_core_path_exact(device, M, N, K, blocks, poison_empty):
     """The int8 tl.dot path against binary_reference, with dirty padding bits past k."""
-    from gdnsq_kernels.triton_xnor import packed_gemm_triton
+    from gdnsq_kernels.binary.triton_xnor import packed_gemm_triton
 
     x = torch.randint(0, 2, (M, K), device=device)
     y = torch.randint(0, 2, (N, K), device=device)
@@ -226,7 +227,7 @@ def test_triton_tensor_core_path_exact(device, M, N, K, blocks, poison_empty):
 def test_gemm_grid_is_one_axis_for_conv_sized_problems():
     """A conv GEMM puts N*Ho*Wo patches on the N side: at 56x56 maps and batch 1,400 that is
     4.4M columns, far past the 65,535 blocks CUDA allows on grid axes 1 and 2."""
-    from gdnsq_kernels.triton_xnor import _config, _grid
+    from gdnsq_kernels.binary.triton_xnor import _config, _grid
 
     M, N, W = 65, 1400 * 56 * 56, 18
     cfg = _config(M, N, W, interpret=False)
@@ -237,7 +238,7 @@ def test_gemm_grid_is_one_axis_for_conv_sized_problems():
 
 def test_gemm_tile_order_covers_every_tile_once():
     """The grouped 1-D tile order of _tile_ids (re-derived here in Python) is a bijection."""
-    from gdnsq_kernels.triton_xnor import GROUP_M
+    from gdnsq_kernels.binary.triton_xnor import GROUP_M
 
     for num_m, num_n in ((1, 1), (3, 5), (10, 3), (17, 4), (8, 8)):
         seen = set()

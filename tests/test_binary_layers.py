@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from gdnsq_kernels import binary_conv2d, binary_linear
 from gdnsq_kernels.backend import triton_interpreter_enabled
-from gdnsq_kernels.binary_ops import PackedBinaryWeight, pack_conv_weight, pack_linear_weight
+from gdnsq_kernels.binary import PackedBinaryWeight, pack_conv_weight, pack_linear_weight
 
 # torch warns that its own padding='same' reference conv with an even kernel copies the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -99,7 +99,7 @@ def test_conv_resnet20_layers(device, backend, C, O, H, stride, beta, poison_emp
 @pytest.mark.parametrize("beta", [0.0, -0.5])
 def test_conv_cpu_without_cpp(monkeypatch, C, O, H, stride, padding, beta):
     """The cpu backend's fallback (float conv of the codes, NumPy popcount) when no compiler."""
-    from gdnsq_kernels import binary_ops
+    from gdnsq_kernels import binary as binary_ops
 
     monkeypatch.setattr(binary_ops, "_cpp_gemm_available", lambda: False)
     _conv_case("cpu", "cpu", 2, C, O, H, stride, padding, beta, kernel=2 if padding == "same" else 3)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gdnsq_kernels import pack_bits, unpack_bits
-from gdnsq_kernels import bitpack
+from gdnsq_kernels.binary import bitpack
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -182,7 +182,7 @@ def test_train_fp_resume_is_exact(capsys, tiny_data, tmp_path, one_thread):
 
 
 def test_quantize_tiny_end_to_end_and_evaluate(capsys, tiny_data, tmp_path):
-    pytest.importorskip("gdnsq.trainer")
+    pytest.importorskip("gdnsq.train.trainer")
     fp = tmp_path / "fp.pt"
     save_fp_checkpoint(fp, get_model("resnet20"), model_name="resnet20", num_classes=10,
                        normalization="imagenet")
@@ -223,7 +223,7 @@ def test_quantize_tiny_end_to_end_and_evaluate(capsys, tiny_data, tmp_path):
 
 
 def test_quantize_without_checkpoint_trains_the_teacher_first(capsys, tiny_data, tmp_path):
-    pytest.importorskip("gdnsq.trainer")
+    pytest.importorskip("gdnsq.train.trainer")
     out_dir = tmp_path / "q"
     code, out, err = _run(capsys, [
         "quantize", "--weight-bits", "4", "--act-bits", "4", "--out", str(out_dir),
@@ -268,7 +268,7 @@ def test_trainer_log_and_report_name_the_same_selected_epoch(tmp_path, capsys):
     import re
 
     import _trainer_tiny as tiny
-    from gdnsq.trainer import Trainer
+    from gdnsq.train.trainer import Trainer
 
     student, teacher = tiny.student_teacher()
     train, val, _ = tiny.loaders()
@@ -329,7 +329,7 @@ def _quantize_args(*extra):
 
 def test_config_file_and_set_precedence(tmp_path):
     """preset < --config < --set < explicit flag, for YAML and JSON files."""
-    from gdnsq.presets import PRESETS
+    from gdnsq.train.presets import PRESETS
     yml = tmp_path / "c.yaml"
     yml.write_text("lr: 1.0e-3\npatience: 9\nhold_epochs: 2\nmax_minutes: null\nprecision: bf16\n")
     cfg, src = cli.resolve_train_config(_quantize_args("--config", str(yml), "--set", "patience=5",
@@ -366,8 +366,8 @@ def test_config_and_set_errors_exit_2(capsys, tmp_path, extra, needle):
     assert not (tmp_path / "q").exists()
 
 
-def test_deploy_cli_does_not_import_the_main_cli():
+def test_deploy_runtime_does_not_import_the_cli():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = "import sys, gdnsq.deploy.cli; assert 'gdnsq.cli' not in sys.modules, 'cycle'"
+    code = "import sys, gdnsq.deploy; assert 'gdnsq.cli' not in sys.modules, 'the runtime imports the CLI'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -13,8 +13,9 @@ from torch import nn
 import gdnsq  # noqa: F401  (registers gdnsq::qconv2d / qlinear)
 import gdnsq_kernels  # noqa: F401
 from gdnsq.convert import quantize_model
-from gdnsq_kernels import binary_ops, dither
-from gdnsq_kernels.bitpack import pack_bits
+from gdnsq_kernels import binary as binary_ops
+from gdnsq_kernels.quantize import dither
+from gdnsq_kernels.binary.bitpack import pack_bits
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _deploy_helpers import make_qmodel  # noqa: E402
@@ -111,7 +112,7 @@ def test_opcheck_packed_ops(backend):
 
 def test_packed_op_values_through_public_api():
     """The ops return what the plain-torch oracle gives (the wrappers now route through them)."""
-    from gdnsq_kernels import binary_reference as ref
+    from gdnsq_kernels.binary import reference as ref
 
     torch.manual_seed(1)
     a_bits = torch.randint(0, 2, (5, 45), dtype=torch.uint8)
@@ -245,7 +246,7 @@ def test_seed_key_tensor_matches_host_key():
 def test_triton_backward_takes_seed_tensor():
     """The Triton backwards load the key from the device (tensor seed) and give the same
     gradients as the host-hashed int seed, which the other tests compare with the reference."""
-    from gdnsq_kernels import triton_quantize as tq
+    from gdnsq_kernels.quantize import triton_quantize as tq
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(2)

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _trainer_tiny as tiny
-from gdnsq import distributed as gdist
-from gdnsq.trainer import LAST, METRICS, load_checkpoint
+from gdnsq.train import distributed as gdist
+from gdnsq.train.trainer import LAST, METRICS, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -72,7 +72,7 @@ def test_two_ranks_take_identical_steps(ddp_run):
 def test_ddp_equals_single_process_on_concatenated_batches(ddp_run, tmp_path, monkeypatch):
     from torch.utils.data import TensorDataset
 
-    from gdnsq.trainer import Trainer
+    from gdnsq.train.trainer import Trainer
     monkeypatch.setenv("GDNSQ_BACKEND", "torch")  # as the ranks
     r0 = torch.load(ddp_run / "equiv_rank0.pt", weights_only=True)
     r1 = torch.load(ddp_run / "equiv_rank1.pt", weights_only=True)

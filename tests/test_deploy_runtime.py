@@ -22,7 +22,7 @@ from gdnsq.deploy.layers import build_layer, pack_codes
 from gdnsq.layers import set_exact_inference
 from gdnsq.models.resnet_cifar import CifarResNet
 from gdnsq_kernels import cpu_deploy
-from gdnsq_kernels.reference import activation_codes
+from gdnsq_kernels.quantize.reference import activation_codes
 
 from _deploy_helpers import set_bits
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from gdnsq_kernels import dither as D
+from gdnsq_kernels.quantize import dither as D
 
 
 def test_torch_hash_matches_python_int_hash():
@@ -123,7 +123,7 @@ def test_kernel_dither_known_answers(backend):
     element per channel, its own zero point, so e = 0 and d log2_step_c = ln2 * s_c * g_c * s_c * r_c
     with r_c the dither of flat index c."""
     from gdnsq_kernels import quantize as Q
-    from gdnsq_kernels import reference as R
+    from gdnsq_kernels.quantize import reference as R
 
     if backend == "triton":
         from gdnsq_kernels.backend import triton_available, triton_interpreter_enabled

@@ -1,10 +1,10 @@
-"""gdnsq.loop.train_epoch: the batch loop shared by the Trainer and train-fp."""
+"""gdnsq.train.loop.train_epoch: the batch loop shared by the Trainer and train-fp."""
 import io
 
 import pytest
 
-from gdnsq.loop import train_epoch
-from gdnsq.progress import close_with, progress_bar
+from gdnsq.train.loop import train_epoch
+from gdnsq.train.progress import close_with, progress_bar
 
 
 def test_means_bar_and_shown_fields():

@@ -6,7 +6,7 @@ import pytest
 from matplotlib import colormaps
 from PIL import Image
 
-from gdnsq.plot import plot_bit_history, plot_curves
+from gdnsq.train.plot import plot_bit_history, plot_curves
 
 TAB10 = [tuple(int(round(255 * c)) for c in colormaps["tab10"](i)[:3]) for i in range(10)]
 

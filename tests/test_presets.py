@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from gdnsq.presets import PRESETS, TrainConfig, get_preset
+from gdnsq.train.presets import PRESETS, TrainConfig, get_preset
 from gdnsq.schedule import GDNSQSchedule
 
 

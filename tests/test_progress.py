@@ -1,8 +1,8 @@
-"""gdnsq.progress: tqdm on a terminal, compact newline-terminated lines in logs."""
+"""gdnsq.train.progress: tqdm on a terminal, compact newline-terminated lines in logs."""
 import io
 import time
 
-from gdnsq.progress import close_with, progress_bar
+from gdnsq.train.progress import close_with, progress_bar
 
 
 class _TTY(io.StringIO):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gdnsq_kernels import quantize as Q
-from gdnsq_kernels import reference as R
+from gdnsq_kernels.quantize import reference as R
 
 pytestmark = pytest.mark.usefixtures("assert_cpp_ran")
 

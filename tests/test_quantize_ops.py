@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gdnsq_kernels import quantize as Q
-from gdnsq_kernels import reference as R
+from gdnsq_kernels.quantize import reference as R
 
 from gdnsq_kernels.backend import triton_interpreter_enabled
 

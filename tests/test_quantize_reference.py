@@ -14,9 +14,9 @@ import math
 import pytest
 import torch
 
-from gdnsq_kernels import _composite
-from gdnsq_kernels import reference as R
-from gdnsq_kernels.dither import dither
+from gdnsq_kernels.quantize import _composite
+from gdnsq_kernels.quantize import reference as R
+from gdnsq_kernels.quantize.dither import dither
 
 D = torch.float64
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import _trainer_tiny as tiny
-from gdnsq.trainer import (LAST, METRICS, CHECKPOINT_VERSION, Trainer, atomic_torch_save, load_checkpoint,
+from gdnsq.train.trainer import (LAST, METRICS, CHECKPOINT_VERSION, Trainer, atomic_torch_save, load_checkpoint,
                            save_checkpoint)
 
 # Fields that measure time, the only ones allowed to differ between the two runs' metrics.

@@ -9,8 +9,8 @@ import torch
 
 import _trainer_tiny as tiny
 from gdnsq import cli
-from gdnsq.presets import PRESETS, TrainConfig, get_preset, half_life_to_anneal
-from gdnsq.trainer import LAST, METRICS, Trainer, load_checkpoint
+from gdnsq.train.presets import PRESETS, TrainConfig, get_preset, half_life_to_anneal
+from gdnsq.train.trainer import LAST, METRICS, Trainer, load_checkpoint
 
 
 @pytest.fixture(autouse=True)

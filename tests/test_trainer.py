@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import _trainer_tiny as tiny
-from gdnsq.presets import TrainConfig
-from gdnsq.trainer import BEST, LAST, METRICS, Trainer, load_checkpoint, report_markdown
+from gdnsq.train.presets import TrainConfig
+from gdnsq.train.trainer import BEST, LAST, METRICS, Trainer, load_checkpoint, report_markdown
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not triton_interpreter_enabled(), reason="needs 
 
 
 def _tq():
-    from gdnsq_kernels import triton_quantize
+    from gdnsq_kernels.quantize import triton_quantize
 
     return triton_quantize
 

@@ -14,9 +14,10 @@ import warnings
 import pytest
 import torch
 
-from gdnsq_kernels import _launch, quantize as Q, reference as R
+from gdnsq_kernels import _launch, quantize as Q
+from gdnsq_kernels.quantize import reference as R
 from gdnsq_kernels.backend import triton_interpreter_enabled
-from gdnsq_kernels.dither import DITHER_MAGNITUDE
+from gdnsq_kernels.quantize.dither import DITHER_MAGNITUDE
 
 CUDA = torch.cuda.is_available()
 INTERP = triton_interpreter_enabled()
@@ -200,7 +201,7 @@ def test_cuda_second_device_quantizes_correctly():
 
 
 def _gemm_args():
-    from gdnsq_kernels.bitpack import pack_bits
+    from gdnsq_kernels.binary.bitpack import pack_bits
 
     a = pack_bits(torch.randint(0, 2, (2, 40)))
     return a, a.clone()
@@ -211,7 +212,7 @@ def test_gemm_falls_back_on_a_compilation_error_only(monkeypatch):
     launch error (illegal address, ...) propagates and is never retried."""
     from triton.compiler.errors import CompilationError
 
-    from gdnsq_kernels import triton_xnor as TX
+    from gdnsq_kernels.binary import triton_xnor as TX
 
     calls = []
 
@@ -298,7 +299,7 @@ def _act_params(device, dtype=torch.float32):
 def test_activation_backward_is_one_launch_and_reads_channels_last_in_place():
     """Recorded launches: the backward is one kernel launch; a channels_last x (and a
     channels_last grad) are handed to the kernels as they are, not copied."""
-    from gdnsq_kernels import triton_quantize as TQ
+    from gdnsq_kernels.quantize import triton_quantize as TQ
 
     x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)
     g = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)
@@ -339,7 +340,7 @@ def test_channels_last_activation_matches_reference(device, grad_layout, poison_
 def test_activation_backward_many_blocks_is_deterministic(device):
     """Several programs feed the last-ticket reduction: equal to the reference and bitwise
     the same on a second call (fixed reduction order)."""
-    from gdnsq_kernels.triton_quantize import ACT_BLOCK
+    from gdnsq_kernels.quantize.triton_quantize import ACT_BLOCK
 
     x = torch.randn(5 * ACT_BLOCK + 17, device=device)
     g = torch.randn_like(x)

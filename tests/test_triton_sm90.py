@@ -103,7 +103,7 @@ def test_sm90_activation_backward_is_one_launch_with_ordered_finish(sm90):
 def test_sm90_every_autotune_config_is_compiled(sm90):
     """The autotuned forwards are compiled once per config (each then checked above); the
     reducing backwards run one pinned config (num_warps fixed: deterministic sums)."""
-    from gdnsq_kernels import triton_quantize as TQ
+    from gdnsq_kernels.quantize import triton_quantize as TQ
 
     index, _ = sm90
     for label, kernel, configs in [("act_fwd_f32", "_act_fwd_kernel", TQ.ACT_FWD_CONFIGS),
@@ -148,7 +148,7 @@ def test_sm90_every_kernel_is_compiled(sm90):
 
     env_interp = os.environ.get("TRITON_INTERPRET")
     names = set()
-    for mod in ("gdnsq_kernels.triton_quantize", "gdnsq_kernels.triton_xnor"):
+    for mod in ("gdnsq_kernels.quantize.triton_quantize", "gdnsq_kernels.binary.triton_xnor"):
         src = inspect.getsource(importlib.import_module(mod))
         names |= set(re.findall(r"^def (_\w+_kernel)\(", src, flags=re.M))
     compiled = {e["kernel"] for e in sm90[0]}

@@ -113,7 +113,7 @@ def activation_codes(x: torch.Tensor, log2_step, log2_range, offset) -> torch.Te
     Delegates to ``gdnsq_kernels.reference.activation_codes`` so that the deployed codes are
     the ones the fake-quant model rounds to, bit for bit.
     """
-    from gdnsq_kernels.reference import activation_codes as ref_codes
+    from gdnsq_kernels.quantize.reference import activation_codes as ref_codes
 
     return ref_codes(x, log2_step, log2_range, offset)
 
@@ -417,7 +417,7 @@ class DeployedConv2d(_DeployedBase):
         return acc.view(n, ho, wo, out_ch).permute(0, 3, 1, 2).to(self._int_dtype())
 
     def _binary(self, codes: torch.Tensor) -> torch.Tensor:
-        from gdnsq_kernels.binary_ops import binary_conv2d, pack_conv_weight
+        from gdnsq_kernels.binary import binary_conv2d, pack_conv_weight
 
         stride, padding, dilation, _ = self._geom()
         key = ("packed_binary", codes.device)
@@ -464,7 +464,7 @@ class DeployedLinear(_DeployedBase):
             return F.linear(x2, self.dequantized_weight().to(x.device), self.bias).view(*lead, out_f)
         codes = self.float_codes(x2)
         if path == "binary":
-            from gdnsq_kernels.binary_ops import binary_linear, pack_linear_weight
+            from gdnsq_kernels.binary import binary_linear, pack_linear_weight
 
             key = ("packed_binary", codes.device)
             if key not in self._cache:

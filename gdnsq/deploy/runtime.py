@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdnsq_kernels.reference import activation_codes
+from gdnsq_kernels.quantize.reference import activation_codes
 
 from .layers import DeployedConv2d
 

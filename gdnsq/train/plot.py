@@ -22,7 +22,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ._atomic import atomic_open
+from .._atomic import atomic_open
 
 DPI = 100
 

@@ -32,12 +32,12 @@ from typing import Optional
 import torch
 
 from gdnsq import data as gdata
-from gdnsq.cli_support import (CliError, check_output_file, checkpoint_args, common_args, evaluate_model,
+from ._support import (CliError, check_output_file, checkpoint_args, common_args, evaluate_model,
                                load_model_for_eval, positive_int, resolve_device, usage_errors)
 
-from .artifact import load, save
-from .freeze import format_layer_table, format_size_report, freeze, layer_table, size_report
-from .layers import PATHS
+from ..deploy.artifact import load, save
+from ..deploy.freeze import format_layer_table, format_size_report, freeze, layer_table, size_report
+from ..deploy.layers import PATHS
 
 
 def add_subcommands(subparsers, common=None) -> None:

@@ -30,12 +30,12 @@ import warnings
 import torch
 
 from . import _checks
-from ._launch import is_channels_last, nhwc_view
+from .._launch import is_channels_last, nhwc_view
 from .dither import DITHER_MAGNITUDE, seed_key
 from .reference import is_per_channel
 
 LN2 = math.log(2.0)
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "quantize_cpu.cpp")
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "quantize_cpu.cpp")
 _lock = threading.Lock()
 _ext = None
 _failed: str | None = None
@@ -57,7 +57,7 @@ def load_extension():
             return _ext
         from torch.utils.cpp_extension import load
 
-        from ._build import clear_stale_build_lock, extension_build_dir
+        from .._build import clear_stale_build_lock, extension_build_dir
 
         # -fno-trapping-math lets GCC if-convert the clamp/select loops (it then vectorises them); it
         # changes no value. -ffp-contract=off keeps mul+add unfused, as in the reference.

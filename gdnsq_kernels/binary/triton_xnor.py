@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import contiguous, launch, targets_cuda
+from .._launch import contiguous, launch, targets_cuda
 from .bitpack import tail_mask
 
 # Smallest M that takes the tensor-core path (tl.dot needs M tiles of >= 16 rows).

@@ -43,17 +43,17 @@ from typing import List, Optional
 
 import torch
 
-from . import __version__
-from . import data as gdata
-from ._atomic import atomic_write_text
-from .deploy import cli as deploy_cli
-from .cli_support import (RUN_FILE, CliError, act_bits_arg, bits_arg, check_run_folder, checkpoint_args,
+from .. import __version__
+from .. import data as gdata
+from .._atomic import atomic_write_text
+from . import export as deploy_cli
+from ._support import (RUN_FILE, CliError, act_bits_arg, bits_arg, check_run_folder, checkpoint_args,
                           checkpoint_file, common_args,
                           evaluate_model, load_model_for_eval, log as _log, nonneg_float, nonneg_int,
                           number_arg, positive_float, positive_int, resolve_device, usage_errors)
-from .models import fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint, save_fp_checkpoint
-from .loop import train_epoch
-from .progress import progress_bar
+from ..models import fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint, save_fp_checkpoint
+from ..train.loop import train_epoch
+from ..train.progress import progress_bar
 
 __all__ = ["main", "build_parser", "train_fp", "CliError", "evaluate_model", "load_model_for_eval"]
 
@@ -317,7 +317,7 @@ def resolve_train_config(args):
     explicit flags (``--lr``, ``--epochs``, ``--seed``, ``--device``, ...). Returns
     ``(config, sources)`` with ``sources = {"preset", "config_file", "set", "flags"}``.
     """
-    from . import presets
+    from ..train import presets
 
     file_values = _read_config_file(args.config) if args.config else {}
     overrides = {}
@@ -385,10 +385,10 @@ def headline(model: str, report: dict) -> str:
 
 
 def cmd_quantize(args) -> dict:
-    from . import convert, presets
-    from . import distributed as gdist
-    from .calibrate import calibrate
-    from .trainer import Trainer, load_checkpoint
+    from .. import convert
+    from ..train import distributed as gdist, presets
+    from ..calibrate import calibrate
+    from ..train.trainer import Trainer, load_checkpoint
 
     # Everything the user named is checked before any work (data, teacher, training).
     out = check_run_folder("--out", args.out)

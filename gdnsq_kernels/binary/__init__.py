@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import binary_reference as _ref
-from .backend import resolve_backend
+from . import reference as _ref
+from ..backend import resolve_backend
 from .bitpack import (
     WORD_BITS,
     check_bits,

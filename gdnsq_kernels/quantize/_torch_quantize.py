@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from ._launch import is_channels_last, nhwc_view
+from .._launch import is_channels_last, nhwc_view
 from .dither import dither as _dither
 from .reference import LN2, is_per_channel
 

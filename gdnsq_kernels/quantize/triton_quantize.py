@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from . import _checks
-from ._launch import contiguous, is_channels_last, launch, targets_cuda
+from .._launch import contiguous, is_channels_last, launch, targets_cuda
 from .dither import DITHER_MAGNITUDE, seed_key_i32, seed_key_tensor
 from .reference import is_per_channel
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from .backend import resolve_backend
+from ..backend import resolve_backend
 from . import _ops  # noqa: F401  (registers the gdnsq:: ops)
 from .dither import MASK32, new_seed, new_seed_tensor
 

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "xnor_cpu.cpp")
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "xnor_cpu.cpp")
 _lock = threading.Lock()
 _ext = None
 _failed = None
@@ -39,7 +39,7 @@ def load_extension():
             return _ext
         from torch.utils.cpp_extension import load
 
-        from ._build import clear_stale_build_lock, extension_build_dir
+        from .._build import clear_stale_build_lock, extension_build_dir
 
         flags = ["-O3", "-fopenmp"]
         name = "gdnsq_xnor_cpu"
@@ -72,7 +72,7 @@ def available() -> bool:
         load_extension()
         return True
     except Exception as exc:  # compiler / ninja / build failure: degrade to NumPy, do not crash
-        from .cpu_quantize import require_cpp
+        from ..quantize.cpu_quantize import require_cpp
 
         if require_cpp():  # tests and CI: a failed build must fail, not test NumPy twice
             raise

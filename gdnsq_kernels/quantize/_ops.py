@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from ._launch import is_channels_last, memory_format_of, nhwc_view
+from .._launch import is_channels_last, memory_format_of, nhwc_view
 
 __all__ = ["seed_value"]
 

@@ -166,13 +166,13 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
 
 def quantize_activation(x, log2_step, log2_range, offset, *, seed=None, dither=True):
     """``gdnsq_kernels.quantize_activation`` on the reference backend (autograd included)."""
-    from .quantize import quantize_activation as _qa
+    from . import quantize_activation as _qa
 
     return _qa(x, log2_step, log2_range, offset, seed=seed, dither=dither, backend="reference")
 
 
 def quantize_weight(w, log2_step, *, seed=None, dither=True):
     """``gdnsq_kernels.quantize_weight`` on the reference backend (autograd included)."""
-    from .quantize import quantize_weight as _qw
+    from . import quantize_weight as _qw
 
     return _qw(w, log2_step, seed=seed, dither=dither, backend="reference")

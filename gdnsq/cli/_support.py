@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from . import data as gdata
-from .models import MODELS, extract_state_dict, fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint
-from .progress import progress_bar
+from .. import data as gdata
+from ..models import MODELS, extract_state_dict, fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint
+from ..train.progress import progress_bar
 
 RUN_FILE = "run.json"  # written by `gdnsq quantize` into --out: how to rebuild the student
 CHECKPOINT_NAMES = ("checkpoint_best.pt", "checkpoint_last.pt")
@@ -201,7 +201,7 @@ def load_model_for_eval(args) -> tuple:
     Returns ``(model, info)`` where info has "normalization", "kind" ("fp"/"quantized"),
     "weight_bits"/"act_bits" for quantized models.
     """
-    from .convert import quantize_model
+    from ..convert import quantize_model
 
     path = checkpoint_file("--checkpoint", args.checkpoint)
     num_classes = gdata.num_classes_of(args.dataset)

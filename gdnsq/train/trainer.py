@@ -53,16 +53,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as gdist
-from . import stats as gstats
-from ._atomic import atomic_torch_save, atomic_write_text
-from ._sealed import MAGIC as _SEAL_MAGIC, read_sealed, write_sealed
+from .. import stats as gstats
+from .._atomic import atomic_torch_save, atomic_write_text
+from .._sealed import MAGIC as _SEAL_MAGIC, read_sealed, write_sealed
 from .loop import train_epoch
-from .losses import GDNSQObjective
+from ..losses import GDNSQObjective
 from .plot import plot_bit_history, plot_curves
 from .presets import TrainConfig, get_preset
 from .progress import close_with, progress_bar
-from .quantizers import ActivationQuantizer, WeightQuantizer
-from .schedule import GDNSQSchedule
+from ..quantizers import ActivationQuantizer, WeightQuantizer
+from ..schedule import GDNSQSchedule
 
 CHECKPOINT_FORMAT = "gdnsq.trainer.checkpoint"
 CHECKPOINT_VERSION = 1
