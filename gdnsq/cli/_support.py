@@ -1,8 +1,6 @@
-"""Pieces shared by the ``gdnsq`` command (:mod:`gdnsq.cli`) and its deployment subcommands
-(:mod:`gdnsq.deploy.cli`): the usage-error type, argument types, path checks, device choice,
-checkpoint loading for evaluation and the evaluation loop. Both CLIs import from here; neither
-imports the other's internals (``gdnsq.cli`` adds the deploy subcommands through
-``gdnsq.deploy.cli.add_subcommands``).
+"""Pieces shared by the subcommands of the ``gdnsq`` command (:mod:`gdnsq.cli`): the usage-error
+type, argument types, path checks, device choice, checkpoint loading for evaluation and the
+evaluation loop. Every subcommand module imports from here, never from :mod:`gdnsq.cli` itself.
 
 Error policy: a :class:`CliError` (and argparse's own errors) is a usage problem: one line on
 stderr, exit code 2. :func:`usage_errors` turns the ValueError / FileNotFoundError raised while
