@@ -35,7 +35,7 @@ def train_fp(*, model_name: str, dataset: str, out: pathlib.Path, epochs: int, l
              progress: bool = True) -> dict:
     """SGD + momentum, per-batch cosine LR (after an optional linear warm-up), checkpoints.
 
-    The batches run through :func:`gdnsq.loop.train_epoch`, the loop the GDNSQ trainer uses;
+    The batches run through :func:`gdnsq.train.loop.train_epoch`, the loop the GDNSQ trainer uses;
     ``train_loss`` / ``train_top1`` in metrics.jsonl are means over the epoch's batches.
 
     Writes ``out/checkpoint_last.pt`` every epoch (resumed from when present),

@@ -31,7 +31,7 @@ Example::
     student = gdnsq.quantize_model(fp_model, weight_bits=2, act_bits=2)
     teacher = gdnsq.teacher_of(student)
     gdnsq.calibrate(student, calib_loader)
-    cfg = gdnsq.presets.get_preset("cpu-fast")
+    cfg = gdnsq.get_preset("cpu-fast")
     trainer = gdnsq.Trainer(student, teacher, train_loader, val_loader, config=cfg, out_dir="runs/w2a2")
     trainer.fit()
     report = trainer.test(test_loader)   # report["test_top1"] in percent
@@ -65,7 +65,7 @@ from .report import write_report
 from ..quantizers import ActivationQuantizer, WeightQuantizer
 from ..schedule import GDNSQSchedule
 
-CHECKPOINT_FORMAT = "gdnsq.trainer.checkpoint"
+CHECKPOINT_FORMAT = "gdnsq.trainer.checkpoint"  # a file-format tag written into checkpoints: never renamed
 CHECKPOINT_VERSION = 1
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
@@ -233,7 +233,7 @@ class Trainer:
             whose quantized layers ``gdnsq.stats.quantized_layers`` finds.
         teacher: the frozen FP model (``gdnsq.teacher_of(student)``); kept in eval mode.
         train_loader: batches ``(images, labels)`` (labels unused for training: distillation).
-            Under DDP give it a ``DistributedSampler`` (``gdnsq.distributed.make_loader``).
+            Under DDP give it a ``DistributedSampler`` (``gdnsq.train.distributed.make_loader``).
         val_loader: held-out batches ``(images, labels)`` for selection, early stopping and the
             convergence probe. Sharded (DistributedSampler) or full on every rank. None: no
             validation; the convergence probe runs on the epoch's last training batch, the
@@ -257,7 +257,7 @@ class Trainer:
         if config is None:
             config = get_preset("paper")
         if not isinstance(config, TrainConfig):
-            raise TypeError(f"Trainer: config must be a gdnsq.presets.TrainConfig, got {type(config).__name__}")
+            raise TypeError(f"Trainer: config must be a gdnsq.TrainConfig, got {type(config).__name__}")
         config.validate()
         if not isinstance(out_dir, (str, os.PathLike)):
             raise TypeError(f"Trainer: out_dir must be a path, got {type(out_dir).__name__}")

@@ -2,7 +2,7 @@
 
 Public ops (all inference-only: no autograd):
 
-* ``pack_bits`` / ``unpack_bits`` (see :mod:`gdnsq_kernels.bitpack` for the bit order).
+* ``pack_bits`` / ``unpack_bits`` (see :mod:`gdnsq_kernels.binary.bitpack` for the bit order).
 * ``xnor_gemm(a_packed, b_packed, k)``: ``C[m, n] = sum_{i<k} (2a-1)(2b-1) = k - 2*popcount(a XOR b)``.
 * ``and_gemm(a_packed, b_packed, k)``: ``C[m, n] = sum_{i<k} a*b = popcount(a AND b)``.
 * ``pack_linear_weight`` / ``pack_conv_weight`` -> :class:`PackedBinaryWeight` (pack once, reuse).
@@ -20,7 +20,7 @@ Public ops (all inference-only: no autograd):
 
 Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
 
-* ``triton``: the Triton kernel (:mod:`gdnsq_kernels.triton_xnor`); on CPU tensors only under
+* ``triton``: the Triton kernel (:mod:`gdnsq_kernels.binary.triton_xnor`); on CPU tensors only under
   ``TRITON_INTERPRET=1``.
 * ``cpu``: CPU tensors. A C++ popcount GEMM over uint64 words (``csrc/xnor_cpu.cpp``, built on
   first use; AVX-512 VPOPCNTDQ when the CPU has it), the fastest path measured at every shape.
@@ -33,7 +33,7 @@ Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
 * ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler). It is
   its own implementation here (not an alias of ``reference`` or ``cpu``): the fallback for a
   CUDA machine without a working Triton.
-* ``reference``: :mod:`gdnsq_kernels.binary_reference` (unpack and multiply in float64; the
+* ``reference``: :mod:`gdnsq_kernels.binary.reference` (unpack and multiply in float64; the
   conv/linear dequantize and run float64 ``F.conv2d``/``F.linear``).
 """
 from __future__ import annotations

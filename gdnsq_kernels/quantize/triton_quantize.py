@@ -8,7 +8,7 @@
 * Every launch is ``exact`` (``enable_fp_fusion=False``, see ``_launch``): ``lo + s*round(v)``
   is two roundings in the reference, not one ``fma``.
 * The dither ``r`` is regenerated in the backward from ``(key, flat index)`` with the hash of
-  ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored. A seed given as a
+  ``gdnsq_kernels.quantize.dither`` (uint32 arithmetic), so no noise tensor is stored. A seed given as a
   tensor (what the ``gdnsq::`` ops pass) is hashed to its key on the device and the kernels
   load the key from that pointer (``KEY_PTR``): no host read, so a CUDA graph replays a fresh
   draw each step. A Python-int seed is hashed on the host and passed by value.
@@ -261,7 +261,7 @@ def _row_block(k: int) -> int:
 
 
 def _exp2(log2_param, x_dtype, shape):
-    """``2**param`` in the compute dtype, computed exactly as ``gdnsq_kernels.reference`` does
+    """``2**param`` in the compute dtype, computed exactly as ``gdnsq_kernels.quantize.reference`` does
     (``torch.exp2`` of the parameter converted to the compute dtype), contiguous. Asynchronous:
     a device op, no host sync. A strided or expanded per-channel view is fine here."""
     ct = _checks.compute_dtype(x_dtype)
