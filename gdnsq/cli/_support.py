@@ -82,6 +82,14 @@ def act_bits_arg(text: str) -> Optional[int]:
 act_bits_arg.__name__ = "act_bits"
 
 
+def add_subcommand(subparsers, name: str, help: str) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` to the ``gdnsq`` subparsers, with the options every subcommand
+    takes (:func:`common_args`); returns its parser."""
+    parser = subparsers.add_parser(name, help=help)
+    common_args(parser)
+    return parser
+
+
 def common_args(p: argparse.ArgumentParser) -> None:
     """The options every subcommand takes: --model, --dataset, --data-dir, --device, --seed, --json."""
     p.add_argument("--model", default="resnet20", choices=sorted(MODELS),

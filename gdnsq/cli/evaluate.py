@@ -11,7 +11,7 @@ import torch
 from .. import data as gdata
 from ..deploy.artifact import load
 from ..deploy.freeze import layer_table
-from ._support import (CliError, checkpoint_args, common_args, evaluate_model, load_model_for_eval,
+from ._support import (CliError, add_subcommand, checkpoint_args, evaluate_model, load_model_for_eval,
                        log as _log, positive_int, resolve_device, usage_errors)
 
 __all__ = ["cmd_evaluate", "evaluate_deployed_file", "add_parser"]
@@ -102,8 +102,7 @@ def cmd_evaluate(args) -> dict:
 
 def add_parser(subparsers) -> None:
     """Add ``evaluate`` to the ``gdnsq`` subparsers."""
-    e = subparsers.add_parser("evaluate", help="top-1 accuracy of a checkpoint on the test set")
-    common_args(e)
+    e = add_subcommand(subparsers, "evaluate", "top-1 accuracy of a checkpoint on the test set")
     checkpoint_args(e, required=False,
                     help="FP checkpoint, or a quantize run's checkpoint (file or run folder)")
     e.add_argument("--deployed", default=None, help="a file written by `gdnsq export`")

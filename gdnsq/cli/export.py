@@ -23,16 +23,15 @@ from .. import data as gdata
 from ..deploy.artifact import save
 from ..deploy.freeze import format_layer_table, format_size_report, freeze, layer_table, size_report
 from ..deploy.layers import PATHS
-from ._support import (CliError, check_output_file, checkpoint_args, common_args, load_model_for_eval, positive_int,
-                       resolve_device, usage_errors)
+from ._support import (CliError, add_subcommand, check_output_file, checkpoint_args, load_model_for_eval,
+                       positive_int, resolve_device, usage_errors)
 
 __all__ = ["cmd_export", "add_parser"]
 
 
 def add_parser(subparsers) -> None:
     """Add ``export`` to the ``gdnsq`` subparsers."""
-    e = subparsers.add_parser("export", help="freeze a quantize run's checkpoint into a deployed file")
-    common_args(e)
+    e = add_subcommand(subparsers, "export", "freeze a quantize run's checkpoint into a deployed file")
     checkpoint_args(e, required=True, help="a `gdnsq quantize` run checkpoint (file, or the run folder)")
     e.add_argument("--out", required=True, help="deployed model file to write (atomically)")
     e.add_argument("--strict", action="store_true",

@@ -16,9 +16,9 @@ from typing import List
 from .. import data as gdata
 from .._atomic import atomic_write_text
 from ..models import get_model, load_fp_checkpoint
-from ._support import (RUN_FILE, CliError, act_bits_arg, bits_arg, check_run_folder, checkpoint_file, common_args,
-                       log as _log, nonneg_float, nonneg_int, number_arg, positive_float, positive_int,
-                       resolve_device, usage_errors)
+from ._support import (CliError, RUN_FILE, act_bits_arg, add_subcommand, bits_arg, check_run_folder,
+                       checkpoint_file, log as _log, nonneg_float, nonneg_int, number_arg, positive_float,
+                       positive_int, resolve_device, usage_errors)
 from .train_fp import train_fp
 
 __all__ = ["cmd_quantize", "resolve_train_config", "headline", "add_parser"]
@@ -250,8 +250,7 @@ def cmd_quantize(args) -> dict:
 
 def add_parser(subparsers) -> None:
     """Add ``quantize`` to the ``gdnsq`` subparsers."""
-    q = subparsers.add_parser("quantize", help="GDNSQ fine-tuning of an FP checkpoint to W/A bits")
-    common_args(q)
+    q = add_subcommand(subparsers, "quantize", "GDNSQ fine-tuning of an FP checkpoint to W/A bits")
     q.add_argument("--checkpoint", default=None,
                    help="FP teacher checkpoint (akamaster .th or gdnsq train-fp); without it a "
                         "teacher is trained first into OUT/teacher")

@@ -14,7 +14,7 @@ from .._atomic import atomic_write_text
 from ..models import fit_state_dict, get_model, load_fp_checkpoint, read_checkpoint, save_fp_checkpoint
 from ..train.loop import train_epoch
 from ..train.progress import progress_bar
-from ._support import (CliError, check_run_folder, common_args, evaluate_model, log as _log, nonneg_int,
+from ._support import (CliError, add_subcommand, check_run_folder, evaluate_model, log as _log, nonneg_int,
                        positive_float, positive_int, resolve_device)
 
 __all__ = ["train_fp", "cmd_train_fp", "add_parser"]
@@ -178,8 +178,7 @@ def cmd_train_fp(args) -> dict:
 
 def add_parser(subparsers) -> None:
     """Add ``train-fp`` to the ``gdnsq`` subparsers."""
-    t = subparsers.add_parser("train-fp", help="train the full-precision teacher from scratch")
-    common_args(t)
+    t = add_subcommand(subparsers, "train-fp", "train the full-precision teacher from scratch")
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics, fp_report.json)")
     t.add_argument("--epochs", type=positive_int, default=200, help="epochs (default 200)")
     t.add_argument("--lr", type=positive_float, default=0.1, help="peak SGD LR (default 0.1)")
