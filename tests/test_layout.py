@@ -8,7 +8,7 @@ source files of ``gdnsq`` and ``gdnsq_kernels`` (nothing is imported or run).
   imports none of ``gdnsq.train``, ``gdnsq.deploy``, ``gdnsq.cli``; ``gdnsq.train`` and
   ``gdnsq.deploy`` do not import ``gdnsq.cli`` (nor each other); nothing outside the CLI imports it;
 * the module-level imports form no cycle;
-* the compatibility modules only re-export.
+* the compatibility modules only re-export, and the packages never import them.
 
 Every import counts for the layer rules, also one inside a function (a lazy import is still a
 dependency); the cycle check uses the imports that run when a module is imported (module level,
@@ -213,6 +213,13 @@ def test_compatibility_modules_only_reexport(sources, old, new):
         assert isinstance(node, ast.ImportFrom), f"{old}: line {node.lineno} is not an import"
         resolved = resolve_imports(old, False, ast.unparse(node), set(sources), module_level=True)
         assert {t for t, _ in resolved} == {new}, f"{old}: line {node.lineno} imports other than {new}"
+
+
+def test_the_package_does_not_use_the_compatibility_modules(sources):
+    graph = import_graph(sources, module_level=False)
+    users = [f"{m} (line {line}) imports {t}" for m, imports in sorted(graph.items()) if m not in COMPAT_MODULES
+             for t, line in imports if t in COMPAT_MODULES]
+    assert users == []
 
 
 # ----------------------------------------------------------------------- the checks can fail
