@@ -20,11 +20,8 @@ that cannot be found or fetched, or an OS error (one line saying what to do), or
 error (its traceback); 130 interrupted (rerun the same command to resume). Set
 ``GDNSQ_DEBUG=1`` to get the traceback of the one-line errors too.
 
-Training configuration of ``gdnsq quantize`` (every :class:`gdnsq.train.presets.TrainConfig` field),
-lowest precedence first: the ``--preset``; the ``--config FILE`` (YAML or JSON mapping of field
-names to values); each ``--set field=value``; the explicit flags (``--lr``, ``--epochs``,
-``--seed``, ``--device``...). The resolved configuration and where each value came from are
-recorded in ``run.json`` and in ``report.json`` (``config`` and ``config["extra"]["cli"]``).
+``gdnsq quantize`` takes every :class:`gdnsq.TrainConfig` field through ``--preset``,
+``--config FILE``, ``--set field=value`` and its flags (precedence: :mod:`gdnsq.cli.quantize`).
 
 Data: ``--data-dir DIR`` (or the environment variable ``GDNSQ_DATA_DIR``; default
 ``~/.cache/gdnsq``) holds the original python-version CIFAR batches if you have them, else
