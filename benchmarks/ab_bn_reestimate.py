@@ -21,7 +21,7 @@ import torch
 
 from gdnsq import data as gdata
 from gdnsq.calibrate import reestimate_batchnorm
-from gdnsq.cli_support import evaluate_model, load_model_for_eval
+from gdnsq.cli._support import evaluate_model, load_model_for_eval
 
 
 def main() -> None:

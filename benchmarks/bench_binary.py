@@ -45,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import gdnsq_kernels  # noqa: E402
 from gdnsq_kernels import binary as binary_ops, pack_bits, xnor_gemm  # noqa: E402
-from gdnsq_kernels.binary import cpu_xnor  # noqa: E402
+from gdnsq_kernels.binary import cpu_xnor, numpy_gemm  # noqa: E402
 from gdnsq_kernels.binary import (  # noqa: E402
     binary_conv2d,
     binary_linear,
@@ -196,7 +196,7 @@ def _cpu_choice(M, N):
     """The strategy the cpu backend runs for an (M, N) GEMM."""
     if cpu_xnor.available():
         return "c++ popcount"
-    return "float sgemm" if binary_ops._cpu_use_float_gemm(M, N) else "numpy popcount"
+    return "float sgemm" if numpy_gemm.use_float_gemm(M, N) else "numpy popcount"
 
 
 def bench_crossover(repeats, rows):
@@ -207,8 +207,8 @@ def bench_crossover(repeats, rows):
             if N == 4096 and M > 256:
                 continue
             a = pack_bits(torch.randint(0, 2, (M, K)))
-            strategies = {"numpy popcount": binary_ops._gemm_cpu_popcount,
-                          "float sgemm": binary_ops._gemm_cpu_float}
+            strategies = {"numpy popcount": numpy_gemm.gemm_cpu_popcount,
+                          "float sgemm": numpy_gemm.gemm_cpu_float}
             if cpu_xnor.available():
                 strategies["c++ popcount"] = cpu_xnor.packed_gemm_cpp
             times = time_group({p: (lambda fn=fn: fn(a, b, K, True)) for p, fn in strategies.items()},

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     jobs = [(b, None, None) for b in args.bits] if not args.run else []
     for run_dir in args.run:
-        from gdnsq.cli import load_model_for_eval  # the CLI's loader of a quantize run
+        from gdnsq.cli._support import load_model_for_eval  # the CLI's loader of a quantize run
         ns = argparse.Namespace(checkpoint=run_dir, model="resnet20", dataset="cifar10",
                                 weight_bits=None, act_bits=None)
         student, info = load_model_for_eval(ns)

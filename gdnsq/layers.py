@@ -263,6 +263,8 @@ class _QuantMixin:
     act_quantizer: ActivationQuantizer | None
 
     def _init_quant(self, weight_bits, act_bits, signed, estimator, per_channel, dither):
+        weight_bits = _check_bits(weight_bits, "weight_bits")
+        act_bits = None if act_bits is None else _check_bits(act_bits, "act_bits")
         self.weight_quantizer = WeightQuantizer(self.weight.shape[0], per_channel=per_channel,
                                                 estimator=estimator, target_bits=weight_bits,
                                                 dither=dither)
@@ -375,12 +377,6 @@ def set_exact_inference(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def _check_bits_arg(value, name, allow_none):
-    if value is None and allow_none:
-        return None
-    return _check_bits(value, name)
-
-
 class QConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` whose weight (per output channel) and input (per tensor) are quantized.
 
@@ -396,8 +392,6 @@ class QConv2d(_QuantMixin, nn.Conv2d):
                  per_channel=True, dither=True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device=device, dtype=dtype)
-        weight_bits = _check_bits_arg(weight_bits, "weight_bits", False)
-        act_bits = _check_bits_arg(act_bits, "act_bits", True)
         self._init_quant(weight_bits, act_bits, signed, estimator, per_channel, dither)
 
     @classmethod
@@ -430,8 +424,6 @@ class QLinear(_QuantMixin, nn.Linear):
                  weight_bits=32.0, act_bits=32.0, signed="auto", estimator="ste",
                  per_channel=True, dither=True):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        weight_bits = _check_bits_arg(weight_bits, "weight_bits", False)
-        act_bits = _check_bits_arg(act_bits, "act_bits", True)
         self._init_quant(weight_bits, act_bits, signed, estimator, per_channel, dither)
 
     @classmethod

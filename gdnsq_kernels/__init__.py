@@ -5,8 +5,8 @@ Quantizer ops (fused forward/backward, exact GDNSQ gradients):
 Bit-packed W1A1 arithmetic:
     pack_bits, unpack_bits, xnor_gemm, and_gemm, binary_linear, binary_conv2d
 
-Every op has a plain-PyTorch oracle (``gdnsq_kernels.reference`` for the quantizers,
-``gdnsq_kernels.binary_reference`` for the packed ops). ``GDNSQ_BACKEND`` selects the
+Every op has a plain-PyTorch oracle (``gdnsq_kernels.quantize.reference`` for the quantizers,
+``gdnsq_kernels.binary.reference`` for the packed ops). ``GDNSQ_BACKEND`` selects the
 implementation; see ``gdnsq_kernels.backend``.
 """
 from .backend import BACKENDS, resolve_backend

@@ -11,6 +11,11 @@ import warnings
 STALE_LOCK_SECONDS = 600.0
 
 
+def require_cpp() -> bool:
+    """``GDNSQ_REQUIRE_CPP=1``: a C++ build failure raises instead of degrading (tests, CI)."""
+    return os.environ.get("GDNSQ_REQUIRE_CPP", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def extension_build_dir(name: str) -> str:
     """The folder torch builds extension ``name`` in (``$TORCH_EXTENSIONS_DIR`` aware)."""
     from torch.utils.cpp_extension import _get_build_directory

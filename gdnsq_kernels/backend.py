@@ -6,7 +6,7 @@ The environment variable ``GDNSQ_BACKEND`` picks the implementation:
   the quantizers, NumPy popcount for the bit-packed ops). Triton is an optional dependency (it
   has wheels for Linux x86_64/aarch64 only): without it CUDA tensors use ``torch`` (warning once).
 * ``triton``: the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` (tests only).
-* ``reference``: the plain-PyTorch oracle in ``gdnsq_kernels.reference`` (slow, exact).
+* ``reference``: the plain-PyTorch oracle in ``gdnsq_kernels.quantize.reference`` (slow, exact).
 * ``cpu``: the fused CPU path (CPU tensors only).
 * ``torch``: the eager closed-form PyTorch path (no compiler needed; CPU or CUDA).
 

@@ -250,15 +250,15 @@ def _report(**kw):
 
 
 def test_headline_never_calls_an_unconverged_model_by_its_targets():
-    line = cli.headline("resnet20", _report())
+    line = cli.quantize.headline("resnet20", _report())
     assert "W2A2" not in line and "NOT reached" in line and "W4.86/A5.17" in line
     assert "max_minutes" in line and "epoch 3" in line and "90.04 %" in line
-    line = cli.headline("resnet20", _report(converged=True, realised_weight_bits_max=2.0,
+    line = cli.quantize.headline("resnet20", _report(converged=True, realised_weight_bits_max=2.0,
                                             realised_act_bits_max=1.58, selected_epoch=7))
     assert "converged" in line and "NOT" not in line and "W2/A2" in line and "W2/A1.58" in line
     assert "epoch 7" in line
     # weights-only run (A32)
-    line = cli.headline("resnet20", _report(target_act_bits=None, realised_act_bits_max=None, converged=True,
+    line = cli.quantize.headline("resnet20", _report(target_act_bits=None, realised_act_bits_max=None, converged=True,
                                             realised_weight_bits_max=4.0))
     assert "W2/A32" in line and "W4/A32" in line
 
@@ -308,10 +308,10 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     def boom(args):
         raise ValueError("a bug, not a usage error")
 
-    monkeypatch.setattr(cli, "cmd_evaluate", boom)
+    monkeypatch.setattr(cli.evaluate, "cmd_evaluate", boom)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["evaluate", "--checkpoint", "x.th"])
-    monkeypatch.setattr(cli, "cmd_evaluate", lambda args: (_ for _ in ()).throw(TypeError("also a bug")))
+    monkeypatch.setattr(cli.evaluate, "cmd_evaluate", lambda args: (_ for _ in ()).throw(TypeError("also a bug")))
     with pytest.raises(TypeError):
         cli.main(["evaluate", "--checkpoint", "x.th"])
 
@@ -332,7 +332,7 @@ def test_config_file_and_set_precedence(tmp_path):
     from gdnsq.train.presets import PRESETS
     yml = tmp_path / "c.yaml"
     yml.write_text("lr: 1.0e-3\npatience: 9\nhold_epochs: 2\nmax_minutes: null\nprecision: bf16\n")
-    cfg, src = cli.resolve_train_config(_quantize_args("--config", str(yml), "--set", "patience=5",
+    cfg, src = cli.quantize.resolve_train_config(_quantize_args("--config", str(yml), "--set", "patience=5",
                                                        "--set", "hold_epochs=3", "--hold-epochs", "4"))
     assert cfg.lr == 1e-3 and cfg.precision == "bf16"          # from the file
     assert cfg.patience == 5                                   # --set over the file
@@ -342,7 +342,7 @@ def test_config_file_and_set_precedence(tmp_path):
     assert cfg.extra["cli"]["config_file"] == str(yml)
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"lr": 0.004, "channels_last": True, "seed": 3}))
-    cfg, _ = cli.resolve_train_config(_quantize_args("--config", str(js), "--seed", "7", "--set", "anneal=0.5"))
+    cfg, _ = cli.quantize.resolve_train_config(_quantize_args("--config", str(js), "--seed", "7", "--set", "anneal=0.5"))
     assert cfg.lr == 0.004 and cfg.channels_last is True and cfg.seed == 7 and cfg.anneal == 0.5
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 import _trainer_tiny as tiny
 from gdnsq.train.presets import TrainConfig
-from gdnsq.train.trainer import BEST, LAST, METRICS, Trainer, load_checkpoint, report_markdown
+from gdnsq.train.report import report_markdown
+from gdnsq.train.trainer import BEST, LAST, METRICS, Trainer, load_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,6 @@
-"""Pieces shared by the ``gdnsq`` command (:mod:`gdnsq.cli`) and its deployment subcommands
-(:mod:`gdnsq.deploy.cli`): the usage-error type, argument types, path checks, device choice,
-checkpoint loading for evaluation and the evaluation loop. Both CLIs import from here; neither
-imports the other's internals (``gdnsq.cli`` adds the deploy subcommands through
-``gdnsq.deploy.cli.add_subcommands``).
+"""Pieces shared by the subcommands of the ``gdnsq`` command (:mod:`gdnsq.cli`): the usage-error
+type, argument types, path checks, device choice, checkpoint loading for evaluation and the
+evaluation loop. Every subcommand module imports from here, never from :mod:`gdnsq.cli` itself.
 
 Error policy: a :class:`CliError` (and argparse's own errors) is a usage problem: one line on
 stderr, exit code 2. :func:`usage_errors` turns the ValueError / FileNotFoundError raised while
@@ -82,6 +80,14 @@ def act_bits_arg(text: str) -> Optional[int]:
 
 
 act_bits_arg.__name__ = "act_bits"
+
+
+def add_subcommand(subparsers, name: str, help: str) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` to the ``gdnsq`` subparsers, with the options every subcommand
+    takes (:func:`common_args`); returns its parser."""
+    parser = subparsers.add_parser(name, help=help)
+    common_args(parser)
+    return parser
 
 
 def common_args(p: argparse.ArgumentParser) -> None:

@@ -1,51 +1,37 @@
-"""Command-line pieces of gdnsq.deploy, used by ``gdnsq/cli.py``.
+"""``gdnsq export``: freeze a ``gdnsq quantize`` run's checkpoint into a deployed file::
 
-* :func:`add_subcommands(subparsers, common)` adds ``gdnsq export``::
+    gdnsq export --checkpoint RUN_CHECKPOINT --out FILE [--model resnet20] [--dataset cifar10]
+                 [--weight-bits B --act-bits B] [--strict] [--path auto|int|bitplane|binary|float]
+                 [--measure-batch 16] [--device cpu] [--json]
 
-      gdnsq export --checkpoint RUN_CHECKPOINT --out FILE [--model resnet20] [--dataset cifar10]
-                   [--weight-bits B --act-bits B] [--strict] [--path auto|int|bitplane|binary|float]
-                   [--measure-batch 16] [--device cpu] [--json]
-
-  It loads a ``gdnsq quantize`` run checkpoint (file or run folder, as ``gdnsq evaluate``),
-  freezes it (:func:`gdnsq.deploy.freeze`, per-layer path chosen by timing a random batch of
-  ``--measure-batch`` CIFAR-sized inputs), writes the artifact (:func:`gdnsq.deploy.save`) and
-  prints the layer table and the size report (weight bytes per layer and in total, FP32 vs
-  deployed).
-
-* :func:`evaluate_deployed(args)` runs ``gdnsq evaluate --deployed FILE`` (``args`` is the
-  ``evaluate`` namespace: ``deployed``, ``dataset``, ``data_dir``, ``device``, ``split``,
-  ``val_size``, ``batch_size``); :func:`evaluate_deployed_file` is the same as a plain function.
-
-Both command functions return ``{"result": dict, "human": str}`` as the other subcommands do.
-Shared CLI pieces come from :mod:`gdnsq.cli_support` (this module never imports
-:mod:`gdnsq.cli`, which imports it). Problems with what the user named (a folder as ``--out``,
-an unreadable ``--deployed`` file, ``--strict`` refusing a layer) raise
-:class:`gdnsq.cli_support.CliError` (exit code 2).
+It loads the run checkpoint (file or run folder, as ``gdnsq evaluate``), freezes it
+(:func:`gdnsq.deploy.freeze`, per-layer path chosen by timing a random batch of
+``--measure-batch`` CIFAR-sized inputs), writes the artifact (:func:`gdnsq.deploy.save`) and
+prints the layer table and the size report (weight bytes per layer and in total, FP32 vs
+deployed). Problems with what the user named (a folder as ``--out``, ``--strict`` refusing a
+layer) raise :class:`gdnsq.cli._support.CliError` (exit code 2). ``gdnsq evaluate --deployed``
+is in :mod:`gdnsq.cli.evaluate`.
 """
 from __future__ import annotations
 
 import os
-import pathlib
-import time
-from typing import Optional
+import warnings
 
 import torch
 
-from gdnsq import data as gdata
-from ._support import (CliError, check_output_file, checkpoint_args, common_args, evaluate_model,
-                               load_model_for_eval, positive_int, resolve_device, usage_errors)
-
-from ..deploy.artifact import load, save
+from .. import data as gdata
+from ..deploy.artifact import save
 from ..deploy.freeze import format_layer_table, format_size_report, freeze, layer_table, size_report
 from ..deploy.layers import PATHS
+from ._support import (CliError, add_subcommand, check_output_file, checkpoint_args, load_model_for_eval,
+                       positive_int, resolve_device, usage_errors)
+
+__all__ = ["cmd_export", "add_parser"]
 
 
-def add_subcommands(subparsers, common=None) -> None:
-    """Add ``export`` to the ``gdnsq`` subparsers; ``common(parser)`` (default
-    :func:`gdnsq.cli_support.common_args`) adds the shared options
-    (--model, --dataset, --data-dir, --device, --seed, --json)."""
-    e = subparsers.add_parser("export", help="freeze a quantize run's checkpoint into a deployed file")
-    (common or common_args)(e)
+def add_parser(subparsers) -> None:
+    """Add ``export`` to the ``gdnsq`` subparsers."""
+    e = add_subcommand(subparsers, "export", "freeze a quantize run's checkpoint into a deployed file")
     checkpoint_args(e, required=True, help="a `gdnsq quantize` run checkpoint (file, or the run folder)")
     e.add_argument("--out", required=True, help="deployed model file to write (atomically)")
     e.add_argument("--strict", action="store_true",
@@ -62,8 +48,6 @@ def add_subcommands(subparsers, common=None) -> None:
 
 def cmd_export(args) -> dict:
     """``gdnsq export``: checkpoint -> frozen model -> artifact; returns result + human text."""
-    import warnings
-
     out = check_output_file("--out", args.out)
     device = resolve_device(getattr(args, "device", "cpu"))
     seed = getattr(args, "seed", None)
@@ -99,60 +83,3 @@ def cmd_export(args) -> dict:
         + ["", format_layer_table(frozen), "", format_size_report(size)]
     )
     return {"result": result, "human": human}
-
-
-def _load_for_dataset(path, dataset: str, device) -> tuple:
-    """(deployed model, its normalisation name, its architecture) of ``path``; ValueError when
-    the file is not a deployed model or was built for another number of classes."""
-    model = load(path, map_location=device)
-    norm = model.gdnsq_normalization or "imagenet"
-    if not isinstance(norm, str):
-        raise ValueError(f"{path}: normalization {norm!r} is not a gdnsq.data normalisation name")
-    arch = model.gdnsq_architecture or {}
-    classes = arch.get("kwargs", {}).get("num_classes")
-    if classes is not None and classes != gdata.num_classes_of(dataset):
-        raise ValueError(f"{path} has {classes} classes but --dataset {dataset} has {gdata.num_classes_of(dataset)}")
-    return model, norm, arch
-
-
-@torch.no_grad()
-def evaluate_deployed_file(path, *, dataset: str = "cifar10", data_dir=None, split: str = "test",
-                           val_size: int = 5000, batch_size: int = 500, device="cpu",
-                           progress: bool = True, _loaded: Optional[tuple] = None) -> dict:
-    """Top-1 (percent), image count and mean cross-entropy of a deployed file on CIFAR.
-
-    The input normalisation stored in the artifact is applied; ``split`` is "test" or "val"
-    (the last ``val_size`` training images).
-    """
-    device = resolve_device(device)
-    model, norm, arch = _loaded if _loaded is not None else _load_for_dataset(path, dataset, device)
-    if split == "test":
-        loader = gdata.build_loaders(dataset, data_dir=data_dir, with_train=False, eval_batch_size=batch_size,
-                                     device=device, normalization=norm)["test"]
-    elif split == "val":
-        loader = gdata.build_loaders(dataset, data_dir=data_dir, with_test=False, val_size=val_size,
-                                     eval_batch_size=batch_size, device=device, normalization=norm)["val"]
-    else:
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    t0 = time.time()
-    res = evaluate_model(model, loader, device, desc=f"evaluate deployed {split}", progress=progress)
-    res.update(split=split, dataset=dataset, deployed=str(path), kind="deployed", normalization=norm,
-               architecture=arch, seconds=round(time.time() - t0, 2),
-               paths={r["name"]: r["path"] for r in layer_table(model)})
-    return res
-
-
-def evaluate_deployed(args) -> dict:
-    """``gdnsq evaluate --deployed FILE`` (``args``: the evaluate namespace)."""
-    path = pathlib.Path(args.deployed)
-    if not path.is_file():
-        raise CliError(f"--deployed: {'a folder, expected a file' if path.is_dir() else 'file not found'}: {path}")
-    device = resolve_device(getattr(args, "device", "cpu"))
-    with usage_errors("--deployed"):  # not a deployed model, corrupt, or for another data set
-        loaded = _load_for_dataset(path, args.dataset, device)
-    res = evaluate_deployed_file(path, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-                                 val_size=getattr(args, "val_size", 5000), batch_size=args.batch_size,
-                                 device=device, progress=not getattr(args, "json", False), _loaded=loaded)
-    human = (f"{path} ({(res['architecture'] or {}).get('name', '?')}, deployed) {args.dataset} {args.split}: "
-             f"top-1 {res['top1']:.2f} % on {res['n']} images ({res['seconds']:.1f} s)")
-    return {"result": res, "human": human}

@@ -26,7 +26,7 @@ def train_epoch(loader, step: Callable[[object], Tuple[dict, Optional[dict]]], b
         step: runs one optimizer step on a batch and returns ``(metrics, shown)``: ``metrics``
             a dict of floats averaged over the epoch's batches; ``shown`` None or a dict of
             fields for the progress bar (None keeps the fields it shows).
-        bar: a tqdm bar (:func:`gdnsq.progress.progress_bar`), advanced once per batch and left
+        bar: a tqdm bar (:func:`gdnsq.train.progress.progress_bar`), advanced once per batch and left
             open for the caller to close with the epoch's summary.
         show_means: show the running means of ``metrics`` (with ``shown`` added) on the bar.
         what: the loader's name in the error raised when it yields no batch.

@@ -31,7 +31,7 @@ Example::
     student = gdnsq.quantize_model(fp_model, weight_bits=2, act_bits=2)
     teacher = gdnsq.teacher_of(student)
     gdnsq.calibrate(student, calib_loader)
-    cfg = gdnsq.presets.get_preset("cpu-fast")
+    cfg = gdnsq.get_preset("cpu-fast")
     trainer = gdnsq.Trainer(student, teacher, train_loader, val_loader, config=cfg, out_dir="runs/w2a2")
     trainer.fit()
     report = trainer.test(test_loader)   # report["test_top1"] in percent
@@ -54,17 +54,18 @@ import torch.nn.functional as F
 
 from . import distributed as gdist
 from .. import stats as gstats
-from .._atomic import atomic_torch_save, atomic_write_text
+from .._atomic import atomic_torch_save  # noqa: F401  (re-exported: tests write checkpoints with it)
 from .._sealed import MAGIC as _SEAL_MAGIC, read_sealed, write_sealed
 from .loop import train_epoch
 from ..losses import GDNSQObjective
 from .plot import plot_bit_history, plot_curves
 from .presets import TrainConfig, get_preset
 from .progress import close_with, progress_bar
+from .report import write_report
 from ..quantizers import ActivationQuantizer, WeightQuantizer
 from ..schedule import GDNSQSchedule
 
-CHECKPOINT_FORMAT = "gdnsq.trainer.checkpoint"
+CHECKPOINT_FORMAT = "gdnsq.trainer.checkpoint"  # a file-format tag written into checkpoints: never renamed
 CHECKPOINT_VERSION = 1
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
@@ -232,7 +233,7 @@ class Trainer:
             whose quantized layers ``gdnsq.stats.quantized_layers`` finds.
         teacher: the frozen FP model (``gdnsq.teacher_of(student)``); kept in eval mode.
         train_loader: batches ``(images, labels)`` (labels unused for training: distillation).
-            Under DDP give it a ``DistributedSampler`` (``gdnsq.distributed.make_loader``).
+            Under DDP give it a ``DistributedSampler`` (``gdnsq.train.distributed.make_loader``).
         val_loader: held-out batches ``(images, labels)`` for selection, early stopping and the
             convergence probe. Sharded (DistributedSampler) or full on every rank. None: no
             validation; the convergence probe runs on the epoch's last training batch, the
@@ -256,7 +257,7 @@ class Trainer:
         if config is None:
             config = get_preset("paper")
         if not isinstance(config, TrainConfig):
-            raise TypeError(f"Trainer: config must be a gdnsq.presets.TrainConfig, got {type(config).__name__}")
+            raise TypeError(f"Trainer: config must be a gdnsq.TrainConfig, got {type(config).__name__}")
         config.validate()
         if not isinstance(out_dir, (str, os.PathLike)):
             raise TypeError(f"Trainer: out_dir must be a path, got {type(out_dir).__name__}")
@@ -854,53 +855,8 @@ class Trainer:
     def _write_report(self, test: Optional[dict] = None, realised: Optional[dict] = None) -> dict:
         report = self._build_report(test, realised)
         if self.is_main:
-            atomic_write_text(os.path.join(self.out_dir, "report.json"),
-                              json.dumps(report, indent=2, allow_nan=True) + "\n")
-            atomic_write_text(os.path.join(self.out_dir, "report.md"), report_markdown(report))
+            write_report(self.out_dir, report)
             self._plot()
         gdist.barrier()
         return report
 
-
-def _fmt(v, digits=2):
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, dict):
-        return "per layer"
-    return str(v)
-
-
-def report_markdown(report: dict) -> str:
-    """The report as markdown: a summary table, then one row per quantized layer."""
-    rows = [
-        ("test top-1 (%)", _fmt(report["test_top1"])),
-        ("val top-1 of the selected checkpoint (%)", _fmt(report["val_top1"])),
-        ("selected epoch", _fmt(report["selected_epoch"])),
-        ("converged (realised bits <= targets)", _fmt(report["converged"])),
-        ("first converged epoch", _fmt(report["first_converged_epoch"])),
-        ("target weight / act bits", f"{_fmt(report['target_weight_bits'], 3)} / {_fmt(report['target_act_bits'], 3)}"),
-        ("realised weight / act bits (max over layers)",
-         f"{_fmt(report['realised_weight_bits_max'], 3)} / {_fmt(report['realised_act_bits_max'], 3)}"),
-        ("mean realised weight / act bits",
-         f"{_fmt(report['mean_realised_weight_bits'], 3)} / {_fmt(report['mean_realised_act_bits'], 3)}"),
-        ("mean continuous weight / act bits",
-         f"{_fmt(report['mean_weight_bits'], 3)} / {_fmt(report['mean_act_bits'], 3)}"),
-        ("epochs run", _fmt(report["epochs_run"])),
-        ("stop reason", _fmt(report["stop_reason"])),
-        ("wall time (s)", _fmt(report["wall_seconds"], 1)),
-        ("processes", _fmt(report["world_size"])),
-    ]
-    lines = ["# GDNSQ training report", "", "| quantity | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "## Bits per quantized layer", "",
-              "| layer | realised W | realised A | continuous W (mean) | continuous A |", "|---|---|---|---|---|"]
-    for name, cont in report["continuous_bits"].items():
-        lines.append(f"| {name} | {_fmt(report['realised_weight_bits'].get(name), 3)} | "
-                     f"{_fmt(report['realised_act_bits'].get(name), 3)} | {_fmt(cont['weight'], 3)} | "
-                     f"{_fmt(cont['act'], 3)} |")
-    lines += ["", f"Command: `{report['command']}`", ""]
-    return "\n".join(lines)

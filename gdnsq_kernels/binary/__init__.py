@@ -2,7 +2,7 @@
 
 Public ops (all inference-only: no autograd):
 
-* ``pack_bits`` / ``unpack_bits`` (see :mod:`gdnsq_kernels.bitpack` for the bit order).
+* ``pack_bits`` / ``unpack_bits`` (see :mod:`gdnsq_kernels.binary.bitpack` for the bit order).
 * ``xnor_gemm(a_packed, b_packed, k)``: ``C[m, n] = sum_{i<k} (2a-1)(2b-1) = k - 2*popcount(a XOR b)``.
 * ``and_gemm(a_packed, b_packed, k)``: ``C[m, n] = sum_{i<k} a*b = popcount(a AND b)``.
 * ``pack_linear_weight`` / ``pack_conv_weight`` -> :class:`PackedBinaryWeight` (pack once, reuse).
@@ -20,20 +20,20 @@ Public ops (all inference-only: no autograd):
 
 Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
 
-* ``triton``: the Triton kernel (:mod:`gdnsq_kernels.triton_xnor`); on CPU tensors only under
+* ``triton``: the Triton kernel (:mod:`gdnsq_kernels.binary.triton_xnor`); on CPU tensors only under
   ``TRITON_INTERPRET=1``.
 * ``cpu``: CPU tensors. A C++ popcount GEMM over uint64 words (``csrc/xnor_cpu.cpp``, built on
   first use; AVX-512 VPOPCNTDQ when the CPU has it), the fastest path measured at every shape.
   Without a compiler (or with ``GDNSQ_NO_CPP_XNOR=1``) it falls back to NumPy
   ``bitwise_count`` over uint64 views of the words for small M, and for many rows against few
-  columns an unpack to float32 +-1 / 0-1 matrices and one sgemm (see ``_cpu_use_float_gemm``;
+  columns an unpack to float32 +-1 / 0-1 matrices and one sgemm (see ``use_float_gemm``;
   ``binary_conv2d`` then runs a float conv of the 0/1 codes), which is exact while
   ``k <= 2**24`` (integer partial sums stay exactly representable) and when float32 matmul runs
   at full precision; otherwise float64. The switch point was measured (README.md, bit-packed section).
 * ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler). It is
   its own implementation here (not an alias of ``reference`` or ``cpu``): the fallback for a
   CUDA machine without a working Triton.
-* ``reference``: :mod:`gdnsq_kernels.binary_reference` (unpack and multiply in float64; the
+* ``reference``: :mod:`gdnsq_kernels.binary.reference` (unpack and multiply in float64; the
   conv/linear dequantize and run float64 ``F.conv2d``/``F.linear``).
 """
 from __future__ import annotations
@@ -41,21 +41,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import reference as _ref
 from ..backend import resolve_backend
+from ._torch_gemm import gemm_torch_swar
+from .numpy_gemm import (FLOAT32_EXACT_K, full_precision_float32_matmul, gemm_cpu_float, gemm_cpu_popcount,
+                         use_float_gemm)
 from .bitpack import (
     WORD_BITS,
     check_bits,
     check_k,
     check_packed,
+    masked_tail,
     num_words,
     pack_bits,
     pack_bits_unchecked,
-    tail_mask,
     unpack_bits,
 )
 
@@ -70,21 +72,6 @@ __all__ = [
     "binary_linear",
     "binary_conv2d",
 ]
-
-
-
-def _cpu_use_float_gemm(M: int, N: int) -> bool:
-    """Whether the CPU backend should unpack to float and use sgemm instead of NumPy popcount.
-
-    Measured on a 2-core x86 CPU (benchmarks/bench_binary.py --crossover): NumPy popcount costs
-    ~1 ns per uint64 word pair (more when rows are only a few words long); the float path pays
-    ~1.3 ns per unpacked code of both operands, then ~11 ps per multiply-add. So popcount wins
-    for batch-size inference against a wide weight (N=4096: every M up to 256 measured), the
-    float path wins for conv-shaped GEMMs (many rows, N <= a few hundred output channels).
-    """
-    return (M >= 64 and N < 1024) or min(M, N) >= 1024
-# Largest k for which float32 sums of +-1 / 0-1 products are exact.
-_FLOAT32_EXACT_K = 1 << 24
 
 
 # ----------------------------------------------------------------------------- GEMM dispatch
@@ -143,15 +130,15 @@ def _packed_gemm(a, b, k, xnor, backend):
 
         return packed_gemm_triton(a, b, k, xnor)
     if name == "torch":
-        return _gemm_torch_swar(a, b, k, xnor)
+        return gemm_torch_swar(a, b, k, xnor)
     # cpu
     if _cpp_gemm_available():
         from .cpu_xnor import packed_gemm_cpp
 
-        return packed_gemm_cpp(_masked_tail(a, k), _masked_tail(b, k), k, xnor)
-    if _cpu_use_float_gemm(M, N):
-        return _gemm_cpu_float(a, b, k, xnor)
-    return _gemm_cpu_popcount(a, b, k, xnor)
+        return packed_gemm_cpp(masked_tail(a, k), masked_tail(b, k), k, xnor)
+    if use_float_gemm(M, N):
+        return gemm_cpu_float(a, b, k, xnor)
+    return gemm_cpu_popcount(a, b, k, xnor)
 
 
 # Overrides the measured choice below ("float" / "packed"); tests and the benchmark set it.
@@ -165,110 +152,19 @@ def _cpu_conv_strategy(M: int, C: int, O: int, taps: int) -> str:
     Measured on a 2-core AMD EPYC, one thread, interleaved runs: with the C++ popcount GEMM the
     packed path beat the float conv of the codes at every ResNet-20 layer and at 128-512
     channels (2x to 8x). With only NumPy popcount, the float conv of the codes wins for
-    conv-shaped GEMMs (``_cpu_use_float_gemm``).
+    conv-shaped GEMMs (``use_float_gemm``).
     """
     if CPU_CONV_STRATEGY is not None:
         return CPU_CONV_STRATEGY
-    if taps > _FLOAT32_EXACT_K or _cpp_gemm_available():
+    if taps > FLOAT32_EXACT_K or _cpp_gemm_available():
         return "packed"
-    return "float" if _cpu_use_float_gemm(M, O) else "packed"
+    return "float" if use_float_gemm(M, O) else "packed"
 
 
 def _cpp_gemm_available() -> bool:
     from . import cpu_xnor
 
     return cpu_xnor.available()
-
-
-def _masked_tail(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Copy of ``x`` with bits past k cleared (no copy when k fills its last word)."""
-    m = tail_mask(k)
-    if m == -1:
-        return x
-    x = x.clone()
-    x[:, -1] &= m
-    return x
-
-
-def _swar_popcount_torch(x: torch.Tensor) -> torch.Tensor:
-    """Elementwise popcount of int32 words with torch ops (masks after each arithmetic shift)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    x = x + (x >> 8)
-    x = x + (x >> 16)
-    return x & 0x3F
-
-
-def _gemm_torch_swar(a, b, k, xnor):
-    a = _masked_tail(a.contiguous(), k)
-    b = _masked_tail(b.contiguous(), k)
-    M, W = a.shape
-    N = b.shape[0]
-    out = torch.zeros((M, N), dtype=torch.int32, device=a.device)
-    rows = max(1, (1 << 22) // max(1, N * W))  # ~16 MB of int32 per chunk
-    for i in range(0, M, rows):
-        ai = a[i:i + rows, None, :]
-        x = (ai ^ b[None]) if xnor else (ai & b[None])
-        out[i:i + rows] = _swar_popcount_torch(x).sum(dim=-1, dtype=torch.int32)
-    return k - 2 * out if xnor else out
-
-
-def _u64_view(x: torch.Tensor) -> np.ndarray:
-    """(R, W) int32 tensor -> (R, ceil(W/2)) uint64 NumPy view (an extra zero word if W is odd)."""
-    arr = np.ascontiguousarray(x.numpy())
-    if arr.shape[1] % 2:
-        arr = np.concatenate([arr, np.zeros((arr.shape[0], 1), np.int32)], axis=1)
-    return arr.view(np.uint64)
-
-
-if hasattr(np, "bitwise_count"):  # NumPy >= 2.0
-    def _np_popcount_sum(x: np.ndarray) -> np.ndarray:
-        return np.bitwise_count(x).sum(axis=-1, dtype=np.int32)
-else:  # pragma: no cover - older NumPy
-    _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-    def _np_popcount_sum(x: np.ndarray) -> np.ndarray:
-        by = np.ascontiguousarray(x).view(np.uint8)
-        return _BYTE_POPCOUNT[by].sum(axis=-1, dtype=np.int32)
-
-
-def _gemm_cpu_popcount(a, b, k, xnor):
-    a64 = _u64_view(_masked_tail(a, k))
-    b64 = _u64_view(_masked_tail(b, k))
-    M, N, W64 = a64.shape[0], b64.shape[0], b64.shape[1]
-    out = np.empty((M, N), dtype=np.int32)
-    rows = max(1, (1 << 20) // max(1, N * W64))  # ~8 MB of uint64 per chunk (stays in cache)
-    op = np.bitwise_xor if xnor else np.bitwise_and
-    for i in range(0, M, rows):
-        out[i:i + rows] = _np_popcount_sum(op(a64[i:i + rows, None, :], b64[None, :, :]))
-    res = torch.from_numpy(out)
-    return k - 2 * res if xnor else res
-
-
-def _full_precision_float32_matmul() -> bool:
-    if torch.get_float32_matmul_precision() != "highest":
-        return False
-    mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-    prec = getattr(mk, "fp32_precision", "none")
-    return prec in ("none", "ieee")
-
-
-def _unpack_cpu(x: torch.Tensor, k: int) -> np.ndarray:
-    """(R, W) int32 CPU tensor -> (R, k) uint8 0/1 (NumPy unpackbits, LSB first)."""
-    by = np.ascontiguousarray(x.numpy()).view(np.uint8)
-    return np.unpackbits(by, axis=1, count=k, bitorder="little")
-
-
-def _gemm_cpu_float(a, b, k, xnor):
-    dtype = torch.float32 if (k <= _FLOAT32_EXACT_K and _full_precision_float32_matmul()) else torch.float64
-    A = torch.from_numpy(_unpack_cpu(a, k)).to(dtype)
-    B = torch.from_numpy(_unpack_cpu(b, k)).to(dtype)
-    if xnor:
-        A = A.mul_(2).sub_(1)
-        B = B.mul_(2).sub_(1)
-    # Every partial sum is an integer of magnitude <= k, exactly representable: the product is exact.
-    return (A @ B.T).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- packed weights
@@ -622,7 +518,7 @@ def _binary_conv2d_impl(act_codes, s_a, beta, pw: PackedBinaryWeight, b, stride,
         # Measured: for conv-shaped GEMMs (many rows, few output channels) oneDNN's float conv
         # of the 0/1 codes beats NumPy popcount; it is exact (integer sums < 2**24) at full
         # float32 matmul precision, else float64. Padded taps are code 0: they add nothing.
-        ftype = torch.float32 if _full_precision_float32_matmul() else torch.float64
+        ftype = torch.float32 if full_precision_float32_matmul() else torch.float64
         ckey = ("codes", ftype)
         if ckey not in pw.cache:
             pw.cache[ckey] = pw.codes().to(ftype)

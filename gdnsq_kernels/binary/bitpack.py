@@ -26,6 +26,16 @@ def tail_mask(k: int) -> int:
     return (1 << r) - 1  # r <= 31 bits: positive, fits int32
 
 
+def masked_tail(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Copy of ``x`` with bits past k cleared (no copy when k fills its last word)."""
+    m = tail_mask(k)
+    if m == -1:
+        return x
+    x = x.clone()
+    x[:, -1] &= m
+    return x
+
+
 def _normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
     if not isinstance(dim, int) or isinstance(dim, bool):
         raise TypeError(f"{name} must be an int, got {type(dim).__name__}")

@@ -69,34 +69,44 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.cons
 
 
 @triton.jit
-def _packed_gemm_kernel(
-    a_ptr, b_ptr, c_ptr,
-    M, N, W, k, TAIL,
-    stride_am, stride_bn, stride_cm,
-    XNOR: tl.constexpr,
-    HW_POPC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    GROUP: tl.constexpr,
-):
+def _tile_rows(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """(rows of A, rows of B) of this program's (BLOCK_M, BLOCK_N) output tile."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _load_words(ptr, rows, stride, rw, R, W):
+    """(len(rows), len(rw)) int32 words ``ptr[rows, rw]`` of a row-major packed matrix with
+    ``R`` rows of ``W`` words (row stride ``stride``); 0 outside it."""
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride + rw[None, :],
+                   mask=(rows < R)[:, None] & (rw < W)[None, :], other=0)
+
+
+@triton.jit
+def _load_word_pair(a_ptr, b_ptr, rm, rn, w0, stride_am, stride_bn, M, N, W, BLOCK_W: tl.constexpr):
+    """(word indices rw, A words (len(rm), BLOCK_W), B words (len(rn), BLOCK_W)) of the K step
+    starting at word w0."""
+    rw = w0 + tl.arange(0, BLOCK_W)
+    return rw, _load_words(a_ptr, rm, stride_am, rw, M, W), _load_words(b_ptr, rn, stride_bn, rw, N, W)
+
+
+@triton.jit
+def _store_tile(c_ptr, rm, rn, stride_cm, M, N, tile):
+    """Store the (len(rm), len(rn)) output tile into the (M, N) row-major C, masked."""
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], tile,
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _packed_gemm_kernel(a_ptr, b_ptr, c_ptr, M, N, W, k, TAIL, stride_am, stride_bn, stride_cm,
+                        XNOR: tl.constexpr, HW_POPC: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, GROUP: tl.constexpr):
+    """C[m, n] = popcount over the words of (a XOR b) (XNOR: k - 2*that) or of (a AND b)."""
+    rm, rn = _tile_rows(M, N, BLOCK_M, BLOCK_N, GROUP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for w0 in range(0, W, BLOCK_W):
-        rw = w0 + tl.arange(0, BLOCK_W)
-        mask_w = rw < W
-        a = tl.load(
-            a_ptr + rm[:, None].to(tl.int64) * stride_am + rw[None, :],
-            mask=mask_m[:, None] & mask_w[None, :], other=0,
-        )
-        b = tl.load(
-            b_ptr + rn[:, None].to(tl.int64) * stride_bn + rw[None, :],
-            mask=mask_n[:, None] & mask_w[None, :], other=0,
-        )
+        rw, a, b = _load_word_pair(a_ptr, b_ptr, rm, rn, w0, stride_am, stride_bn, M, N, W, BLOCK_W)
         # Only the last word has bits past k; masking both operands makes XOR and AND ignore them.
         wmask = tl.where(rw == W - 1, TAIL, -1)
         a = a & wmask[None, :]
@@ -110,11 +120,7 @@ def _packed_gemm_kernel(
         out = k - 2 * acc
     else:
         out = acc
-    tl.store(
-        c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :],
-        out,
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
+    _store_tile(c_ptr, rm, rn, stride_cm, M, N, out)
 
 
 @triton.jit
@@ -131,29 +137,14 @@ def _unpack_int8(words, col0, k, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, XNOR
 
 
 @triton.jit
-def _bits_dot_kernel(
-    a_ptr, b_ptr, c_ptr,
-    M, N, W, k, TAIL,
-    stride_am, stride_bn, stride_cm,
-    XNOR: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    GROUP: tl.constexpr,
-):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
+def _bits_dot_kernel(a_ptr, b_ptr, c_ptr, M, N, W, k, TAIL, stride_am, stride_bn, stride_cm,
+                     XNOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_W: tl.constexpr, GROUP: tl.constexpr):
+    """The same C from int8 tensor-core dots of the unpacked codes (+-1 for XNOR, 0/1 for AND)."""
+    rm, rn = _tile_rows(M, N, BLOCK_M, BLOCK_N, GROUP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for w0 in range(0, W, BLOCK_W):
-        rw = w0 + tl.arange(0, BLOCK_W)
-        mask_w = rw < W
-        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rw[None, :],
-                    mask=mask_m[:, None] & mask_w[None, :], other=0)
-        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_bn + rw[None, :],
-                    mask=mask_n[:, None] & mask_w[None, :], other=0)
+        rw, a, b = _load_word_pair(a_ptr, b_ptr, rm, rn, w0, stride_am, stride_bn, M, N, W, BLOCK_W)
         if not XNOR:
             # AND form: bits past k cleared in the last word (words past W are 0 already).
             wmask = tl.where(rw == W - 1, TAIL, -1)
@@ -162,8 +153,7 @@ def _bits_dot_kernel(
         a8 = _unpack_int8(a, w0 * 32, k, BLOCK_M, BLOCK_W, XNOR)
         b8 = _unpack_int8(b, w0 * 32, k, BLOCK_N, BLOCK_W, XNOR)
         acc = tl.dot(a8, tl.trans(b8), acc, out_dtype=tl.int32)
-    tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], acc,
-             mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(c_ptr, rm, rn, stride_cm, M, N, acc)
 
 
 class GemmConfig(NamedTuple):

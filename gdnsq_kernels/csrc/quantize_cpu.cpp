@@ -246,6 +246,22 @@ acc_t row_min(const scalar_t* __restrict__ row, int64_t K) {
 
 }  // namespace
 
+// The activation grid in the compute type acc_t: step s = 2^log2_step, lowest level lo = offset,
+// highest level hi = lo + Q - s with range Q = 2^log2_range.
+template <typename acc_t>
+struct ActGrid {
+  acc_t s, lo, hi;
+};
+
+template <typename acc_t>
+ActGrid<acc_t> act_grid(const at::Tensor& log2_step, const at::Tensor& log2_range, const at::Tensor& offset) {
+  const auto ct = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  const acc_t s = at::exp2(log2_step.to(ct)).reshape({}).template item<acc_t>();
+  const acc_t q = at::exp2(log2_range.to(ct)).reshape({}).template item<acc_t>();
+  const acc_t lo = scalar_of<acc_t>(offset);
+  return {s, lo, lo + q - s};
+}
+
 // y = lo + s * round((clamp(x, lo, hi) - lo) / s), written into y (allocated by the caller
 // with torch.empty_like, so the tests' NaN poisoning reaches it).
 void act_forward(const at::Tensor& x, at::Tensor y, const at::Tensor& log2_step,
@@ -256,11 +272,8 @@ void act_forward(const at::Tensor& x, at::Tensor y, const at::Tensor& log2_step,
   const int64_t n = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "act_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto ct = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
-    const acc_t s = at::exp2(log2_step.to(ct)).reshape({}).item<acc_t>();
-    const acc_t q = at::exp2(log2_range.to(ct)).reshape({}).item<acc_t>();
-    const acc_t lo = scalar_of<acc_t>(offset);
-    const acc_t hi = lo + q - s;
+    const ActGrid<acc_t> grid = act_grid<acc_t>(log2_step, log2_range, offset);
+    const acc_t s = grid.s, lo = grid.lo, hi = grid.hi;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, n, kMinParallelWork, [&](int64_t b, int64_t e) {
@@ -292,11 +305,8 @@ at::Tensor act_backward(const at::Tensor& g, const at::Tensor& x, at::Tensor dx,
   const uint32_t ukey = static_cast<uint32_t>(key);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "act_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto ct = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
-    const acc_t s = at::exp2(log2_step.to(ct)).reshape({}).item<acc_t>();
-    const acc_t q = at::exp2(log2_range.to(ct)).reshape({}).item<acc_t>();
-    const acc_t lo = scalar_of<acc_t>(offset);
-    const acc_t hi = lo + q - s;
+    const ActGrid<acc_t> grid = act_grid<acc_t>(log2_step, log2_range, offset);
+    const acc_t s = grid.s, lo = grid.lo, hi = grid.hi;
     const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();

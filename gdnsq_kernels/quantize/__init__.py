@@ -2,7 +2,7 @@
 
 ``quantize_activation`` and ``quantize_weight`` are the two ops every GDNSQ layer calls. The
 math (forward, closed-form backward, NaN behaviour) is documented in
-``gdnsq_kernels.reference``, which is also the oracle every backend is tested against.
+``gdnsq_kernels.quantize.reference``, which is also the oracle every backend is tested against.
 
 Backends (``backend=`` argument or ``GDNSQ_BACKEND``; see ``gdnsq_kernels.backend``):
 ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``cpu`` (fused C++ op built on first
@@ -12,7 +12,7 @@ form), ``reference``.
 The low-level functions (``activation_forward`` ... ``weight_backward``) carry no autograd, so a
 fused layer can save only its float input and recompute the quantized tensor in its backward.
 Every function here validates its arguments, resolves the backend and calls a ``gdnsq::``
-custom op (``gdnsq_kernels._ops``); the trainable ops' backwards (``register_autograd``) save
+custom op (``gdnsq_kernels.quantize._ops``); the trainable ops' backwards (``register_autograd``) save
 the input, the O(1)/O(C_out) parameters and zero point, and the seed tensor of the dither,
 never a noise tensor or a mask. The seed is drawn on the input's device as a tensor
 (``new_seed_tensor``), so ``torch.compile(fullgraph=True)`` traces a whole QAT step.

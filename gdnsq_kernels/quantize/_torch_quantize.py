@@ -1,7 +1,7 @@
 """The ``torch`` backend: eager closed-form PyTorch, few passes, in-place where possible.
 
 Used when the fused C++ CPU op cannot be built (no compiler / ninja) and available on CUDA as a
-debugging aid. Same math and same dither as ``gdnsq_kernels.reference``; the forward is one
+debugging aid. Same math and same dither as ``gdnsq_kernels.quantize.reference``; the forward is one
 clamp plus five in-place passes, the backward recomputes everything from the input, so the
 autograd Functions save only the input. Arguments are validated by ``gdnsq_kernels.quantize``.
 """

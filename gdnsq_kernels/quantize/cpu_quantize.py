@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from . import _checks
+from .._build import require_cpp
 from .._launch import is_channels_last, nhwc_view
 from .dither import DITHER_MAGNITUDE, seed_key
 from .reference import is_per_channel
@@ -74,11 +75,6 @@ def load_extension():
         _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags,
                     extra_ldflags=["-fopenmp"], verbose=False)
         return _ext
-
-
-def require_cpp() -> bool:
-    """``GDNSQ_REQUIRE_CPP=1``: a C++ build failure raises instead of degrading (tests, CI)."""
-    return os.environ.get("GDNSQ_REQUIRE_CPP", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def implementation():

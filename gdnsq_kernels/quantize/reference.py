@@ -16,7 +16,7 @@ Weight quantizer (per-output-channel or per-tensor step, per-channel zero point,
 
 Backward (METHOD.md Part B §2.2; STE for the input, closed form for the parameters), with
 ``g`` the upstream gradient, ``e = round(v) - v`` at the clamped ``v`` and ``r`` the dither
-(``gdnsq_kernels.dither``; ``r = 0`` when ``dither=False``):
+(``gdnsq_kernels.quantize.dither``; ``r = 0`` when ``dither=False``):
 
 * activation: ``dx = g`` where ``lo <= x <= hi`` else 0;
   ``d offset = sum g`` over ``x < lo`` or ``x > hi``;

@@ -8,7 +8,7 @@
 * Every launch is ``exact`` (``enable_fp_fusion=False``, see ``_launch``): ``lo + s*round(v)``
   is two roundings in the reference, not one ``fma``.
 * The dither ``r`` is regenerated in the backward from ``(key, flat index)`` with the hash of
-  ``gdnsq_kernels.dither`` (uint32 arithmetic), so no noise tensor is stored. A seed given as a
+  ``gdnsq_kernels.quantize.dither`` (uint32 arithmetic), so no noise tensor is stored. A seed given as a
   tensor (what the ``gdnsq::`` ops pass) is hashed to its key on the device and the kernels
   load the key from that pointer (``KEY_PTR``): no host read, so a CUDA graph replays a fresh
   draw each step. A Python-int seed is hashed on the host and passed by value.
@@ -116,15 +116,30 @@ def _div(a, b, CT: tl.constexpr):
 
 
 @triton.jit
+def _act_grid(s_ptr, q_ptr, off_ptr, CT: tl.constexpr):
+    """(s, Q, lo, hi) of the activation grid: step, range, lowest and highest level."""
+    s = tl.load(s_ptr)
+    q = tl.load(q_ptr)
+    lo = tl.load(off_ptr).to(CT)
+    return s, q, lo, lo + q - s
+
+
+@triton.jit
+def _channel_step(s_ptr, c, PER_CHANNEL: tl.constexpr):
+    """The step of weight channel ``c`` (one shared step unless PER_CHANNEL)."""
+    if PER_CHANNEL:
+        return tl.load(s_ptr + c)
+    else:
+        return tl.load(s_ptr)
+
+
+@triton.jit
 def _act_fwd_kernel(x_ptr, y_ptr, s_ptr, q_ptr, off_ptr, n,
                     BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    s = tl.load(s_ptr)
-    q = tl.load(q_ptr)
-    lo = tl.load(off_ptr).to(CT)
-    hi = lo + q - s
+    s, q, lo, hi = _act_grid(s_ptr, q_ptr, off_ptr, CT)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
     xc = tl.where(x < lo, lo, x)  # comparisons, not min/max: NaN propagates like torch.clamp
     xc = tl.where(xc > hi, hi, xc)
@@ -165,10 +180,7 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, 
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    s = tl.load(s_ptr)
-    q = tl.load(q_ptr)
-    lo = tl.load(off_ptr).to(CT)
-    hi = lo + q - s
+    s, q, lo, hi = _act_grid(s_ptr, q_ptr, off_ptr, CT)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT)
     above = x > hi
@@ -216,10 +228,7 @@ def _w_fwd_kernel(w_ptr, y_ptr, z_ptr, s_ptr, K, PER_CHANNEL: tl.constexpr,
                   BLOCK: tl.constexpr, CT: tl.constexpr, MAGIC: tl.constexpr):
     c = tl.program_id(0)
     base = c.to(tl.int64) * K
-    if PER_CHANNEL:
-        s = tl.load(s_ptr + c)
-    else:
-        s = tl.load(s_ptr)
+    s = _channel_step(s_ptr, c, PER_CHANNEL)
     m = tl.full([BLOCK], float("inf"), CT)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
     for k0 in range(0, K, BLOCK):
@@ -251,10 +260,7 @@ def _w_bwd_kernel(g_ptr, w_ptr, z_ptr, s_ptr, out_ptr, K, key, C, H, Wd, PER_CHA
         key = tl.load(key)
     c = tl.program_id(0)
     base = c.to(tl.int64) * K
-    if PER_CHANNEL:
-        s = tl.load(s_ptr + c)
-    else:
-        s = tl.load(s_ptr)
+    s = _channel_step(s_ptr, c, PER_CHANNEL)
     z = tl.load(z_ptr + c).to(CT)
     acc = tl.zeros([BLOCK], dtype=CT)
     for k0 in range(0, K, BLOCK):
@@ -301,7 +307,7 @@ def _row_block(k: int) -> int:
 
 
 def _exp2(log2_param, x_dtype, shape):
-    """``2**param`` in the compute dtype, computed exactly as ``gdnsq_kernels.reference`` does
+    """``2**param`` in the compute dtype, computed exactly as ``gdnsq_kernels.quantize.reference`` does
     (``torch.exp2`` of the parameter converted to the compute dtype), contiguous. Asynchronous:
     a device op, no host sync. A strided or expanded per-channel view is fine here."""
     ct = _checks.compute_dtype(x_dtype)

@@ -1,0 +1,265 @@
+"""The import rules of docs/DESIGN.md ("Layers and import rules"), checked with ``ast`` over the
+source files of ``gdnsq`` and ``gdnsq_kernels`` (nothing is imported or run).
+
+* no module of ``gdnsq_kernels`` imports ``gdnsq``; only ``gdnsq_kernels`` imports ``triton``;
+* the two op families (``gdnsq_kernels.quantize``, ``gdnsq_kernels.binary``) do not import each
+  other, and the shared kernel helpers import neither;
+* the method layer (the modules at the top of ``gdnsq``, and ``gdnsq.data`` / ``gdnsq.models``)
+  imports none of ``gdnsq.train``, ``gdnsq.deploy``, ``gdnsq.cli``; ``gdnsq.train`` and
+  ``gdnsq.deploy`` do not import ``gdnsq.cli`` (nor each other); nothing outside the CLI imports it;
+* the module-level imports form no cycle;
+* the compatibility modules only re-export, and the packages never import them.
+
+Every import counts for the layer rules, also one inside a function (a lazy import is still a
+dependency); the cycle check uses the imports that run when a module is imported (module level,
+class bodies, ``if``/``try`` blocks; not function bodies, not ``if TYPE_CHECKING:``).
+"""
+from __future__ import annotations
+
+import ast
+import pathlib
+from typing import Dict, Iterator, List, Optional, Set, Tuple
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("gdnsq", "gdnsq_kernels")
+
+# Old module paths kept for users, each a pure re-export of its new home (docs/DESIGN.md).
+COMPAT_MODULES = {
+    "gdnsq.trainer": "gdnsq.train.trainer",
+    "gdnsq.presets": "gdnsq.train.presets",
+    "gdnsq.distributed": "gdnsq.train.distributed",
+    "gdnsq_kernels.reference": "gdnsq_kernels.quantize.reference",
+    "gdnsq_kernels.binary_ops": "gdnsq_kernels.binary",
+}
+# Shared by both op families; they must not depend on either family.
+KERNEL_HELPERS = ("gdnsq_kernels.backend", "gdnsq_kernels._launch", "gdnsq_kernels._build")
+
+
+# ---------------------------------------------------------------------------------------- graph
+
+
+def package_sources(root: pathlib.Path = REPO) -> Dict[str, Tuple[str, bool]]:
+    """{module name: (source text, is a package __init__)} of every .py file of PACKAGES."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            if is_pkg:
+                parts = parts[:-1]
+            out[".".join(parts)] = (path.read_text(encoding="utf-8"), is_pkg)
+    return out
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_nodes(tree: ast.AST, module_level: bool) -> Iterator[ast.stmt]:
+    """Import statements of ``tree``; with ``module_level`` only those that run at import time."""
+    for child in ast.iter_child_nodes(tree):  # in source order
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        elif module_level and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        elif module_level and isinstance(child, ast.If) and _is_type_checking(child.test):
+            for stmt in child.orelse:
+                yield from _import_nodes(stmt, module_level)
+        else:
+            yield from _import_nodes(child, module_level)
+
+
+def resolve_imports(module: str, is_pkg: bool, source: str, known: Set[str],
+                    module_level: bool) -> List[Tuple[str, int]]:
+    """(imported module, line) pairs of ``module``.
+
+    ``import a.b`` -> ``a.b``; ``from a import b`` -> ``a.b`` when that is a module of ``known``,
+    else ``a`` (a name defined in ``a``). Relative imports are resolved against ``module``'s
+    package (``from . import x`` in ``p/__init__.py`` or in ``p/m.py`` is ``p.x``). A name outside
+    ``known`` is kept as written (``triton.language``), for the rules on third-party imports.
+    """
+    package = module if is_pkg else module.rpartition(".")[0]
+    found = []
+    for node in _import_nodes(ast.parse(source), module_level):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+            continue
+        if node.level:
+            base_parts = package.split(".")
+            if node.level > 1:
+                base_parts = base_parts[:-(node.level - 1)]
+            base = ".".join(base_parts + ([node.module] if node.module else []))
+        else:
+            base = node.module
+        for alias in node.names:
+            candidate = f"{base}.{alias.name}"
+            found.append((candidate if candidate in known else base, node.lineno))
+    return found
+
+
+def import_graph(sources: Dict[str, Tuple[str, bool]], module_level: bool) -> Dict[str, List[Tuple[str, int]]]:
+    known = set(sources)
+    return {m: resolve_imports(m, is_pkg, src, known, module_level) for m, (src, is_pkg) in sources.items()}
+
+
+def find_cycle(edges: Dict[str, Set[str]]) -> Optional[List[str]]:
+    """One cycle of the directed graph ``edges`` as [a, b, ..., a], or None when it is acyclic."""
+    state: Dict[str, int] = {}  # 1: on the current path, 2: done
+    path: List[str] = []
+
+    def visit(node: str) -> Optional[List[str]]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def forbidden_prefixes(module: str) -> Tuple[str, ...]:
+    """What ``module`` may not import (docs/DESIGN.md, "Layers and import rules")."""
+    if _under(module, "gdnsq_kernels"):
+        rules = ("gdnsq",)
+        if _under(module, "gdnsq_kernels.quantize"):
+            rules += ("gdnsq_kernels.binary",)
+        elif _under(module, "gdnsq_kernels.binary"):
+            rules += ("gdnsq_kernels.quantize",)
+        elif module in KERNEL_HELPERS:
+            rules += ("gdnsq_kernels.quantize", "gdnsq_kernels.binary", "gdnsq_kernels.cpu_deploy")
+        return rules
+    rules = ("triton",)
+    if module == "gdnsq" or module in COMPAT_MODULES or _under(module, "gdnsq.cli"):
+        return rules  # the facade and the re-exports name the layers above; the CLI uses all
+    if _under(module, "gdnsq.train"):
+        return rules + ("gdnsq.cli", "gdnsq.deploy")
+    if _under(module, "gdnsq.deploy"):
+        return rules + ("gdnsq.cli", "gdnsq.train")
+    return rules + ("gdnsq.cli", "gdnsq.train", "gdnsq.deploy")  # the method layer and data/models
+
+
+def layer_violations(graph: Dict[str, List[Tuple[str, int]]]) -> List[str]:
+    bad = []
+    for module, imports in sorted(graph.items()):
+        for target, line in imports:
+            # the old names gdnsq.trainer / presets / distributed are re-exports of gdnsq.train
+            target = COMPAT_MODULES.get(target, target)
+            for prefix in forbidden_prefixes(module):
+                if _under(target, prefix):
+                    bad.append(f"{module} (line {line}) imports {target}")
+    return bad
+
+
+def internal_edges(graph: Dict[str, List[Tuple[str, int]]]) -> Dict[str, Set[str]]:
+    return {m: {t for t, _ in imports if t in graph and t != m} for m, imports in graph.items()}
+
+
+# ---------------------------------------------------------------------------------------- rules
+
+
+@pytest.fixture(scope="module")
+def sources():
+    return package_sources()
+
+
+def test_the_packages_are_found(sources):
+    assert {"gdnsq", "gdnsq.cli", "gdnsq.train.trainer", "gdnsq_kernels.quantize._ops",
+            "gdnsq_kernels.binary.triton_xnor"} <= set(sources)
+
+
+def test_layer_rules(sources):
+    assert layer_violations(import_graph(sources, module_level=False)) == []
+
+
+def test_only_gdnsq_kernels_imports_triton(sources):
+    graph = import_graph(sources, module_level=False)
+    users = {m for m, imports in graph.items() if any(_under(t, "triton") for t, _ in imports)}
+    assert users and all(_under(m, "gdnsq_kernels") for m in users), sorted(users)
+
+
+def test_no_import_cycles(sources):
+    edges = internal_edges(import_graph(sources, module_level=True))
+    assert sum(len(v) for v in edges.values()) > 50  # the graph was really built
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+@pytest.mark.parametrize("old, new", sorted(COMPAT_MODULES.items()))
+def test_compatibility_modules_only_reexport(sources, old, new):
+    source, _ = sources[old]
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]:
+            continue
+        assert isinstance(node, ast.ImportFrom), f"{old}: line {node.lineno} is not an import"
+        resolved = resolve_imports(old, False, ast.unparse(node), set(sources), module_level=True)
+        assert {t for t, _ in resolved} == {new}, f"{old}: line {node.lineno} imports other than {new}"
+
+
+def test_the_package_does_not_use_the_compatibility_modules(sources):
+    graph = import_graph(sources, module_level=False)
+    users = [f"{m} (line {line}) imports {t}" for m, imports in sorted(graph.items()) if m not in COMPAT_MODULES
+             for t, line in imports if t in COMPAT_MODULES]
+    assert users == []
+
+
+# ----------------------------------------------------------------------- the checks can fail
+
+
+def test_find_cycle_on_synthetic_graphs():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"x": {"y"}, "y": {"y2"}, "y2": {"y"}}) == ["y", "y2", "y"]
+
+
+def test_relative_imports_resolve_to_submodules():
+    known = {"p", "p.x", "p.sub", "p.sub.m", "p.sub.n"}
+    # `from . import x` in a package __init__ is the submodule p.x
+    assert resolve_imports("p", True, "from . import x\n", known, True) == [("p.x", 1)]
+    # in a plain module it is a sibling; a name that is not a module points at its package
+    src = "from . import n, helper\nfrom .. import x\nfrom ..x import f\nimport os.path\n"
+    assert resolve_imports("p.sub.m", False, src, known, True) == [
+        ("p.sub.n", 1), ("p.sub", 1), ("p.x", 2), ("p.x", 3), ("os.path", 4)]
+    # function bodies are lazy: left out of the cycle graph, kept for the layer rules
+    lazy = "def f():\n    from . import n\n"
+    assert resolve_imports("p.sub.m", False, lazy, known, True) == []
+    assert resolve_imports("p.sub.m", False, lazy, known, False) == [("p.sub.n", 2)]
+
+
+def test_a_cycle_through_relative_imports_is_found():
+    sources = {"p": ("from . import a\n", True), "p.a": ("from .b import f\n", False),
+               "p.b": ("from . import a\n", False)}
+    assert find_cycle(internal_edges(import_graph(sources, module_level=True))) == ["p.a", "p.b", "p.a"]
+
+
+def test_layer_violations_are_reported():
+    sources = {"gdnsq_kernels.quantize.x": ("import gdnsq.layers\nfrom ..binary import y\n", False),
+               "gdnsq.losses": ("from .train import trainer\nimport triton\n", False),
+               "gdnsq.train.trainer": ("from ..cli import main\n", False),
+               "gdnsq.cli": ("from ..train import trainer\n", True)}
+    assert layer_violations(import_graph(sources, module_level=False)) == [
+        "gdnsq.losses (line 1) imports gdnsq.train.trainer",
+        "gdnsq.losses (line 2) imports triton",
+        "gdnsq.train.trainer (line 1) imports gdnsq.cli",
+        "gdnsq_kernels.quantize.x (line 1) imports gdnsq.layers",
+        "gdnsq_kernels.quantize.x (line 2) imports gdnsq_kernels.binary",
+    ]
