@@ -1,6 +1,6 @@
 """gdnsq: GDNSQ quantization-aware fine-tuning down to W1A1, and deployment of the result.
 
-Method API (see README.md):
+Method API (see docs/method.md and docs/trainer.md):
     quantize_model, teacher_of, calibrate, QConv2d, QLinear, WeightQuantizer,
     ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective, GDNSQSchedule,
     Trainer, TrainConfig, get_preset, set_exact_inference; submodules data, models, deploy, cli

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: Named input normalisations: (mean, std) per RGB channel, applied to pixels scaled to [0, 1].
-#: "imagenet" is what the akamaster CIFAR ResNets were trained with (../shared/models/README.md).
+#: "imagenet" is what the akamaster CIFAR ResNets were trained with (the akamaster/pytorch_resnet_cifar10 training recipe).
 NORMALIZATIONS: Dict[str, Tuple[Tuple[float, float, float], Tuple[float, float, float]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -1,7 +1,6 @@
 """CIFAR ResNets (He et al. 2016, section 4.2) with option-A shortcuts: ResNet-20/32/44/56.
 
-The layout and parameter names match the akamaster checkpoints in ``../shared/models`` (see its
-README): stem ``conv1``/``bn1`` (3->16, 3x3), stages ``layer1..3`` of n basic blocks with 16, 32,
+The layout and parameter names match the checkpoints of akamaster/pytorch_resnet_cifar10: stem ``conv1``/``bn1`` (3->16, 3x3), stages ``layer1..3`` of n basic blocks with 16, 32,
 64 channels (stride 2 at the first block of stages 2 and 3), global average pooling and
 ``linear`` (64 -> classes, with bias). Depth = 6n + 2.
 

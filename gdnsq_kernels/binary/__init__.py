@@ -29,7 +29,7 @@ Backends (``backend=`` or ``GDNSQ_BACKEND``, see :mod:`gdnsq_kernels.backend`):
   columns an unpack to float32 +-1 / 0-1 matrices and one sgemm (see ``use_float_gemm``;
   ``binary_conv2d`` then runs a float conv of the 0/1 codes), which is exact while
   ``k <= 2**24`` (integer partial sums stay exactly representable) and when float32 matmul runs
-  at full precision; otherwise float64. The switch point was measured (README.md, bit-packed section).
+  at full precision; otherwise float64. The switch point was measured (docs/binary.md).
 * ``torch``: plain-torch SWAR popcount on the words, chunked (CPU or CUDA; no compiler). It is
   its own implementation here (not an alias of ``reference`` or ``cpu``): the fallback for a
   CUDA machine without a working Triton.
