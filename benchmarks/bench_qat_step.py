@@ -140,12 +140,16 @@ def saved_bytes(student, teacher, x):
     return sum(storages.values())
 
 
-def make_step(student, teacher, optimizer, x, sync):
+def make_step(student, teacher, optimizer, x, sync, precision="fp32"):
+    """One training step as the Trainer runs it: with ``precision="bf16"`` the teacher and
+    student forwards and the loss run under ``torch.autocast(bfloat16)`` opened for this step
+    only (the gdnsq quantizers compute in float32 inside it); backward and optimizer outside."""
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            t_logits = teacher(x)
-        loss = jeffreys_divergence(student(x), t_logits)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = jeffreys_divergence(student(x).float(), t_logits.float())
         loss.backward()
         optimizer.step()
         sync()
@@ -217,7 +221,8 @@ def markdown(record: dict, jsonl_text: str) -> str:
         return "-" if v is None else format(v, spec)
 
     md = [f"QAT step of {record['model']} (batch {record['batch']}, 3x32x32, Jeffreys vs FP teacher, RAdam), "
-          f"{record['device']}, {record['threads']} threads, torch {record['torch']}, {record['date']}, "
+          f"{record['device']}, {record.get('precision', 'fp32')}"
+          f"{', channels_last' if record.get('channels_last') else ''}, {record['threads']} threads, torch {record['torch']}, {record['date']}, "
           f"median of {record['rounds']} interleaved steps (load average at the end: "
           f"{', '.join(f'{v:.1f}' for v in record['loadavg'] or [])}).",
           "",
@@ -240,8 +245,8 @@ def markdown(record: dict, jsonl_text: str) -> str:
     cmd = ("python benchmarks/bench_qat_step.py " + " ".join(record.get("argv", []))).rstrip()
     md += ["", f"Command: `{cmd}`", "",
            "All recorded runs (qat_step.jsonl; time / saved bytes, as ratios to FP):", "",
-           "| date (UTC) | device | threads | load | eager | gdnsq | gdnsq-nodither | gdnsq-compiled |",
-           "|---|---|---:|---:|---|---|---|---|"]
+           "| date (UTC) | device | precision | threads | load | fp (ms) | eager | gdnsq | gdnsq-nodither | gdnsq-compiled |",
+           "|---|---|---|---:|---:|---:|---|---|---|---|"]
     for line in jsonl_text.splitlines():
         rec = json.loads(line)
         by = {r["provider"]: r for r in rec["results"]}
@@ -252,7 +257,9 @@ def markdown(record: dict, jsonl_text: str) -> str:
                 return "-"
             return f"{r['time_vs_fp']:.2f}x / " + (f"{r['bytes_vs_fp']:.2f}x" if r.get("bytes_vs_fp") is not None else "-")
         load = rec.get("loadavg") or [float("nan")]
-        md.append(f"| {rec['date']} | {rec['device']} | {rec['threads']} | {load[0]:.1f} | "
+        prec = rec.get("precision", "fp32") + (" CL" if rec.get("channels_last") else "")
+        fp_ms = by["fp"]["median_ms"] if "fp" in by else float("nan")
+        md.append(f"| {rec['date']} | {rec['device']} | {prec} | {rec['threads']} | {load[0]:.1f} | {fp_ms:.0f} | "
                   f"{cell('eager')} | {cell('gdnsq')} | {cell('gdnsq-nodither')} | {cell('gdnsq-compiled')} |")
     return "\n".join(md) + "\n"
 
@@ -264,6 +271,10 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per provider")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="every row in this precision (bf16: autocast per step, as the trainer's --precision bf16)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="models and input in channels_last memory format (every row)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the gdnsq step")
     ap.add_argument("--no-save", action="store_true", help="do not write the results files")
     ap.add_argument("--nodither-row", action="store_true",
@@ -291,6 +302,10 @@ def main(argv=None):
     fp_model = fp_model.to(device)
     teacher = copy.deepcopy(fp_model).eval().requires_grad_(False)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
+    if args.channels_last:
+        fp_model = fp_model.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     student_g = quantize_model(fp_model, 4, 4)
     calibrate(student_g, [x])
@@ -316,7 +331,7 @@ def main(argv=None):
         opt = torch.optim.RAdam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
         compiled = name.endswith("-compiled")
         run = torch.compile(student, fullgraph=True) if compiled else student
-        providers[name] = {"step": make_step(run, teacher, opt, x, sync),
+        providers[name] = {"step": make_step(run, teacher, opt, x, sync, args.precision),
                            "bytes": None if compiled else saved_bytes(student, teacher, x), "times": [],
                            "compile_s": None}
         if compiled:  # the first call compiles forward and backward
@@ -350,7 +365,8 @@ def main(argv=None):
 
     record = {
         "bench": "qat_step", "model": model_name, "batch": args.batch, "input": [3, 32, 32],
-        "rounds": args.rounds, "argv": argv if argv is not None else sys.argv[1:], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "rounds": args.rounds, "precision": args.precision, "channels_last": bool(args.channels_last),
+        "argv": argv if argv is not None else sys.argv[1:], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "backend": os.environ.get("GDNSQ_BACKEND", "auto"),
         "torch": torch.__version__, "gdnsq": gdnsq.__version__, "python": platform.python_version(),
