@@ -55,17 +55,24 @@ CONV_CASES = [
     (96, 17, 5, 4, 1, 0, 1, 2, 1),
     (17, 96, 3, 3, 1, 1, 3, 1, 0),
     (65, 31, 4, 5, 2, 2, 2, 3, 2),
+    # bytes-format tiles: 64-channel chunks (96 = 64 + 32), 48 (3 blocks), pixel tails, 7-bit weights
+    (96, 96, 9, 11, 1, 1, 4, 4, 1),
+    (33, 48, 13, 7, 1, 1, 4, 4, 1),
+    (16, 16, 12, 12, 2, 1, 8, 7, 1),
+    (5, 64, 6, 17, 1, 1, 3, 5, 2),
 ]
 
 
+@pytest.mark.parametrize("fmt", R.FORMATS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_sums_match_float64_conv(isa, case):
+def test_conv_sums_match_float64_conv(isa, case, fmt):
     cin, out, H, W, stride, pad, ba, bw, N = case
     ext = cpu_deploy.load_extension(isa)
-    assert ext.isa() == {"avx512": "avx512_vpopcntdq", "avx2": "avx2", "scalar": "scalar"}[isa]
+    assert ext.isa() == {"avx512vnni": "avx512_vnni", "avx512": "avx512_vpopcntdq", "avx2": "avx2",
+                         "scalar": "scalar"}[isa]
     layer, k = _deployed_conv(cin, out, 3, stride, pad, bw, ba)
-    tables = R.conv_tables(layer, H, W)
+    tables = R.conv_tables(layer, H, W, fmt)
     j = torch.randint(0, 2**ba, (N, cin, H, W), generator=torch.Generator().manual_seed(1))
     skj, sj = ext.conv_sums(j.permute(0, 2, 3, 1).contiguous().to(torch.int32), tables["meta"], tables["wT"])
     want = F.conv2d(j.double(), k.double(), stride=stride, padding=pad)
