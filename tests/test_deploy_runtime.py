@@ -172,12 +172,13 @@ def students():
     return {b: _student(1, b, b, seed=b) for b in (1, 2, 4)}
 
 
+@pytest.mark.parametrize("fmt", R.FORMATS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [1, 2, 4])
-def test_runtime_equals_per_layer_and_exact_fake_quant(students, isa, bits):
+def test_runtime_equals_per_layer_and_exact_fake_quant(students, isa, bits, fmt):
     q = students[bits]
     frozen = freeze(q)
-    rt = R.runtime(frozen, isa=isa, example_input=torch.randn(4, 3, 32, 32))
+    rt = R.runtime(frozen, isa=isa, example_input=torch.randn(4, 3, 32, 32), formats=fmt)
     assert rt.fallback_reason is None
     for shape in [(3, 3, 32, 32), (1, 3, 32, 32), (2, 3, 19, 22), (0, 3, 32, 32)]:
         x = torch.randn(*shape)
@@ -193,16 +194,65 @@ def test_runtime_equals_per_layer_and_exact_fake_quant(students, isa, bits):
         torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
         if x.shape[0]:
             assert torch.equal(got.argmax(1), exact.argmax(1))
+    plan = next(iter(rt._plans.values()))
+    assert set(plan.formats) == {(fmt, fmt)}
 
 
-def test_runtime_nonzero_offset_padding(students):
+def _trunk_outputs(rt, x):
+    """The runtime's trunk output and the frozen model's (NCHW) on the same stem output."""
+    stem = rt._stem(x)
+    plan = rt._plan_for(x)
+    got = plan.rt.forward(stem.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+    m = rt.model
+    want = m.layer3(m.layer2(m.layer1(stem)))
+    return got, want
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_mixed_formats_trunk_bit_for_bit(students, isa):
+    """Every producer/consumer pair of formats (packed->bytes, bytes->packed, ...) in one trunk;
+    W1A1: the trunk output equals the frozen per-layer model's bit for bit."""
+    frozen = freeze(students[1])
+    n = 2 * len(R.trunk_blocks(frozen))
+    pattern = ["bytes", "packed", "packed", "bytes", "bytes", "bytes", "packed", "packed"]
+    formats = [pattern[i % len(pattern)] for i in range(n)]
+    rt = R.runtime(frozen, isa=isa, formats=formats)
+    for shape in [(2, 3, 32, 32), (1, 3, 17, 9)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            got, want = _trunk_outputs(rt, x)
+            assert torch.equal(got, want)
+            assert torch.equal(rt(x), frozen(x))
+    plan = next(iter(rt._plans.values()))
+    assert [f for pair in plan.formats for f in pair] == formats
+
+
+def test_format_rule():
+    layer1, _ = _deployed_conv(16, 16, 3, 1, 1, 1, 1)
+    layer4, _ = _deployed_conv(16, 16, 3, 1, 1, 4, 4)
+    layer8, _ = _deployed_conv(16, 16, 3, 1, 1, 8, 4)  # 8-bit weights do not fit int8
+    assert R.choose_format(layer1, "avx512vnni") == "bytes"
+    assert R.choose_format(layer4, "avx512") == "packed"
+    assert R.choose_format(layer1, "avx2") == "packed" and R.choose_format(layer4, "avx2") == "bytes"
+    assert R.choose_format(layer8, "avx512vnni") == "packed"
+    assert R.choose_format(layer8, "avx2", "bytes") == "packed"
+    assert R.choose_format(layer1, "avx512", "bytes") == "bytes"
+    with pytest.raises(R.PlanError):
+        R.conv_tables(layer8, 8, 8, "bytes")
+    with pytest.raises(ValueError, match="formats"):
+        R.runtime(nn.Identity(), formats="int8")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", R.FORMATS)
+def test_runtime_nonzero_offset_padding(students, fmt, isa):
     frozen = freeze(students[2])
     for name, m in frozen.named_modules():  # signed inputs: padding off the grid
         if name.endswith("conv1") and hasattr(m, "act_offset") and "layer" in name:
             with torch.no_grad():
                 m.act_offset.fill_(-0.05)
             m._cache.clear()
-    rt = R.runtime(frozen)
+    rt = R.runtime(frozen, isa=isa, formats=fmt)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rt(x), frozen(x), rtol=1e-5, atol=1e-5)

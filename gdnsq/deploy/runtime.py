@@ -195,10 +195,12 @@ def bn_affine(bn: nn.Module, ext, example: torch.Tensor | None):
 
 
 FORMATS = ("packed", "bytes")
-# Rule of the automatic format choice (measured on ResNet-20, one thread, AMD Zen 4, see
-# docs/runtime.md): a conv reads its input as bytes (vpdpbusd) when the build has VNNI and
-# act_bits * weight_bits >= this product; else as bit planes (popcount).
-BYTES_MIN_BITS_PRODUCT = 1
+# Rule of the automatic format choice, per ISA build: a conv reads its input as bytes when
+# act_bits * weight_bits >= this product (None: never), else as bit planes (popcount).
+# Measured on ResNet-20 students, one thread, AMD Zen 4 (docs/runtime.md): with VNNI the bytes
+# conv beats the popcount conv at every width (W1A1 included); the avx512 popcount build beats
+# its plain-loop bytes conv even at W4A4; on avx2 the bytes conv wins at W4A4 only.
+BYTES_MIN_BITS_PRODUCT = {"avx512vnni": 1, "avx512": None, "avx2": 16, "scalar": 16}
 
 
 def bytes_feasible(layer: DeployedConv2d) -> bool:
@@ -213,14 +215,13 @@ def bytes_feasible(layer: DeployedConv2d) -> bool:
 
 def choose_format(layer: DeployedConv2d, isa: str, forced: str | None = None) -> str:
     """``packed`` or ``bytes`` for the input of ``layer`` (``forced`` wins where feasible)."""
-    from gdnsq_kernels.cpu_deploy import has_vnni
-
     if forced is not None:
         if forced not in FORMATS:
             raise ValueError(f"formats must be one of {FORMATS} or None, got {forced!r}")
         return forced if forced == "packed" or bytes_feasible(layer) else "packed"
     c = layer.config
-    if has_vnni(isa) and bytes_feasible(layer) and int(c["weight_bits"]) * int(c["act_bits"]) >= BYTES_MIN_BITS_PRODUCT:
+    least = BYTES_MIN_BITS_PRODUCT.get(isa)
+    if least is not None and bytes_feasible(layer) and int(c["weight_bits"]) * int(c["act_bits"]) >= least:
         return "bytes"
     return "packed"
 
@@ -339,7 +340,10 @@ class _Plan:
         h, w = H, W
         for i, b in enumerate(blocks):
             ex = examples.get(i) if examples else None
-            f1, f2 = choose_format(b.conv1, isa, formats), choose_format(b.conv2, isa, formats)
+            if isinstance(formats, (list, tuple)):  # one per trunk conv
+                f1, f2 = choose_format(b.conv1, isa, formats[2 * i]), choose_format(b.conv2, isa, formats[2 * i + 1])
+            else:
+                f1, f2 = choose_format(b.conv1, isa, formats), choose_format(b.conv2, isa, formats)
             self.formats.append((f1, f2))
             t1 = conv_tables(b.conv1, h, w, f1)
             t2 = conv_tables(b.conv2, t1["Ho"], t1["Wo"], f2)
@@ -371,14 +375,20 @@ class RuntimeModel(nn.Module):
         self.model = model.eval()
         from gdnsq_kernels.cpu_deploy import default_isa
 
-        if formats is not None and formats not in FORMATS:
-            raise ValueError(f"formats must be one of {FORMATS} or None, got {formats!r}")
+        if isinstance(formats, (list, tuple)):
+            if any(f not in FORMATS for f in formats):
+                raise ValueError(f"formats entries must be in {FORMATS}, got {formats!r}")
+            formats = tuple(formats)
+        elif formats is not None and formats not in FORMATS:
+            raise ValueError(f"formats must be one of {FORMATS}, a sequence of them or None, got {formats!r}")
         self.isa = isa or default_isa()
         self.formats = formats
         self._plans: dict = {}
         self.fallback_reason = None
         try:
             self._blocks = trunk_blocks(model)
+            if isinstance(formats, tuple) and len(formats) != 2 * len(self._blocks):
+                raise ValueError(f"formats needs one entry per trunk conv ({2 * len(self._blocks)}), got {len(formats)}")
         except PlanError as exc:
             self._fallback(exc)
         self._example = example_input
@@ -461,8 +471,9 @@ def runtime(model: nn.Module, isa: str | None = None, example_input: torch.Tenso
     ``isa``: ``"avx512"`` / ``"avx2"`` / ``"scalar"`` (default: the best this CPU has, or
     ``$GDNSQ_DEPLOY_ISA``). ``example_input``: optional images whose real intermediate values
     are added to the plan's checks. ``formats``: ``None`` chooses each conv's input format by
-    the measured rule (``choose_format``: ``bytes`` with VNNI when ``act_bits * weight_bits >=
-    BYTES_MIN_BITS_PRODUCT``, else ``packed``); ``"packed"`` / ``"bytes"`` force one on every
-    conv (bytes where it fits exactly), e.g. to test either path on any build.
+    the measured rule (``choose_format``: ``bytes`` when ``act_bits * weight_bits >=
+    BYTES_MIN_BITS_PRODUCT[isa]``, else ``packed``); ``"packed"`` / ``"bytes"`` force one on every
+    conv (bytes where it fits exactly), e.g. to test either path on any build; a sequence gives
+    one format per trunk conv (block order, conv1 then conv2).
     """
     return RuntimeModel(model, isa=isa, example_input=example_input, formats=formats)

@@ -287,9 +287,10 @@ inline void bytes_row_sums(const Conv& c, const uint8_t* in_n, int64_t oh, int64
     }
   }
 #else
-  std::vector<int32_t> a(c.Opad);
+  std::vector<int32_t> abuf(c.Opad);
+  int32_t* __restrict a = abuf.data();
   for (int64_t ow = 0; ow < c.Wo; ++ow) {
-    std::fill(a.begin(), a.end(), 0);
+    std::fill(abuf.begin(), abuf.end(), 0);
     for (int64_t i = 0; i < c.kh; ++i) {
       for (int64_t j = 0; j < c.kw; ++j) {
         const uint8_t* px = in_n + ((oh * c.sh + i) * c.Wp + ow * c.sw + j) * c.Cp;
@@ -297,7 +298,7 @@ inline void bytes_row_sums(const Conv& c, const uint8_t* in_n, int64_t oh, int64
         for (int64_t ch = 0; ch < c.Cin; ++ch) {
           const int32_t x = px[ch];
           if (x == 0) continue;
-          const int32_t* w = wt + ch * c.Opad;
+          const int32_t* __restrict w = wt + ch * c.Opad;
           for (int64_t o = 0; o < c.Opad; ++o) a[o] += x * w[o];
         }
       }
