@@ -227,6 +227,25 @@ def test_mixed_formats_trunk_bit_for_bit(students, isa):
     assert [f for pair in plan.formats for f in pair] == formats
 
 
+@pytest.mark.parametrize("fmt", R.FORMATS)
+def test_trunk_runs_in_image_chunks(students, fmt):
+    """The trunk runs chunk_images images at a time through all blocks (buffers reused): a
+    batch that is not a multiple of the chunk gives the per-layer model's logits bit for bit."""
+    frozen = freeze(students[1])
+    rt = R.runtime(frozen, formats=fmt)
+    x = torch.randn(7, 3, 32, 32)
+    with torch.no_grad():
+        rt(x[:1])
+        plan = rt._plan_for(x)
+        assert plan.rt.chunk_images == 8
+        for chunk in (1, 3, 7, 64):
+            plan.rt.chunk_images = chunk
+            assert torch.equal(rt(x), frozen(x))
+        plan.rt.chunk_images = 0
+        with pytest.raises(RuntimeError, match="chunk_images"):
+            rt(x)
+
+
 def test_format_rule():
     layer1, _ = _deployed_conv(16, 16, 3, 1, 1, 1, 1)
     layer4, _ = _deployed_conv(16, 16, 3, 1, 1, 4, 4)

@@ -69,7 +69,8 @@ struct Conv {
   // size of one image of this conv's input buffer, in bytes
   int64_t img_bytes() const { return fmt == kBytes ? Hp * Wp * Cp : H * W * ba * CWin * 8; }
   // the input buffer of N images (zeroed), as 64-bit words (+1 word of slack for the byte loads)
-  std::vector<uint64_t> alloc_input(int64_t N) const { return std::vector<uint64_t>((N * img_bytes() + 7) / 8 + 1, 0); }
+  int64_t input_words(int64_t N) const { return (N * img_bytes() + 7) / 8 + 1; }
+  std::vector<uint64_t> alloc_input(int64_t N) const { return std::vector<uint64_t>(input_words(N), 0); }
   // where the codes of input pixel (n, h, w) go: uint64 planes (kPacked) or Cp bytes (kBytes)
   // image n of an input buffer
   const void* image(const uint64_t* buf, int64_t n) const { return reinterpret_cast<const uint8_t*>(buf) + n * img_bytes(); }
@@ -468,6 +469,10 @@ class Runtime {
     blocks.push_back(std::move(b));
   }
 
+  // images per pass through the whole trunk: the activations of a few images stay in the
+  // cache between layers and the buffers are reused (no page faults on fresh buffers per layer)
+  int64_t chunk_images = 8;
+
   // x: (N, H, W, C) float32 contiguous, the trunk input. Returns the last block's output, NHWC.
   torch::Tensor forward(torch::Tensor x) {
     TORCH_CHECK(!blocks.empty(), "runtime has no block");
@@ -475,11 +480,33 @@ class Runtime {
     const Conv& first = blocks[0].c1;
     TORCH_CHECK(x.size(1) == first.H && x.size(2) == first.W && x.size(3) == first.Cin, "x shape does not match the plan");
     TORCH_CHECK(lv0 == (int64_t(1) << first.ba) - 1, "entry thresholds do not match block 0");
+    TORCH_CHECK(chunk_images >= 1, "chunk_images must be >= 1");
+    const Conv& last = blocks.back().c2;
     const int64_t N = x.size(0);
+    auto out = torch::empty({N, last.Ho, last.Wo, last.O}, x.options());
+    const int64_t in_img = first.H * first.W * first.Cin, out_img = last.Ho * last.Wo * last.O;
+    Scratch sc;
+    for (int64_t n0 = 0; n0 < N; n0 += chunk_images) {
+      const int64_t nc = std::min(chunk_images, N - n0);
+      forward_chunk(x.data_ptr<float>() + n0 * in_img, nc, out.data_ptr<float>() + n0 * out_img, sc);
+    }
+    return out;
+  }
+
+ private:
+  struct Scratch {
+    std::vector<uint64_t> a, b, mid;  // codes: current block input, next block input, conv2 input
+    std::vector<float> z[2];          // float residual stream between blocks
+  };
+
+  // the trunk on N images: X (N, H, W, Cin) -> OUT (N, Ho, Wo, O) of the last block
+  void forward_chunk(const float* X0, int64_t N, float* OUT, Scratch& sc) {
+    const Conv& first = blocks[0].c1;
     // entry: per-tensor codes of x, in block 0's conv1 input format
-    std::vector<uint64_t> packed = first.alloc_input(N);
+    std::vector<uint64_t>& packed = sc.a;
+    packed.assign(first.input_words(N), 0);
     {
-      const float* X = x.data_ptr<float>();
+      const float* X = X0;
       const int64_t C = first.Cin, HW = first.H * first.W;
       uint64_t* dst = packed.data();
       const float* t0 = thr0.data();
@@ -499,13 +526,14 @@ class Runtime {
         }
       });
     }
-    torch::Tensor cur = x;
+    const float* cur = X0;
     for (size_t bi = 0; bi < blocks.size(); ++bi) {
       const Block& b = blocks[bi];
       const Conv& c1 = b.c1;
       const Conv& c2 = b.c2;
       // conv1 -> codes of conv2's input (conv2's format)
-      std::vector<uint64_t> mid = c2.alloc_input(N);
+      std::vector<uint64_t>& mid = sc.mid;
+      mid.assign(c2.input_words(N), 0);
       {
         const uint64_t* in = packed.data();
         uint64_t* out = mid.data();
@@ -549,13 +577,17 @@ class Runtime {
         });
       }
       // conv2 -> BN, + shortcut, ReLU -> float stream (+ next block's codes, in its format)
-      auto z = torch::empty({N, c2.Ho, c2.Wo, c2.O}, x.options());
+      float* Z = OUT;
+      if (bi + 1 < blocks.size()) {
+        sc.z[bi & 1].resize(N * c2.Ho * c2.Wo * c2.O);
+        Z = sc.z[bi & 1].data();
+      }
       const Conv* nc = b.lvn > 0 ? &blocks[bi + 1].c1 : nullptr;
-      std::vector<uint64_t> next = nc ? nc->alloc_input(N) : std::vector<uint64_t>();
+      std::vector<uint64_t>& next = sc.b;
+      next.assign(nc ? nc->input_words(N) : 0, 0);
       {
         const uint64_t* in = mid.data();
-        const float* X = cur.data_ptr<float>();
-        float* Z = z.data_ptr<float>();
+        const float* X = cur;
         uint64_t* nxt = next.data();
         const int64_t xH = c1.H, xW = c1.W, xC = c1.Cin;
         at::parallel_for(0, N * c2.Ho, 1, [&](int64_t r0, int64_t r1) {
@@ -615,10 +647,9 @@ class Runtime {
           }
         });
       }
-      cur = z;
+      cur = Z;
       packed.swap(next);
     }
-    return cur;
   }
 };
 
@@ -686,5 +717,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<>())
       .def("set_entry", &Runtime::set_entry)
       .def("add_block", &Runtime::add_block)
+      .def_readwrite("chunk_images", &Runtime::chunk_images)
       .def("forward", &Runtime::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
