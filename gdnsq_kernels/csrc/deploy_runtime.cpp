@@ -209,23 +209,29 @@ inline int64_t pixel_sums(const Conv& c, const uint64_t* in_n, int64_t oh, int64
 // S_j of output pixel (oh, ow): the sum of the codes under the window (padded taps are 0).
 inline int64_t bytes_sj(const Conv& c, const uint8_t* in_n, int64_t oh, int64_t ow) {
   const int64_t len = c.kw * c.Cp;  // one kernel row of taps is contiguous in the padded layout
+#if defined(GDNSQ_RT_VNNI)
+  // vpsadbw sums of every kernel row in one accumulator, one horizontal sum per pixel
+  const int64_t full = len & ~int64_t(63);
+  const __mmask64 tail = (__mmask64(1) << (len - full)) - 1;  // len - full < 64
+  __m512i tot = _mm512_setzero_si512();
+  for (int64_t i = 0; i < c.kh; ++i) {
+    const uint8_t* r = in_n + ((oh * c.sh + i) * c.Wp + ow * c.sw) * c.Cp;
+    for (int64_t b = 0; b < full; b += 64)
+      tot = _mm512_add_epi64(tot, _mm512_sad_epu8(_mm512_loadu_si512(reinterpret_cast<const void*>(r + b)),
+                                                  _mm512_setzero_si512()));
+    if (tail) tot = _mm512_add_epi64(tot, _mm512_sad_epu8(_mm512_maskz_loadu_epi8(tail, r + full), _mm512_setzero_si512()));
+  }
+  return _mm512_reduce_add_epi64(tot);
+#else
   int64_t sj = 0;
   for (int64_t i = 0; i < c.kh; ++i) {
     const uint8_t* r = in_n + ((oh * c.sh + i) * c.Wp + ow * c.sw) * c.Cp;
-#if defined(GDNSQ_RT_VNNI)
-    __m512i tot = _mm512_setzero_si512();
-    for (int64_t b = 0; b < len; b += 64) {
-      const __mmask64 m = len - b >= 64 ? ~__mmask64(0) : ((__mmask64(1) << (len - b)) - 1);
-      tot = _mm512_add_epi64(tot, _mm512_sad_epu8(_mm512_maskz_loadu_epi8(m, r + b), _mm512_setzero_si512()));
-    }
-    sj += _mm512_reduce_add_epi64(tot);
-#else
     int64_t t = 0;
     for (int64_t b = 0; b < len; ++b) t += r[b];
     sj += t;
-#endif
   }
   return sj;
+#endif
 }
 
 #if defined(GDNSQ_RT_VNNI)
