@@ -19,8 +19,10 @@ model's own ``forward`` uses. Every basic block (``conv1 -> bn1 -> ReLU -> conv2
   is never a float;
 * ``bn2``: ``fmaf(y, alpha, beta)``, the formula PyTorch's CPU BatchNorm evaluates
   (``alpha = rsqrt(var + eps) * weight``, ``beta = bn2(0)``);
-* the convolutions: bit-plane popcount on packed codes with the exact {0,1} affine corrections
-  of ``binary_ops.binary_conv2d`` (float64 epilogue in the same order, rounded once).
+* the convolutions: exact integer sums in one of two input formats per conv (``choose_format``,
+  a measured per-ISA rule): bit-plane popcount on packed codes, or uint8 x int8 codes with
+  AVX-512 VNNI ``vpdpbusd`` ("bytes"); then the exact {0,1} affine corrections of
+  ``binary_ops.binary_conv2d`` (float64 epilogue in the same order, rounded once).
 
 Every fused step is checked against the PyTorch op it replaces when the plan is built
 (thresholds at and next to every boundary, the BN formula on random and boundary values); when

@@ -8,9 +8,16 @@
 // shortcut, applies ReLU, writes the float residual stream and packs the next block's codes with
 // per-tensor thresholds.
 //
-// Packed activation layout: [N][H][W][planes][CW] uint64, CW = ceil(C/64), bit c%64 of word
-// c/64 of plane q = bit q of channel c's code; bits past C are 0.
-// Convolution: per output pixel an implicit-im2col row of K = kh*kw*C bits per plane is built
+// Each conv reads its input in one of two formats, chosen per conv at plan time (the producing
+// epilogue writes the consumer's format; see enum Format):
+// * packed: [N][H][W][planes][CW] uint64, CW = ceil(C/64), bit c%64 of word c/64 of plane q =
+//   bit q of channel c's code; bits past C are 0 (popcount convolution below);
+// * bytes: one uint8 code per channel, spatially zero-padded ([N][H+2ph][W+2pw][Cp]); the
+//   convolution runs vpdpbusd (uint8 codes x int8 weight codes -> int32) on AVX-512 VNNI
+//   builds, register-blocked over output channels and adjacent output pixels, plain integer
+//   loops elsewhere. Both give the same exact integer sums S_kj and S_j.
+// The trunk runs chunk_images images at a time through all blocks, reusing its buffers.
+// Packed convolution: per output pixel an implicit-im2col row of K = kh*kw*C bits per plane is built
 // (tap-major, channel-minor, packed tightly: a 16-channel layer puts 4 taps in one 64-bit word,
 // no all-ones row), padded taps are code 0. S_kj = sum_{p,q} 2^(p+q) popcount(row_q & w_p),
 // S_j = sum_q 2^q popcount(row_q). Epilogue (float64, same order as binary_ops' conv
