@@ -9,8 +9,10 @@ Models (CIFAR-10 ResNet-20, input 3x32x32):
 * ``deployed WbAb``: ``gdnsq.deploy.freeze`` of that model (W1A1: binary ops; W2A2/W4A4: int or
   bit-plane per layer, chosen by freeze's measurement on a batch of 32);
 * ``deployed-float WbAb``: ``freeze(path="float")`` (float32 conv of the dequantized codes);
-* ``runtime WbAb``: ``gdnsq.deploy.runtime.runtime(frozen)``: the fused bit-packed C++ runtime
-  for the quantized trunk (docs/deploy.md), same logits as ``deployed``;
+* ``runtime WbAb``: ``gdnsq.deploy.runtime.runtime(frozen)``: the fused C++ runtime for the
+  quantized trunk (docs/runtime.md), same logits as ``deployed``; the paths column names the
+  ISA build and the conv input formats its plan chose (``packed``: bit-plane popcount,
+  ``bytes``: uint8 x int8 codes, ``vpdpbusd`` on the avx512vnni build);
 * ``fp32-compile``: the float network under ``torch.compile`` (skip with --no-compile).
 
 Every point is measured at each --threads value (``torch.set_num_threads``); the markdown
@@ -21,9 +23,11 @@ The lead's command on a quiet machine (about 5-10 min)::
 
     python benchmarks/bench_inference.py --threads 1 2
 
-A quick sanity run while other jobs load the machine (the rows record ``os.getloadavg()``)::
+A quick sanity run while other jobs load the machine (the rows record ``os.getloadavg()``;
+write them outside the committed results)::
 
-    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_inference.py --threads 1 --reps 2 --no-compile
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_inference.py --threads 1 --batches 1 \
+        --no-compile --out-dir /tmp/bench
 
 For each model and batch size (1 and 256 by default): median latency over --reps timed calls
 after one warm-up, and images/s = batch / median latency. Every row is appended to
@@ -108,7 +112,12 @@ def build_models(bits_list, device, paths_batch, compile_fp=True) -> dict:
             from gdnsq.deploy.runtime import runtime
 
             rt = runtime(frozen, example_input=calib[:8])
-            models[f"runtime W{b}A{b}"] = (rt, b, "fallback" if rt.fallback_reason else f"runtime-{rt.isa}")
+            if rt.fallback_reason:
+                label = "fallback"
+            else:  # ISA build and the conv input formats its plan chose (packed popcount / bytes VNNI)
+                formats = {f for plan in rt._plans.values() for pair in plan.formats for f in pair}
+                label = f"runtime-{rt.isa} " + "+".join(sorted(formats))
+            models[f"runtime W{b}A{b}"] = (rt, b, label)
     if compile_fp:
         models["fp32-compile"] = (torch.compile(fp), None, "torch.compile")
     return models
@@ -150,7 +159,9 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
     lines = ["# ResNet-20 inference speed: FP32 vs fake-quant vs deployed", "",
              "Written by `python benchmarks/bench_inference.py [--device cuda]` from "
              "`benchmarks/results/inference.jsonl` (latest run per device). Median of the timed "
-             "calls; speed-up = fake-quant latency / deployed latency of the same bit-width.", ""]
+             "calls; speed-up = fake-quant latency / deployed latency of the same bit-width; "
+             "vs FP32 (-compile) = FP32 (torch.compile) latency / this row's latency, same batch and "
+             "thread count.", ""]
     for dev, run in sorted(latest.items()):
         sel = [r for r in rows if r["device"] == dev and r["run"] == run]
         v = sel[0]["versions"]
@@ -160,8 +171,8 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
                 if loads and max(loads) > 1.5 * os.cpu_count() else "")
         lines += [f"## {dev}", "", f"run {run}, torch {v['torch']}, triton {v['triton']}, gdnsq {v['gdnsq']}{busy}", "",
                   f"W1A1 artifact: {sel[0].get('artifact_bytes_w1a1')} bytes", "",
-                  "| model | paths | batch | threads | latency (ms) | images/s | vs fake-quant | vs FP32 |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| model | paths | batch | threads | latency (ms) | images/s | vs fake-quant | vs FP32 | vs FP32-compile |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         by = {(r["model"], r["batch"], r.get("threads")): r for r in sel}
         verdict = []
         for r in sel:
@@ -169,8 +180,10 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
             f32 = by.get(("fp32", r["batch"], r.get("threads")))
             vs_fq = f"{fq['latency_ms'] / r['latency_ms']:.2f}x" if fq and r["model"].startswith("deployed") else ""
             vs_fp = f"{f32['latency_ms'] / r['latency_ms']:.2f}x" if f32 and r["model"] != "fp32" else ""
+            f32c = by.get(("fp32-compile", r["batch"], r.get("threads")))
+            vs_fpc = f"{f32c['latency_ms'] / r['latency_ms']:.2f}x" if f32c and r["model"] != "fp32-compile" else ""
             lines.append(f"| {r['model']} | {r['paths'] or ''} | {r['batch']} | {r.get('threads', '')} | {r['latency_ms']:.2f} | "
-                         f"{r['images_per_s']:.0f} | {vs_fq} | {vs_fp} |")
+                         f"{r['images_per_s']:.0f} | {vs_fq} | {vs_fp} | {vs_fpc} |")
             if fq and (r["model"].startswith("deployed ") or r["model"].startswith("runtime ")):
                 faster = fq["latency_ms"] > r["latency_ms"]
                 verdict.append(f"{r['model']} at batch {r['batch']}, {r.get('threads')} thread(s): "

@@ -1,12 +1,14 @@
 """Loader of the fused deploy runtime (``csrc/deploy_runtime.cpp``), one build per ISA.
 
-The instruction set is chosen at build time: ``avx512`` (AVX-512F/DQ + VPOPCNTDQ: vector popcounts and a 16-channel vector epilogue,
-when /proc/cpuinfo lists them), ``avx2`` (AVX2 + FMA + scalar ``popcnt``) or ``scalar`` (plain
+The instruction set is chosen at build time: ``avx512vnni`` (``avx512`` + AVX-512BW/VNNI: the
+``bytes`` conv format runs ``vpdpbusd`` on uint8 activation codes x int8 weight codes),
+``avx512`` (AVX-512F/DQ + VPOPCNTDQ: vector popcounts and a 16-channel vector epilogue,
+when /proc/cpuinfo lists them; its ``bytes`` convs use plain compiler-vectorized loops), ``avx2`` (AVX2 + FMA + scalar ``popcnt``) or ``scalar`` (plain
 x86-64 / any other CPU). ``load_extension()`` picks the best one the CPU has;
 ``load_extension(isa)`` forces one (tests build every ISA the CPU can run), and the environment
 variable ``GDNSQ_DEPLOY_ISA`` forces it for the whole process. Every build uses
 ``-ffp-contract=off`` so that the float64 epilogue is not contracted into FMAs (its result
-must equal ``gdnsq_kernels.binary_ops``' epilogue bit for bit).
+must equal ``gdnsq_kernels.binary``' epilogue bit for bit).
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "depl
 _lock = threading.Lock()
 _exts: dict = {}
 
-ISAS = ("avx512", "avx2", "scalar")
+ISAS = ("avx512vnni", "avx512", "avx2", "scalar")
 _ISA_FLAGS = {
+    "avx512vnni": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vnni", "-mavx512vpopcntdq", "-mavx2", "-mfma",
+                   "-mpopcnt"],
     "avx512": ["-mavx512f", "-mavx512dq", "-mavx512vpopcntdq", "-mavx2", "-mfma", "-mpopcnt"],
     "avx2": ["-mavx2", "-mfma", "-mpopcnt"],
     "scalar": [],
@@ -35,12 +39,19 @@ def supported_isas() -> tuple:
         return ("scalar",)
     cpu = _cpu_flags()
     out = []
+    if {"avx512f", "avx512dq", "avx512bw", "avx512_vnni", "avx512_vpopcntdq", "avx2", "fma", "popcnt"} <= cpu:
+        out.append("avx512vnni")
     if {"avx512f", "avx512dq", "avx512_vpopcntdq", "avx2", "fma", "popcnt"} <= cpu:
         out.append("avx512")
     if {"avx2", "fma", "popcnt"} <= cpu:
         out.append("avx2")
     out.append("scalar")
     return tuple(out)
+
+
+def has_vnni(isa: str) -> bool:
+    """Whether the ``isa`` build runs the bytes conv format with ``vpdpbusd``."""
+    return isa == "avx512vnni"
 
 
 def default_isa() -> str:

@@ -55,17 +55,24 @@ CONV_CASES = [
     (96, 17, 5, 4, 1, 0, 1, 2, 1),
     (17, 96, 3, 3, 1, 1, 3, 1, 0),
     (65, 31, 4, 5, 2, 2, 2, 3, 2),
+    # bytes-format tiles: 64-channel chunks (96 = 64 + 32), 48 (3 blocks), pixel tails, 7-bit weights
+    (96, 96, 9, 11, 1, 1, 4, 4, 1),
+    (33, 48, 13, 7, 1, 1, 4, 4, 1),
+    (16, 16, 12, 12, 2, 1, 8, 7, 1),
+    (5, 64, 6, 17, 1, 1, 3, 5, 2),
 ]
 
 
+@pytest.mark.parametrize("fmt", R.FORMATS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv_sums_match_float64_conv(isa, case):
+def test_conv_sums_match_float64_conv(isa, case, fmt):
     cin, out, H, W, stride, pad, ba, bw, N = case
     ext = cpu_deploy.load_extension(isa)
-    assert ext.isa() == {"avx512": "avx512_vpopcntdq", "avx2": "avx2", "scalar": "scalar"}[isa]
+    assert ext.isa() == {"avx512vnni": "avx512_vnni", "avx512": "avx512_vpopcntdq", "avx2": "avx2",
+                         "scalar": "scalar"}[isa]
     layer, k = _deployed_conv(cin, out, 3, stride, pad, bw, ba)
-    tables = R.conv_tables(layer, H, W)
+    tables = R.conv_tables(layer, H, W, fmt)
     j = torch.randint(0, 2**ba, (N, cin, H, W), generator=torch.Generator().manual_seed(1))
     skj, sj = ext.conv_sums(j.permute(0, 2, 3, 1).contiguous().to(torch.int32), tables["meta"], tables["wT"])
     want = F.conv2d(j.double(), k.double(), stride=stride, padding=pad)
@@ -165,12 +172,13 @@ def students():
     return {b: _student(1, b, b, seed=b) for b in (1, 2, 4)}
 
 
+@pytest.mark.parametrize("fmt", R.FORMATS)
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [1, 2, 4])
-def test_runtime_equals_per_layer_and_exact_fake_quant(students, isa, bits):
+def test_runtime_equals_per_layer_and_exact_fake_quant(students, isa, bits, fmt):
     q = students[bits]
     frozen = freeze(q)
-    rt = R.runtime(frozen, isa=isa, example_input=torch.randn(4, 3, 32, 32))
+    rt = R.runtime(frozen, isa=isa, example_input=torch.randn(4, 3, 32, 32), formats=fmt)
     assert rt.fallback_reason is None
     for shape in [(3, 3, 32, 32), (1, 3, 32, 32), (2, 3, 19, 22), (0, 3, 32, 32)]:
         x = torch.randn(*shape)
@@ -186,16 +194,84 @@ def test_runtime_equals_per_layer_and_exact_fake_quant(students, isa, bits):
         torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
         if x.shape[0]:
             assert torch.equal(got.argmax(1), exact.argmax(1))
+    plan = next(iter(rt._plans.values()))
+    assert set(plan.formats) == {(fmt, fmt)}
 
 
-def test_runtime_nonzero_offset_padding(students):
+def _trunk_outputs(rt, x):
+    """The runtime's trunk output and the frozen model's (NCHW) on the same stem output."""
+    stem = rt._stem(x)
+    plan = rt._plan_for(x)
+    got = plan.rt.forward(stem.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+    m = rt.model
+    want = m.layer3(m.layer2(m.layer1(stem)))
+    return got, want
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_mixed_formats_trunk_bit_for_bit(students, isa):
+    """Every producer/consumer pair of formats (packed->bytes, bytes->packed, ...) in one trunk;
+    W1A1: the trunk output equals the frozen per-layer model's bit for bit."""
+    frozen = freeze(students[1])
+    n = 2 * len(R.trunk_blocks(frozen))
+    pattern = ["bytes", "packed", "packed", "bytes", "bytes", "bytes", "packed", "packed"]
+    formats = [pattern[i % len(pattern)] for i in range(n)]
+    rt = R.runtime(frozen, isa=isa, formats=formats)
+    for shape in [(2, 3, 32, 32), (1, 3, 17, 9)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            got, want = _trunk_outputs(rt, x)
+            assert torch.equal(got, want)
+            assert torch.equal(rt(x), frozen(x))
+    plan = next(iter(rt._plans.values()))
+    assert [f for pair in plan.formats for f in pair] == formats
+
+
+@pytest.mark.parametrize("fmt", R.FORMATS)
+def test_trunk_runs_in_image_chunks(students, fmt):
+    """The trunk runs chunk_images images at a time through all blocks (buffers reused): a
+    batch that is not a multiple of the chunk gives the per-layer model's logits bit for bit."""
+    frozen = freeze(students[1])
+    rt = R.runtime(frozen, formats=fmt)
+    x = torch.randn(7, 3, 32, 32)
+    with torch.no_grad():
+        rt(x[:1])
+        plan = rt._plan_for(x)
+        assert plan.rt.chunk_images == 8
+        for chunk in (1, 3, 7, 64):
+            plan.rt.chunk_images = chunk
+            assert torch.equal(rt(x), frozen(x))
+        plan.rt.chunk_images = 0
+        with pytest.raises(RuntimeError, match="chunk_images"):
+            rt(x)
+
+
+def test_format_rule():
+    layer1, _ = _deployed_conv(16, 16, 3, 1, 1, 1, 1)
+    layer4, _ = _deployed_conv(16, 16, 3, 1, 1, 4, 4)
+    layer8, _ = _deployed_conv(16, 16, 3, 1, 1, 8, 4)  # 8-bit weights do not fit int8
+    assert R.choose_format(layer1, "avx512vnni") == "bytes"
+    assert R.choose_format(layer4, "avx512") == "packed"
+    assert R.choose_format(layer1, "avx2") == "packed" and R.choose_format(layer4, "avx2") == "bytes"
+    assert R.choose_format(layer8, "avx512vnni") == "packed"
+    assert R.choose_format(layer8, "avx2", "bytes") == "packed"
+    assert R.choose_format(layer1, "avx512", "bytes") == "bytes"
+    with pytest.raises(R.PlanError):
+        R.conv_tables(layer8, 8, 8, "bytes")
+    with pytest.raises(ValueError, match="formats"):
+        R.runtime(nn.Identity(), formats="int8")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", R.FORMATS)
+def test_runtime_nonzero_offset_padding(students, fmt, isa):
     frozen = freeze(students[2])
     for name, m in frozen.named_modules():  # signed inputs: padding off the grid
         if name.endswith("conv1") and hasattr(m, "act_offset") and "layer" in name:
             with torch.no_grad():
                 m.act_offset.fill_(-0.05)
             m._cache.clear()
-    rt = R.runtime(frozen)
+    rt = R.runtime(frozen, isa=isa, formats=fmt)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rt(x), frozen(x), rtol=1e-5, atol=1e-5)

@@ -19,8 +19,10 @@ model's own ``forward`` uses. Every basic block (``conv1 -> bn1 -> ReLU -> conv2
   is never a float;
 * ``bn2``: ``fmaf(y, alpha, beta)``, the formula PyTorch's CPU BatchNorm evaluates
   (``alpha = rsqrt(var + eps) * weight``, ``beta = bn2(0)``);
-* the convolutions: bit-plane popcount on packed codes with the exact {0,1} affine corrections
-  of ``binary_ops.binary_conv2d`` (float64 epilogue in the same order, rounded once).
+* the convolutions: exact integer sums in one of two input formats per conv (``choose_format``,
+  a measured per-ISA rule): bit-plane popcount on packed codes, or uint8 x int8 codes with
+  AVX-512 VNNI ``vpdpbusd`` ("bytes"); then the exact {0,1} affine corrections of
+  ``gdnsq_kernels.binary_conv2d`` (float64 epilogue in the same order, rounded once).
 
 Every fused step is checked against the PyTorch op it replaces when the plan is built
 (thresholds at and next to every boundary, the BN formula on random and boundary values); when
@@ -194,14 +196,62 @@ def bn_affine(bn: nn.Module, ext, example: torch.Tensor | None):
     return alpha, beta
 
 
-def conv_tables(layer: DeployedConv2d, H: int, W: int) -> dict:
-    """Packed weight planes, epilogue scales and the per-position constant of one conv."""
+FORMATS = ("packed", "bytes")
+# Rule of the automatic format choice, per ISA build: a conv reads its input as bytes when
+# act_bits * weight_bits >= this product (None: never), else as bit planes (popcount).
+# Measured on ResNet-20 students, one thread, AMD Zen 4 (docs/runtime.md): with VNNI the bytes
+# conv beats the popcount conv at every width (W1A1 included); the avx512 popcount build beats
+# its plain-loop bytes conv even at W4A4; on avx2 the bytes conv wins at W4A4 only.
+BYTES_MIN_BITS_PRODUCT = {"avx512vnni": 1, "avx512": None, "avx2": 16, "scalar": 16}
+
+
+def bytes_feasible(layer: DeployedConv2d) -> bool:
+    """Whether the bytes format holds ``layer`` exactly (uint8 x int8 codes, int32 sums)."""
+    c = layer.config
+    O, Cin, kh, kw = c["weight_shape"]
+    bw, ba = int(c["weight_bits"]), int(c.get("act_bits") or 0)
+    if not (1 <= ba <= 8 and 1 <= bw <= 7):
+        return False
+    return kh * kw * Cin * (2**ba - 1) * (2**bw - 1) < 2**31
+
+
+def choose_format(layer: DeployedConv2d, isa: str, forced: str | None = None) -> str:
+    """``packed`` or ``bytes`` for the input of ``layer`` (``forced`` wins where feasible)."""
+    if forced is not None:
+        if forced not in FORMATS:
+            raise ValueError(f"formats must be one of {FORMATS} or None, got {forced!r}")
+        return forced if forced == "packed" or bytes_feasible(layer) else "packed"
+    c = layer.config
+    least = BYTES_MIN_BITS_PRODUCT.get(isa)
+    if least is not None and bytes_feasible(layer) and int(c["weight_bits"]) * int(c["act_bits"]) >= least:
+        return "bytes"
+    return "packed"
+
+
+def _bytes_weights(k: torch.Tensor, Opad: int) -> torch.Tensor:
+    """int8 (kh*kw*Cp/4, Opad, 4): codes k (O, Cin, kh, kw) at k-index (i*kw + j)*Cp + c."""
+    O, Cin, kh, kw = k.shape
+    Cp = (Cin + 3) // 4 * 4
+    rows = torch.zeros(O, kh, kw, Cp, dtype=torch.int64)
+    rows[..., :Cin] = k.permute(0, 2, 3, 1)
+    rows = rows.reshape(O, kh * kw * Cp // 4, 4).permute(1, 0, 2)
+    out = torch.zeros(kh * kw * Cp // 4, Opad, 4, dtype=torch.int8)
+    out[:, :O] = rows.to(torch.int8)
+    return out.contiguous()
+
+
+def conv_tables(layer: DeployedConv2d, H: int, W: int, fmt: str = "packed") -> dict:
+    """Weight table (in ``fmt``), epilogue scales and the per-position constant of one conv."""
     c = layer.config
     O, Cin, kh, kw = c["weight_shape"]
     if int(c.get("groups", 1)) != 1 or tuple(c["dilation"]) != (1, 1):
         raise PlanError("only groups=1, dilation=1 convs run on the runtime")
     if c.get("act_bits") is None:
         raise PlanError("conv without an activation quantizer")
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "bytes" and not bytes_feasible(layer):
+        raise PlanError("conv does not fit the bytes format (act_bits <= 8, weight_bits <= 7, int32 sums)")
     (sh, sw), (ph, pw) = tuple(c["stride"]), tuple(c["padding"])
     Ho = (H + 2 * ph - kh) // sh + 1
     Wo = (W + 2 * pw - kw) // sw + 1
@@ -212,22 +262,25 @@ def conv_tables(layer: DeployedConv2d, H: int, W: int) -> dict:
     Kw = (K + 63) // 64
     Opad = (O + 15) // 16 * 16
     k = layer.weight_codes().to(torch.int64)  # (O, Cin, kh, kw)
-    rows = k.permute(0, 2, 3, 1).reshape(O, K)  # bit index (i*kw + j)*Cin + c
-    shifts = torch.arange(64, dtype=torch.int64)
-    planes = []
-    for p in range(bw):
-        bits = torch.zeros(O, Kw * 64, dtype=torch.int64)
-        bits[:, :K] = (rows >> p) & 1
-        words = (bits.view(O, Kw, 64) << shifts).sum(-1)  # distinct bits: sum == OR (wraps at bit 63)
-        wt = torch.zeros(Kw, Opad, dtype=torch.int64)
-        wt[:, :O] = words.t()
-        planes.append(wt)
-    wT = torch.stack(planes).contiguous()
+    if fmt == "bytes":
+        wT = _bytes_weights(k, Opad)
+    else:
+        rows = k.permute(0, 2, 3, 1).reshape(O, K)  # bit index (i*kw + j)*Cin + c
+        shifts = torch.arange(64, dtype=torch.int64)
+        planes = []
+        for p in range(bw):
+            bits = torch.zeros(O, Kw * 64, dtype=torch.int64)
+            bits[:, :K] = (rows >> p) & 1
+            words = (bits.view(O, Kw, 64) << shifts).sum(-1)  # distinct bits: sum == OR (wraps at bit 63)
+            wt = torch.zeros(Kw, Opad, dtype=torch.int64)
+            wt[:, :O] = words.t()
+            planes.append(wt)
+        wT = torch.stack(planes).contiguous()
     f64 = torch.float64
     s_a = torch.exp2(layer.act_log2_step.float()).to(f64)
     step, minimum = layer.weight_step.to(f64), layer.weight_min.to(f64)
     beta = layer.act_offset.to(f64)
-    # real (in-image) taps per output position, as binary_ops.binary_conv2d
+    # real (in-image) taps per output position, as gdnsq_kernels.binary_conv2d
     valid = F.pad(torch.ones(1, 1, H, W, dtype=f64), (pw, pw, ph, ph))
     n_real = torch.zeros(1, 1, Ho, Wo, dtype=f64)
     k_real = torch.zeros(1, O, Ho, Wo, dtype=f64)
@@ -243,9 +296,10 @@ def conv_tables(layer: DeployedConv2d, H: int, W: int) -> dict:
     if layer.bias is not None:
         const = const + layer.bias.to(f64).reshape(1, O, 1, 1)
     cst = const.reshape(O, Ho * Wo).t().contiguous()
-    meta = [Cin, O, kh, kw, sh, sw, ph, pw, H, W, Ho, Wo, ba, bw]
+    meta = [Cin, O, kh, kw, sh, sw, ph, pw, H, W, Ho, Wo, ba, bw, FORMATS.index(fmt)]
     return dict(meta=meta, wT=wT, s=(step * s_a).contiguous(), ms=(minimum * s_a).contiguous(), cst=cst,
-                Ho=Ho, Wo=Wo)
+                Ho=Ho, Wo=Wo, fmt=fmt)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,18 +331,24 @@ def trunk_blocks(model: nn.Module) -> list:
 class _Plan:
     """The C++ runtime object for one trunk input size (H, W)."""
 
-    def __init__(self, blocks, H, W, isa, examples: dict | None):
+    def __init__(self, blocks, H, W, isa, examples: dict | None, formats: str | None = None):
         from gdnsq_kernels.cpu_deploy import load_extension
 
         self.ext = load_extension(isa)
         self.isa = isa
+        self.formats = []  # (conv1 format, conv2 format) per block
         rt = self.ext.Runtime()
         rt.set_entry(per_tensor_thresholds(blocks[0].conv1))
         h, w = H, W
         for i, b in enumerate(blocks):
             ex = examples.get(i) if examples else None
-            t1 = conv_tables(b.conv1, h, w)
-            t2 = conv_tables(b.conv2, t1["Ho"], t1["Wo"])
+            if isinstance(formats, (list, tuple)):  # one per trunk conv
+                f1, f2 = choose_format(b.conv1, isa, formats[2 * i]), choose_format(b.conv2, isa, formats[2 * i + 1])
+            else:
+                f1, f2 = choose_format(b.conv1, isa, formats), choose_format(b.conv2, isa, formats)
+            self.formats.append((f1, f2))
+            t1 = conv_tables(b.conv1, h, w, f1)
+            t2 = conv_tables(b.conv2, t1["Ho"], t1["Wo"], f2)
             thr1, dir1 = fused_bn_relu_thresholds(b.bn1, b.conv2, ex[0] if ex else None)
             alpha, beta = bn_affine(b.bn2, self.ext, ex[1] if ex else None)
             from gdnsq.models.resnet_cifar import OptionAShortcut
@@ -311,16 +371,26 @@ class RuntimeModel(nn.Module):
     (and again after ``load_state_dict`` / ``.to``). Inference only; not thread-safe.
     """
 
-    def __init__(self, model: nn.Module, isa: str | None = None, example_input: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, isa: str | None = None, example_input: torch.Tensor | None = None,
+                 formats: str | None = None):
         super().__init__()
         self.model = model.eval()
         from gdnsq_kernels.cpu_deploy import default_isa
 
+        if isinstance(formats, (list, tuple)):
+            if any(f not in FORMATS for f in formats):
+                raise ValueError(f"formats entries must be in {FORMATS}, got {formats!r}")
+            formats = tuple(formats)
+        elif formats is not None and formats not in FORMATS:
+            raise ValueError(f"formats must be one of {FORMATS}, a sequence of them or None, got {formats!r}")
         self.isa = isa or default_isa()
+        self.formats = formats
         self._plans: dict = {}
         self.fallback_reason = None
         try:
             self._blocks = trunk_blocks(model)
+            if isinstance(formats, tuple) and len(formats) != 2 * len(self._blocks):
+                raise ValueError(f"formats needs one entry per trunk conv ({2 * len(self._blocks)}), got {len(formats)}")
         except PlanError as exc:
             self._fallback(exc)
         self._example = example_input
@@ -354,7 +424,7 @@ class RuntimeModel(nn.Module):
             if x.shape[0] > 0 and self._example is not None:
                 examples = self._capture(self._example)
             try:
-                self._plans[key] = _Plan(self._blocks, *self._stem_size(key), self.isa, examples)
+                self._plans[key] = _Plan(self._blocks, *self._stem_size(key), self.isa, examples, self.formats)
             except PlanError as exc:
                 self._fallback(exc)
                 return None
@@ -396,11 +466,16 @@ class RuntimeModel(nn.Module):
         return m.linear(out)
 
 
-def runtime(model: nn.Module, isa: str | None = None, example_input: torch.Tensor | None = None) -> RuntimeModel:
+def runtime(model: nn.Module, isa: str | None = None, example_input: torch.Tensor | None = None,
+            formats: str | None = None) -> RuntimeModel:
     """Wrap a frozen model so that its quantized trunk runs on the fused runtime.
 
     ``isa``: ``"avx512"`` / ``"avx2"`` / ``"scalar"`` (default: the best this CPU has, or
     ``$GDNSQ_DEPLOY_ISA``). ``example_input``: optional images whose real intermediate values
-    are added to the plan's checks.
+    are added to the plan's checks. ``formats``: ``None`` chooses each conv's input format by
+    the measured rule (``choose_format``: ``bytes`` when ``act_bits * weight_bits >=
+    BYTES_MIN_BITS_PRODUCT[isa]``, else ``packed``); ``"packed"`` / ``"bytes"`` force one on every
+    conv (bytes where it fits exactly), e.g. to test either path on any build; a sequence gives
+    one format per trunk conv (block order, conv1 then conv2).
     """
-    return RuntimeModel(model, isa=isa, example_input=example_input)
+    return RuntimeModel(model, isa=isa, example_input=example_input, formats=formats)
