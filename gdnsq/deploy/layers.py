@@ -138,7 +138,24 @@ def _time_call(fn: Callable[[], torch.Tensor], device: torch.device, reps: int =
 # shared base
 
 
-class _DeployedBase(nn.Module):
+class DropsDerivedOnLoad(nn.Module):
+    """A module that caches tensors derived from its parameters and buffers: the cache is
+    dropped when a state dict is loaded (new codes) and on ``.to()``/``.cuda()`` (moved
+    buffers), and rebuilt lazily. Subclasses say what to drop in ``_drop_derived``."""
+
+    def _drop_derived(self) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_derived()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_derived()
+        return super()._apply(fn, *args, **kwargs)
+
+
+class _DeployedBase(DropsDerivedOnLoad):
     """State and epilogue shared by :class:`DeployedConv2d` and :class:`DeployedLinear`.
 
     Persistent buffers (what ``save`` writes):
@@ -206,15 +223,8 @@ class _DeployedBase(nn.Module):
     def _binary_ok(self) -> bool:
         return True
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        # new codes/parameters: every derived runtime tensor is stale
+    def _drop_derived(self) -> None:
         self._cache = {}
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to()/.cuda() move the buffers; the derived runtime tensors are rebuilt lazily.
-        self._cache = {}
-        return super()._apply(fn, *args, **kwargs)
 
     # -- derived tensors ----------------------------------------------------------------------
     def _codes_as(self, dtype, device) -> torch.Tensor:

@@ -40,7 +40,7 @@ from torch import nn
 
 from gdnsq_kernels.quantize.reference import activation_codes
 
-from .layers import DeployedConv2d
+from .layers import DeployedConv2d, DropsDerivedOnLoad
 
 _FMAX = 3.4028234663852886e38
 _KEY_MAX = 0x7F7FFFFF  # ordered key of the largest finite float32
@@ -362,7 +362,7 @@ class _Plan:
         self.rt = rt
 
 
-class RuntimeModel(nn.Module):
+class RuntimeModel(DropsDerivedOnLoad):
     """A frozen CIFAR ResNet whose quantized trunk runs on the fused C++ runtime.
 
     ``model``: the frozen model (``freeze`` / ``load``); it stays a submodule, so its state dict
@@ -401,13 +401,8 @@ class RuntimeModel(nn.Module):
         self.fallback_reason = str(exc)
         warnings.warn(f"gdnsq.deploy.runtime: running per-layer ops ({exc})", RuntimeWarning, stacklevel=3)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _drop_derived(self) -> None:
         self._plans = {}
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._plans = {}
-        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def _stem(self, x):
