@@ -9,7 +9,7 @@
 // * Inputs arrive contiguous; element i of the flat buffer is the dither index, except for a
 //   channels_last 4-D tensor, which the caller passes as its (contiguous) NHWC permutation with
 //   (cl_channels, cl_pixels) = (C, H*W): the kernels read it in memory order (no copy) and the
-//   dither index is the NCHW index of each element (nchw_index), as for a contiguous tensor.
+//   dither index is the NCHW index of each element (nchw_indices), as for a contiguous tensor.
 // * Loops are branch-free (ternaries) so the compiler vectorises them; round-half-to-even
 //   uses the (v + 2^23) - 2^23 trick instead of nearbyint, which does not vectorise on SSE2.
 // * Reductions use fixed-size chunks whose boundaries do not depend on the thread count,
@@ -56,13 +56,25 @@ inline T dither_at(int64_t i, uint32_t key, T mag) {
   return (h >> 31) ? mag : -mag;
 }
 
-// NCHW (row-major logical) index of memory position i of a channels_last tensor with C
-// channels and HW = H*W pixels per image (memory order N, H, W, C).
-inline int64_t nchw_index(int64_t i, int64_t C, int64_t HW) {
-  const int64_t c = i % C;
-  const int64_t p = i / C;  // n*HW + pixel
-  const int64_t n = p / HW;
-  return (n * C + c) * HW + (p - n * HW);
+// NCHW (row-major logical) indices of memory positions [start, start + len) of a channels_last
+// tensor with C channels and HW = H*W pixels per image (memory order N, H, W, C), without a division per element: the channel runs fastest in memory, so the
+// indices are stepped (c, pixel, image) from the first one. Filled before the vectorised loop
+// that hashes them, so that loop stays free of integer divisions.
+inline void nchw_indices(int64_t start, int len, int64_t C, int64_t HW, uint32_t* __restrict__ out) {
+  int64_t c = start % C;
+  const int64_t p = start / C;
+  int64_t n = p / HW;
+  int64_t hw = p - n * HW;
+  for (int j = 0; j < len; ++j) {
+    out[j] = static_cast<uint32_t>((n * C + c) * HW + hw);
+    if (++c == C) {
+      c = 0;
+      if (++hw == HW) {
+        hw = 0;
+        ++n;
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -119,7 +131,7 @@ inline void add_lanes(const acc_t* __restrict__ buf, acc_t* __restrict__ lanes) 
 // Adds [sum g*t, sum_{x>hi} g, sum_out g] over [b, e) to out[0..2]; t = e - [x>hi] + s*r.
 // Each sub-block of kSub elements is first mapped elementwise into small buffers (a plain
 // loop the compiler vectorises, dither hash included), then added into lanes.
-// kCL: the buffer is a channels_last tensor in memory order (see nchw_index); only the dither
+// kCL: the buffer is a channels_last tensor in memory order (see nchw_indices); only the dither
 // index changes (a separate instantiation so that the contiguous loop stays vectorised).
 template <typename scalar_t, typename acc_t, bool kDither, bool kCL>
 void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
@@ -127,11 +139,13 @@ void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __res
                           uint32_t key, int64_t cl_c, int64_t cl_hw, double* out) {
   acc_t l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {};
   alignas(64) acc_t t0[kSub], t1[kSub], t2[kSub];
+  alignas(64) uint32_t cl_idx[kCL ? kSub : 1];
   for (int64_t sb = b; sb < e; sb += kSub) {
     const int len = static_cast<int>(std::min<int64_t>(kSub, e - sb));
     const scalar_t* __restrict__ xs = xp + sb;
     const scalar_t* __restrict__ gs = gp + sb;
     const uint32_t base = static_cast<uint32_t>(sb);
+    if (kCL && kDither) nchw_indices(sb, len, cl_c, cl_hw, cl_idx);
     for (int j = 0; j < len; ++j) {
       acc_t xv = static_cast<acc_t>(xs[j]);
       acc_t gv = static_cast<acc_t>(gs[j]);
@@ -142,8 +156,7 @@ void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __res
       acc_t v = (xc - lo) / s;
       acc_t t = (round_half_even(v) - v) - (above ? acc_t(1) : acc_t(0));
       if (kDither) {
-        const uint32_t idx = kCL ? static_cast<uint32_t>(nchw_index(sb + j, cl_c, cl_hw))
-                                 : base + static_cast<uint32_t>(j);
+        const uint32_t idx = kCL ? cl_idx[j] : base + static_cast<uint32_t>(j);
         t = t + dither_at<acc_t>(idx, key, smag);  // s*r
       }
       t0[j] = gv * t;
@@ -181,17 +194,18 @@ double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ 
                   int64_t cl_c, int64_t cl_hw) {
   acc_t lanes[kLanes] = {};
   alignas(64) acc_t tb[kSub];
+  alignas(64) uint32_t cl_idx[kCL ? kSub : 1];
   for (int64_t sb = base; sb < base + K; sb += kSub) {
     const int len = static_cast<int>(std::min<int64_t>(kSub, base + K - sb));
     const scalar_t* __restrict__ ws = wp + sb;
     const scalar_t* __restrict__ gs = gp + sb;
     const uint32_t ib = static_cast<uint32_t>(sb);
+    if (kCL && kDither) nchw_indices(sb, len, cl_c, cl_hw, cl_idx);
     for (int j = 0; j < len; ++j) {
       acc_t v = (static_cast<acc_t>(ws[j]) - zc) / s;
       acc_t t = round_half_even(v) - v;
       if (kDither) {
-        const uint32_t idx = kCL ? static_cast<uint32_t>(nchw_index(sb + j, cl_c, cl_hw))
-                                 : ib + static_cast<uint32_t>(j);
+        const uint32_t idx = kCL ? cl_idx[j] : ib + static_cast<uint32_t>(j);
         t = t + dither_at<acc_t>(idx, key, smag);
       }
       tb[j] = static_cast<acc_t>(gs[j]) * t;
