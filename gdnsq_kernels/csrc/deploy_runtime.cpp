@@ -333,6 +333,22 @@ inline void row_sums(const Conv& c, const void* img, int64_t oh, uint64_t* row, 
   for (int64_t ow = 0; ow < c.Wo; ++ow) sj[ow] = pixel_sums(c, in_n, oh, ow, row, acc + ow * c.Opad);
 }
 
+// Calls fn(n, oh, ow, pos, acc, sj) for every output pixel of conv c over the N images of `in`
+// (output rows split across threads): acc points at the pixel's Opad integer sums S_kj, sj is
+// its S_j, pos = oh * Wo + ow.
+template <class F>
+void for_each_output_pixel(const Conv& c, const uint64_t* in, int64_t N, F&& fn) {
+  at::parallel_for(0, N * c.Ho, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint64_t> row(c.ba * c.Kw);
+    std::vector<int64_t> acc(c.Wo * c.Opad), sjs(c.Wo);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / c.Ho, oh = r % c.Ho;
+      row_sums(c, c.image(in, n), oh, row.data(), acc.data(), sjs.data());
+      for (int64_t ow = 0; ow < c.Wo; ++ow) fn(n, oh, ow, oh * c.Wo + ow, acc.data() + ow * c.Opad, sjs[ow]);
+    }
+  });
+}
+
 inline float epilogue(const Conv& c, int64_t pos, int64_t o, int64_t kj, int64_t sj) {
   double t = static_cast<double>(kj) * c.s[o];
   t = t + c.cst[pos * c.Opad + o];
@@ -550,16 +566,7 @@ class Runtime {
       {
         const uint64_t* in = packed.data();
         uint64_t* out = mid.data();
-        at::parallel_for(0, N * c1.Ho, 1, [&](int64_t r0, int64_t r1) {
-          std::vector<uint64_t> row(c1.ba * c1.Kw);
-          std::vector<int64_t> acc(c1.Wo * c1.Opad), sjs(c1.Wo);
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t n = r / c1.Ho, oh = r % c1.Ho;
-            row_sums(c1, c1.image(in, n), oh, row.data(), acc.data(), sjs.data());
-            for (int64_t ow = 0; ow < c1.Wo; ++ow) {
-              const int64_t pos = oh * c1.Wo + ow;
-              const int64_t sj = sjs[ow];
-              const int64_t* a = acc.data() + ow * c1.Opad;
+        for_each_output_pixel(c1, in, N, [&](int64_t n, int64_t oh, int64_t ow, int64_t pos, const int64_t* a, int64_t sj) {
               void* pix = c2.pixel(out, n, oh, ow);
 #if defined(GDNSQ_RT_AVX512)
               for (int64_t ob = 0; ob < c1.Opad; ob += 16) {
@@ -585,8 +592,6 @@ class Runtime {
                 store_code(c2, pix, o, code);
               }
 #endif
-            }
-          }
         });
       }
       // conv2 -> BN, + shortcut, ReLU -> float stream (+ next block's codes, in its format)
@@ -603,16 +608,7 @@ class Runtime {
         const float* X = cur;
         uint64_t* nxt = next.data();
         const int64_t xH = c1.H, xW = c1.W, xC = c1.Cin;
-        at::parallel_for(0, N * c2.Ho, 1, [&](int64_t r0, int64_t r1) {
-          std::vector<uint64_t> row(c2.ba * c2.Kw);
-          std::vector<int64_t> acc(c2.Wo * c2.Opad), sjs(c2.Wo);
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t n = r / c2.Ho, oh = r % c2.Ho;
-            row_sums(c2, c2.image(in, n), oh, row.data(), acc.data(), sjs.data());
-            for (int64_t ow = 0; ow < c2.Wo; ++ow) {
-              const int64_t pos = oh * c2.Wo + ow;
-              const int64_t sj = sjs[ow];
-              const int64_t* a = acc.data() + ow * c2.Opad;
+        for_each_output_pixel(c2, in, N, [&](int64_t n, int64_t oh, int64_t ow, int64_t pos, const int64_t* a, int64_t sj) {
               float* zp = Z + ((n * c2.Ho + oh) * c2.Wo + ow) * c2.O;
               const float* xs;
               if (b.sc_pad < 0)
@@ -656,8 +652,6 @@ class Runtime {
                 if (pix) store_code(*nc, pix, o, count_ge(v, b.thrn.data(), b.lvn));
               }
 #endif
-            }
-          }
         });
       }
       cur = Z;
@@ -689,17 +683,10 @@ std::vector<torch::Tensor> conv_sums(torch::Tensor codes, std::vector<int64_t> m
   auto sjt = torch::empty({N, Ho, Wo}, torch::kInt64);
   int64_t* K = skj.data_ptr<int64_t>();
   int64_t* S = sjt.data_ptr<int64_t>();
-  at::parallel_for(0, N * Ho, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<uint64_t> row(c.ba * c.Kw);
-    std::vector<int64_t> acc(Wo * c.Opad), sjs(Wo);
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / Ho, oh = r % Ho;
-      row_sums(c, c.image(in.data(), n), oh, row.data(), acc.data(), sjs.data());
-      for (int64_t ow = 0; ow < Wo; ++ow) {
-        S[r * Wo + ow] = sjs[ow];
-        for (int64_t o = 0; o < O; ++o) K[(r * Wo + ow) * O + o] = acc[ow * c.Opad + o];
-      }
-    }
+  for_each_output_pixel(c, in.data(), N, [&](int64_t n, int64_t oh, int64_t ow, int64_t, const int64_t* a, int64_t sj) {
+    const int64_t px = (n * Ho + oh) * Wo + ow;
+    S[px] = sj;
+    for (int64_t o = 0; o < O; ++o) K[px * O + o] = a[o];
   });
   return {skj, sjt};
 }
