@@ -68,6 +68,16 @@ class _CountingExtension:
 
 
 @pytest.fixture
+def fast_cpu(monkeypatch):
+    """The eager torch backend on one thread (training tests: fast, no C++ build needed)."""
+    monkeypatch.setenv("GDNSQ_BACKEND", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def assert_cpp_ran(request, monkeypatch):
     """For tests parametrized by ``backend``: the "cpu" cases must run the C++ kernels (a build
     failure or a silent fallback to the torch path would test the torch path twice and pass)."""

@@ -15,13 +15,8 @@ from gdnsq.train.trainer import (LAST, METRICS, CHECKPOINT_VERSION, Trainer, ato
 TIME_KEYS = {"epoch_seconds", "wall_seconds"}
 
 
-@pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch):
-    monkeypatch.setenv("GDNSQ_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the torch backend on one thread: the training tests run fast and alike on any machine
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def _run(out_dir, max_epochs, generator=True, loader_wrap=None):

@@ -19,13 +19,8 @@ from gdnsq.train.report import report_markdown
 from gdnsq.train.trainer import BEST, LAST, METRICS, Trainer, load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch):
-    monkeypatch.setenv("GDNSQ_BACKEND", "torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the torch backend on one thread: the training tests run fast and alike on any machine
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 
 def _records(out_dir):
