@@ -399,7 +399,7 @@ def main(argv=None):
                 for _ in range(3):
                     providers[name]["step"]()
             print(f"\n--- {name} (3 steps) ---")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
     if not args.no_save:
         os.makedirs(RESULTS, exist_ok=True)

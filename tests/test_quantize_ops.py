@@ -213,3 +213,17 @@ def test_dither_bit_exact(device, backend):
         ref = R.weight_backward(gw, w, step, zr, seed, True)[1]
         out = Q.weight_backward(gw, w, step, zr, seed, True, backend=backend)[1]
         assert (out - ref).abs().max().item() < 0.1 * 2 * 0.693 * s * s * 0.2887
+
+
+def test_cpu_isa_flags_follow_cpuinfo(monkeypatch):
+    """The C++ quantizer is built for the widest vectors the CPU has, and plain without AVX2."""
+    from gdnsq_kernels.quantize import cpu_quantize
+
+    monkeypatch.setattr(cpu_quantize, "_cpu_flags", lambda: {"sse2"})
+    assert cpu_quantize._isa_flags() == []
+    monkeypatch.setattr(cpu_quantize, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert cpu_quantize._isa_flags() == ["-mavx2"]  # AVX-512 without BW/VL/DQ: 256-bit only
+    full = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    monkeypatch.setattr(cpu_quantize, "_cpu_flags", lambda: full)
+    flags = cpu_quantize._isa_flags()
+    assert "-mavx512bw" in flags and "-mprefer-vector-width=512" in flags

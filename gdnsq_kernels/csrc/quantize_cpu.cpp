@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cmath>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -57,22 +58,27 @@ inline T dither_at(int64_t i, uint32_t key, T mag) {
 }
 
 // NCHW (row-major logical) indices of memory positions [start, start + len) of a channels_last
-// tensor with C channels and HW = H*W pixels per image (memory order N, H, W, C), without a division per element: the channel runs fastest in memory, so the
-// indices are stepped (c, pixel, image) from the first one. Filled before the vectorised loop
-// that hashes them, so that loop stays free of integer divisions.
+// tensor with C channels and HW = H*W pixels per image (memory order N, H, W, C), without a
+// division per element: the channel runs fastest in memory, so the indices are stepped
+// (pixel, image) from the first one. Filled before the vectorised loop that hashes them, so
+// that loop stays free of integer divisions.
 inline void nchw_indices(int64_t start, int len, int64_t C, int64_t HW, uint32_t* __restrict__ out) {
   int64_t c = start % C;
   const int64_t p = start / C;
   int64_t n = p / HW;
   int64_t hw = p - n * HW;
-  for (int j = 0; j < len; ++j) {
-    out[j] = static_cast<uint32_t>((n * C + c) * HW + hw);
-    if (++c == C) {
-      c = 0;
-      if (++hw == HW) {
-        hw = 0;
-        ++n;
-      }
+  // One run per pixel: along a pixel's channels the index grows by HW (a loop that vectorises);
+  // uint32 arithmetic wraps exactly like the cast of the int64 index.
+  for (int j = 0; j < len;) {
+    const int run = static_cast<int>(std::min<int64_t>(C - c, len - j));
+    const uint32_t first = static_cast<uint32_t>((n * C + c) * HW + hw);
+    const uint32_t stride = static_cast<uint32_t>(HW);
+    for (int k = 0; k < run; ++k) out[j + k] = first + static_cast<uint32_t>(k) * stride;
+    j += run;
+    c = 0;
+    if (++hw == HW) {
+      hw = 0;
+      ++n;
     }
   }
 }
@@ -110,13 +116,26 @@ void act_forward_range(const scalar_t* __restrict__ xp, scalar_t* __restrict__ y
   }
 }
 
+// The unsigned integer type with scalar_t's size: selects between a value and +0.0 are done on
+// the bits (+0.0 is all zero bits). A ternary on c10::BFloat16 / c10::Half objects is neither
+// if-converted nor vectorised by GCC: it compiled to a branch per element, mispredicted about
+// half the time on activations around the clamp bounds (8 ms for 1M bfloat16 elements, 18x
+// the float32 loop).
+template <typename T>
+using bits_of = std::conditional_t<sizeof(T) == 2, uint16_t,
+                                   std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+
 template <typename scalar_t, typename acc_t>
 void act_grad_x_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
                       scalar_t* __restrict__ dxp, int64_t b, int64_t e, acc_t lo, acc_t hi) {
+  using U = bits_of<scalar_t>;
+  static_assert(sizeof(U) == sizeof(scalar_t), "no integer type of the element's size");
+  const U* __restrict__ gbits = reinterpret_cast<const U*>(gp);
+  U* __restrict__ dxbits = reinterpret_cast<U*>(dxp);
   for (int64_t i = b; i < e; ++i) {
     acc_t xv = static_cast<acc_t>(xp[i]);
     bool inside = (xv >= lo) & (xv <= hi);  // False for NaN
-    dxp[i] = inside ? gp[i] : static_cast<scalar_t>(0);
+    dxbits[i] = gbits[i] & static_cast<U>(-static_cast<U>(inside));  // g or +0.0
   }
 }
 
