@@ -42,3 +42,16 @@ def clear_stale_build_lock(build_dir: str, max_age_seconds: float = STALE_LOCK_S
     warnings.warn(f"gdnsq_kernels: removed a stale C++ build lock ({lock}, {age / 60:.0f} min old) "
                   "left by an interrupted build; rebuilding", RuntimeWarning, stacklevel=2)
     return True
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none): the C++
+    extensions choose their instruction set from these at build time."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

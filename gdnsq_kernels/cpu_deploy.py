@@ -17,7 +17,7 @@ import os
 import platform
 import threading
 
-from .binary.cpu_xnor import _cpu_flags
+from ._build import cpu_flags as _cpu_flags
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "deploy_runtime.cpp")
 _lock = threading.Lock()

@@ -14,21 +14,13 @@ import warnings
 
 import torch
 
+from .._build import cpu_flags as _cpu_flags
+
 _SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "xnor_cpu.cpp")
 _lock = threading.Lock()
 _ext = None
 _failed = None
 
-
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def load_extension():

@@ -30,6 +30,7 @@ import warnings
 import torch
 
 from . import _checks
+from .._build import cpu_flags as _cpu_flags
 from .._build import require_cpp
 from .._launch import is_channels_last, nhwc_view
 from .dither import DITHER_MAGNITUDE, seed_key
@@ -40,19 +41,6 @@ _SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _lock = threading.Lock()
 _ext = None
 _failed: str | None = None
-
-
-def _cpu_flags() -> set[str]:
-    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
 
 # AVX-512 subsets the loops use (bf16/fp16 loads and selects need BW, the 32-bit hash DQ/VL).
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
