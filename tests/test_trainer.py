@@ -201,20 +201,27 @@ def test_probe_between_validations_and_no_convergence(tmp_path):
     assert rep["test_top1"] is not None and rep["converged"] is False
 
 
-def test_max_minutes_stops_after_checkpoint_and_resume_respects_it(tmp_path):
+def test_max_minutes_pauses_a_segment_after_validating_and_the_same_call_continues(tmp_path):
     train, val, _ = tiny.loaders()
     student, teacher = tiny.student_teacher(calib_loader=val)
-    cfg = tiny.fast_config(max_minutes=1e-6, max_epochs=5)
+    # val_every=3: epoch 1 is validated only because the segment pauses on it
+    cfg = tiny.fast_config(max_minutes=1e-6, max_epochs=3, val_every=3)
     rep = Trainer(student, teacher, train, val, config=cfg, out_dir=str(tmp_path)).fit()
     assert rep["stop_reason"] == "max_minutes" and rep["epochs_run"] == 1
     assert load_checkpoint(str(tmp_path / LAST))["trainer"]["stop_reason"] == "max_minutes"
-    # Same budget: nothing to do. A larger budget continues from epoch 1.
+    epochs = [json.loads(l) for l in open(tmp_path / METRICS) if '"kind": "epoch"' in l]
+    assert [r["epoch"] for r in epochs] == [1] and epochs[0]["val_top1"] is not None
+    # max_minutes is a per-segment budget: the same config continues, one epoch per segment
     student, teacher = tiny.student_teacher(calib_loader=val)
     rep = Trainer(student, teacher, train, val, config=cfg, out_dir=str(tmp_path)).fit()
-    assert rep["epochs_run"] == 1
+    assert rep["epochs_run"] == 2 and rep["stop_reason"] == "max_minutes"
     student, teacher = tiny.student_teacher(calib_loader=val)
-    rep = Trainer(student, teacher, train, val, config=tiny.fast_config(max_epochs=2), out_dir=str(tmp_path)).fit()
-    assert rep["epochs_run"] == 2 and rep["stop_reason"] == "max_epochs"
+    rep = Trainer(student, teacher, train, val, config=tiny.fast_config(max_epochs=3, val_every=3),
+                  out_dir=str(tmp_path)).fit()
+    assert rep["epochs_run"] == 3 and rep["stop_reason"] == "max_epochs"
+    student, teacher = tiny.student_teacher(calib_loader=val)
+    rep = Trainer(student, teacher, train, val, config=cfg, out_dir=str(tmp_path)).fit()
+    assert rep["epochs_run"] == 3  # finished: nothing to do
 
 
 def test_bad_arguments(tmp_path):

@@ -242,8 +242,11 @@ def cmd_quantize(args) -> dict:
     # the loader's shuffle/augmentation of epoch e depends on (seed, e); after k completed
     # epochs (a resume) the next one is loader epoch k, as in an uninterrupted run
     loaders["train"].set_epoch(trainer.epoch)
-    trainer.fit()
-    report = trainer.test(loaders["test"])
+    report = trainer.fit()
+    paused = trainer.stop_reason == "max_minutes"
+    if not paused:
+        # The test set is read once, when the run has ended (never for a paused segment).
+        report = trainer.test(loaders["test"])
     if not gdist.is_main():
         args.quiet = True
     if dist_info.world_size > 1:
@@ -251,7 +254,22 @@ def cmd_quantize(args) -> dict:
     report_md = out / "report.md"
     summary = {k: report[k] for k in report if not isinstance(report[k], (dict, list))}
     summary.update(report=str(out / "report.json"), report_md=str(report_md), out=str(out))
+    if paused:
+        human = (f"GDNSQ {args.model}: paused by --max-minutes after epoch {report.get('epochs_run')} "
+                 f"({_selection_of(report)}); the test set is not read until the run ends; "
+                 f"rerun the same command to continue")
+        return {"result": summary, "human": human}
     return {"result": summary, "human": f"{headline(args.model, report)}; report: {report_md}"}
+
+
+def _selection_of(report: dict) -> str:
+    """``"selected epoch E, val top-1 V %"`` or ``"not converged yet"`` for a paused run."""
+    if not report.get("converged") and report.get("first_converged_epoch") is None:
+        return "not converged yet"
+    val = report.get("val_top1")
+    val_text = "" if val is None else f", val top-1 {val:.2f} %"
+    return f"selected epoch {report.get('selected_epoch')}{val_text}"
+
 
 
 def add_parser(subparsers) -> None:

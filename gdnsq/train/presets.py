@@ -44,8 +44,9 @@ class TrainConfig:
             ``lr * quantizer_lr_scale`` in a second RAdam group (paper: 1.0, one LR for all).
     Stopping and selection (Part B §4.6):
         max_epochs: hard limit on training epochs.
-        max_minutes: optional wall-clock budget in minutes (all resumed segments together); the
-            run stops cleanly at the first epoch end past the budget, after checkpointing.
+        max_minutes: optional wall-clock budget in minutes of one segment (one ``fit()`` call,
+            one command); the run pauses cleanly at the first epoch end past it, after
+            validating and checkpointing, and the next segment continues from there.
         val_every: validate every this many epochs (the last epoch is always validated).
         patience: early stopping after this many validations without an improvement of more
             than ``min_delta`` percentage points, counted only after the first convergence.

@@ -8,7 +8,8 @@ What one ``fit()`` does (METHOD.md Part B §3-§4, Part A items 6-8):
   LR, quantizer parameters at ``quantizer_lr_scale`` times it, 1 in the paper) is set
   from the schedule before the step, and ``schedule.step()`` follows the optimizer step;
 * at every train-epoch end: the student runs in eval mode on the validation loader (the full
-  pass when validation is due: every ``val_every`` epochs and at ``max_epochs``; otherwise the
+  pass when validation is due: every ``val_every`` epochs, at ``max_epochs`` and at the epoch
+  where a ``max_minutes`` segment pauses; otherwise the
   first ``probe_batches`` batches). That refreshes each activation quantizer's
   ``observed_bits`` (realised bits of its last eval batch). Then ``gdnsq.stats.is_converged`` is
   evaluated (weights: realised bits from the integer codes; activations: those observed bits)
@@ -507,7 +508,10 @@ class Trainer:
     def _end_of_epoch(self, epoch: int, train: dict, epoch_seconds: float) -> None:
         cfg = self.cfg
         gdist.average_float_buffers(self.student)
-        val_due = epoch % cfg.val_every == 0 or epoch >= cfg.max_epochs
+        # The budget is checked before validation so that the epoch a segment pauses on is
+        # validated too (its checkpoint may be the one a later segment or the user picks up).
+        out_of_time = cfg.max_minutes is not None and self._segment_seconds() >= cfg.max_minutes * 60
+        val_due = epoch % cfg.val_every == 0 or epoch >= cfg.max_epochs or out_of_time
         val = None
         if self.val_loader is None:
             # Convergence needs fresh observed activation bits from an eval-mode batch.
@@ -553,7 +557,7 @@ class Trainer:
             self.stop_reason = "early_stopping"
         elif epoch >= cfg.max_epochs:
             self.stop_reason = "max_epochs"
-        elif cfg.max_minutes is not None and self._wall_seconds() >= cfg.max_minutes * 60:
+        elif out_of_time:
             self.stop_reason = "max_minutes"
         mb = self._mean_bits()
         rmax_w = max((v["weight"] for v in realised.values() if v.get("weight") is not None), default=None)
@@ -760,13 +764,16 @@ class Trainer:
             return "early_stopping"
         if self.epoch >= self.cfg.max_epochs:
             return "max_epochs"
-        if self.cfg.max_minutes is not None and self.wall_seconds_before >= self.cfg.max_minutes * 60:
-            return "max_minutes"
-        # A budget that was raised (more epochs or minutes) lets the run continue.
+        # ``max_minutes`` is the budget of one segment (one fit() call), so a run paused by it
+        # continues when the same command runs again; a raised ``max_epochs`` continues too.
         self.stop_reason = None
         return None
 
     # ------------------------------------------------------------------ output
+
+    def _segment_seconds(self) -> float:
+        """Seconds since this fit() call started (0 outside fit)."""
+        return time.monotonic() - self._fit_start if self._fit_start is not None else 0.0
 
     def _wall_seconds(self) -> float:
         running = time.monotonic() - self._fit_start if self._fit_start is not None else 0.0
