@@ -156,6 +156,8 @@ def cmd_quantize(args) -> dict:
     run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
            "act_bits": args.act_bits}
     _check_run_json(out, run)
+    if args.resume_from is not None:
+        _restore_snapshot(args.resume_from, out, run)
     device = resolve_device(cfg.device)
     # Under torchrun (WORLD_SIZE > 1) every process joins the group, uses its own device and
     # trains on its shard of each epoch; the batch size is per process.
@@ -271,6 +273,30 @@ def cmd_quantize(args) -> dict:
     return {"result": summary, "human": f"{headline(args.model, report)}; report: {report_md}"}
 
 
+def _restore_snapshot(path_text: str, out: pathlib.Path, run: dict) -> None:
+    """``--resume-from FILE``: restore a ``gdnsq snapshot`` into ``--out`` unless that folder
+    already holds the same or a later epoch; a snapshot of another run is refused."""
+    from ..train.snapshot import read_snapshot, restore_snapshot
+
+    path = pathlib.Path(path_text)
+    if not path.is_file():
+        raise CliError(f"--resume-from: file not found: {path}")
+    with usage_errors("--resume-from"):
+        snap_run = read_snapshot(path)["run"]
+    if snap_run is not None:
+        old = json.loads(snap_run)
+        for key in ("model", "dataset", "weight_bits", "act_bits"):
+            if old.get(key) != run[key]:
+                raise CliError(f"--resume-from {path}: a snapshot of a run with {key}={old.get(key)!r}, "
+                               f"not {run[key]!r}")
+    with usage_errors("--resume-from"):
+        epoch = restore_snapshot(path, out)
+    if epoch is not None:
+        _log(f"restored {path} into {out} (after epoch {epoch})")
+    else:
+        _log(f"--resume-from {path}: {out} already holds that epoch or a later one; continuing it")
+
+
 def _load_teacher(path: pathlib.Path, model_name, num_classes: int, normalization: str):
     """``--teacher``: the FP model the student is distilled from, frozen in eval mode.
 
@@ -348,10 +374,14 @@ def add_parser(subparsers) -> None:
     sched.add_argument("--patience", type=positive_int, default=None,
                        help="validations without improvement (after the hold) before stopping")
     sched.add_argument("--val-every", type=positive_int, default=None, help="validate every N epochs")
-    sched.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                       help="training step precision (bf16: autocast per step; quantizers stay fp32)")
+    sched.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                       help="training step precision (default auto: bf16 where the CPU/GPU runs it "
+                            "natively, else fp32; bf16: autocast per step, quantizers stay fp32)")
     sched.add_argument("--channels-last", action="store_const", const=True, default=None,
                        help="NHWC memory format for the models and batches")
+    q.add_argument("--resume-from", default=None, metavar="FILE",
+                   help="a `gdnsq snapshot` of this run (e.g. committed from another machine): "
+                        "restored into --out unless --out holds the same or a later epoch")
     q.add_argument("--teacher", default=None, metavar="PATH",
                    help="distil from this FP checkpoint (e.g. a larger model) instead of the "
                         "student's own FP copy; the student still starts from --checkpoint")

@@ -60,6 +60,7 @@ from .._sealed import MAGIC as _SEAL_MAGIC, read_sealed, write_sealed
 from .loop import train_epoch
 from ..losses import GDNSQObjective
 from .plot import plot_bit_history, plot_curves
+from .precision import resolve_precision
 from .presets import TrainConfig, get_preset
 from .progress import close_with, progress_bar
 from .report import write_report
@@ -279,6 +280,9 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
 
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        # "auto" becomes fp32 or bf16 here; a resumed run keeps the precision it started with
+        # (see _load_last), so that it stays bit-identical to an uninterrupted one.
+        self.precision, self.precision_reason = resolve_precision(config.precision, self.device)
         self.student = student.to(self.device, memory_format=self.memory_format)
         self.teacher = teacher.to(self.device, memory_format=self.memory_format)
         self.teacher.eval()
@@ -594,7 +598,7 @@ class Trainer:
 
     def _autocast(self):
         """A fresh autocast context for one training step (a no-op context for fp32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @torch.no_grad()
     def _probe_on(self, x) -> None:
@@ -687,6 +691,7 @@ class Trainer:
             "best_val_top1": self.best_val_top1, "best_epoch": self.best_epoch,
             "es_best": self.es_best, "bad_validations": self.bad_validations,
             "stop_reason": self.stop_reason, "wall_seconds": self._wall_seconds(),
+            "precision": self.precision, "precision_reason": self.precision_reason,
             "history": self.history, "last_val": self.last_val,
         }
 
@@ -747,6 +752,12 @@ class Trainer:
         self.best_val_top1, self.best_epoch = st["best_val_top1"], st["best_epoch"]
         self.es_best, self.bad_validations = st["es_best"], st["bad_validations"]
         self.stop_reason = st["stop_reason"]
+        started = st.get("precision")
+        if self.cfg.precision == "auto" and started is not None and started != self.precision:
+            warnings.warn(f"Trainer resume: the run started in {started} (precision='auto' resolved "
+                          f"then: {st.get('precision_reason')}); it continues in {started}, although "
+                          f"here 'auto' would choose {self.precision} ({self.precision_reason})")
+            self.precision, self.precision_reason = started, st.get("precision_reason")
         self.wall_seconds_before = st["wall_seconds"]
         self.history = st["history"]
         self.last_val = st["last_val"]
@@ -855,6 +866,8 @@ class Trainer:
             "stop_reason": self.stop_reason,
             "wall_seconds": round(self._wall_seconds(), 3),
             "world_size": self.world_size,
+            "precision": {"requested": self.cfg.precision, "used": self.precision,
+                          "reason": self.precision_reason},
             "config": self.cfg.to_dict(),
             "command": self.command,
         }
