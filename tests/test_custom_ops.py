@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-import gdnsq  # noqa: F401  (registers gdnsq::qconv2d / qlinear)
 import gdnsq_kernels  # noqa: F401
 from gdnsq.convert import quantize_model
 from gdnsq_kernels import binary as binary_ops
@@ -86,6 +86,17 @@ def test_opcheck_fused_layer_ops(has_act, has_bias, estimator):
     _opcheck(ops.qconv2d.default, tuple(args) + ([2, 1], [1, 0], [1, 2], 1, estimator, True, True, None, "cpu"))
     args = _layer_args("linear", has_act, has_bias)
     _opcheck(ops.qlinear.default, tuple(args) + (estimator, True, True, None, "cpu"))
+
+
+def test_fused_layer_ops_are_registered_by_the_kernels_alone():
+    """gdnsq::qconv2d / qlinear exist after ``import gdnsq_kernels`` without the method package."""
+    probe = ("import sys, torch, gdnsq_kernels\n"
+             "torch.ops.gdnsq.qconv2d.default, torch.ops.gdnsq.qlinear.default\n"
+             "print(sorted(m for m in sys.modules if m == 'gdnsq' or m.startswith('gdnsq.')))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

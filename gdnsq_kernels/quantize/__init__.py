@@ -24,6 +24,7 @@ import torch
 from . import _checks
 from ..backend import resolve_backend
 from . import _ops  # noqa: F401  (registers the gdnsq:: ops)
+from . import fused_layers  # noqa: F401  (registers gdnsq::qconv2d / gdnsq::qlinear)
 from .dither import MASK32, new_seed, new_seed_tensor
 
 __all__ = [
