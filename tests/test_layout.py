@@ -9,6 +9,7 @@ source files of ``gdnsq`` and ``gdnsq_kernels`` (nothing is imported or run).
   ``gdnsq.deploy`` do not import ``gdnsq.cli`` (nor each other); nothing outside the CLI imports it;
 * the module-level imports form no cycle;
 * the compatibility modules only re-export, and the packages never import them;
+* ``gdnsq_kernels.binary``'s ``__init__`` only re-exports its modules (one per op);
 * every ``torch.library`` registration (``custom_op``, ``register_fake``, ``register_autograd``,
   ``triton_op``, ``Library``) sits in ``gdnsq_kernels``: ``gdnsq`` only calls the ops.
 
@@ -243,6 +244,26 @@ def test_compatibility_modules_only_reexport(sources, old, new):
         assert isinstance(node, ast.ImportFrom), f"{old}: line {node.lineno} is not an import"
         resolved = resolve_imports(old, False, ast.unparse(node), set(sources), module_level=True)
         assert {t for t, _ in resolved} == {new}, f"{old}: line {node.lineno} imports other than {new}"
+
+
+def test_binary_init_only_reexports_its_modules(sources):
+    """The binary family's logic lives one op per module; its ``__init__`` names the public API."""
+    source, is_pkg = sources["gdnsq_kernels.binary"]
+    public = None
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]:
+            public = ast.literal_eval(node.value)
+            continue
+        assert isinstance(node, ast.ImportFrom), f"gdnsq_kernels.binary: line {node.lineno} is not an import"
+        if node.module == "__future__":
+            continue
+        resolved = resolve_imports("gdnsq_kernels.binary", is_pkg, ast.unparse(node), set(sources), module_level=True)
+        assert all(_under(t, "gdnsq_kernels.binary") and t != "gdnsq_kernels.binary" and t in sources
+                   for t, _ in resolved), f"gdnsq_kernels.binary: line {node.lineno} imports {resolved}"
+    assert sorted(public) == sorted(["pack_bits", "unpack_bits", "xnor_gemm", "and_gemm", "PackedBinaryWeight",
+                                     "pack_linear_weight", "pack_conv_weight", "binary_linear", "binary_conv2d"])
 
 
 def test_the_package_does_not_use_the_compatibility_modules(sources):
