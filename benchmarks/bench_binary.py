@@ -44,7 +44,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gdnsq_kernels  # noqa: E402
-from gdnsq_kernels import binary as binary_ops, pack_bits, xnor_gemm  # noqa: E402
+from gdnsq_kernels import pack_bits, xnor_gemm  # noqa: E402
+from gdnsq_kernels.binary import conv2d as binary_conv2d_module  # noqa: E402
 from gdnsq_kernels.binary import cpu_xnor, numpy_gemm  # noqa: E402
 from gdnsq_kernels.binary import (  # noqa: E402
     binary_conv2d,
@@ -159,11 +160,11 @@ def bench_gemm(device, batches, repeats, rows, providers):
 
 def _conv_with(strategy, j, wq, stride):
     """binary_conv2d with the cpu backend's conv strategy forced (None: the measured default)."""
-    binary_ops.CPU_CONV_STRATEGY = strategy
+    binary_conv2d_module.CPU_CONV_STRATEGY = strategy
     try:
         return binary_conv2d(j, 0.5, 0.0, wq, stride=stride, padding=1)
     finally:
-        binary_ops.CPU_CONV_STRATEGY = None
+        binary_conv2d_module.CPU_CONV_STRATEGY = None
 
 
 def bench_conv(device, batches, repeats, rows, providers):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gdnsq_kernels import and_gemm, pack_bits, xnor_gemm
-from gdnsq_kernels import binary as binary_ops
+from gdnsq_kernels.binary import _dispatch as binary_dispatch
 from gdnsq_kernels.binary import numpy_gemm, reference as binary_reference
 from gdnsq_kernels.backend import triton_interpreter_enabled
 
@@ -120,7 +120,7 @@ def test_cpp_gemm_build_failure_raises_when_required_else_falls_back(monkeypatch
 @pytest.mark.parametrize("M,N,K", [(5, 7, 33), (70, 9, 100), (1, 130, 1000)])
 def test_cpu_backend_without_cpp(monkeypatch, M, N, K):
     """The NumPy / float fallback of the cpu backend (no compiler) through the public op."""
-    monkeypatch.setattr(binary_ops, "_cpp_gemm_available", lambda: False)
+    monkeypatch.setattr(binary_dispatch, "cpp_gemm_available", lambda: False)
     x = torch.randint(0, 2, (M, K))
     y = torch.randint(0, 2, (N, K))
     ref_x, ref_a = _int_ref(x, y)

@@ -99,12 +99,12 @@ def test_conv_resnet20_layers(device, backend, C, O, H, stride, beta, poison_emp
 @pytest.mark.parametrize("beta", [0.0, -0.5])
 def test_conv_cpu_without_cpp(monkeypatch, C, O, H, stride, padding, beta):
     """The cpu backend's fallback (float conv of the codes, NumPy popcount) when no compiler."""
-    from gdnsq_kernels import binary as binary_ops
+    from gdnsq_kernels.binary import _dispatch as binary_dispatch, conv2d
 
-    monkeypatch.setattr(binary_ops, "_cpp_gemm_available", lambda: False)
+    monkeypatch.setattr(binary_dispatch, "cpp_gemm_available", lambda: False)
     _conv_case("cpu", "cpu", 2, C, O, H, stride, padding, beta, kernel=2 if padding == "same" else 3)
     _conv_case("cpu", "cpu", 1, C, O, 3, 1, 0, beta)  # 1 output position: the NumPy popcount branch
-    monkeypatch.setattr(binary_ops, "CPU_CONV_STRATEGY", "float")  # whatever the size rule says
+    monkeypatch.setattr(conv2d, "CPU_CONV_STRATEGY", "float")  # whatever the size rule says
     _conv_case("cpu", "cpu", 1, C, O, H, stride, padding, beta, kernel=2 if padding == "same" else 3)
 
 

@@ -58,11 +58,11 @@ def test_seed_key_and_type_errors():
         D.seed_key(1.5)
 
 
-def test_new_seed_follows_manual_seed():
+def test_new_seed_tensor_follows_manual_seed():
     torch.manual_seed(4)
-    a = [D.new_seed() for _ in range(3)]
+    a = [int(D.new_seed_tensor()[0]) for _ in range(3)]
     torch.manual_seed(4)
-    b = [D.new_seed() for _ in range(3)]
+    b = [int(D.new_seed_tensor()[0]) for _ in range(3)]
     assert a == b and len(set(a)) == 3 and all(0 <= s < 2**31 for s in a)
 
 

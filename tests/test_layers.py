@@ -7,7 +7,7 @@ from torch import nn
 
 from gdnsq import QConv2d, QLinear
 from gdnsq_kernels import quantize_activation, quantize_weight
-from gdnsq_kernels.quantize import new_seed
+from gdnsq_kernels.quantize import new_seed_tensor
 
 
 def _setup(layer, signed, act_bits=3.0):
@@ -68,7 +68,7 @@ def test_qconv2d_fused_equals_composition(case, dither):
     out = layer(x)
     got = _grads(out, [x] + _params(layer), 1)
     torch.manual_seed(7)
-    sa, sw = (new_seed(), new_seed()) if dither else (0, 0)
+    sa, sw = (new_seed_tensor(), new_seed_tensor()) if dither else (0, 0)
     ref = _composition(layer, x, sa, sw, dither)
     want = _grads(ref, [x] + _params(layer), 1)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -86,7 +86,7 @@ def test_qlinear_fused_equals_composition(x_shape):
     out = layer(x)
     got = _grads(out, [x] + _params(layer), 2)
     torch.manual_seed(3)
-    sa, sw = new_seed(), new_seed()
+    sa, sw = new_seed_tensor(), new_seed_tensor()
     ref = _composition(layer, x, sa, sw, True)
     want = _grads(ref, [x] + _params(layer), 2)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -103,7 +103,7 @@ def test_weights_only_layer_and_frozen_params():
     torch.manual_seed(1)
     gx, gw = _grads(layer(x), [x, layer.weight], 4)
     torch.manual_seed(1)
-    sw = new_seed()
+    sw = new_seed_tensor()
     wh = quantize_weight(layer.weight, layer.weight_quantizer.log2_step, seed=sw)
     gx2, gw2 = _grads(F.conv2d(x, wh, None, 1, 1), [x, layer.weight], 4)
     torch.testing.assert_close(gx, gx2)
@@ -214,7 +214,7 @@ def test_fused_equals_composition_triton_interpreter(monkeypatch):
     out = layer(x)
     got = _grads(out, [x] + _params(layer), 5)
     torch.manual_seed(9)
-    sa, sw = new_seed(), new_seed()
+    sa, sw = new_seed_tensor(), new_seed_tensor()
     ref = _composition(layer, x, sa, sw, True)
     want = _grads(ref, [x] + _params(layer), 5)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -8,7 +8,10 @@ source files of ``gdnsq`` and ``gdnsq_kernels`` (nothing is imported or run).
   imports none of ``gdnsq.train``, ``gdnsq.deploy``, ``gdnsq.cli``; ``gdnsq.train`` and
   ``gdnsq.deploy`` do not import ``gdnsq.cli`` (nor each other); nothing outside the CLI imports it;
 * the module-level imports form no cycle;
-* the compatibility modules only re-export, and the packages never import them.
+* the compatibility modules only re-export, and the packages never import them;
+* ``gdnsq_kernels.binary``'s ``__init__`` only re-exports its modules (one per op);
+* every ``torch.library`` registration (``custom_op``, ``register_fake``, ``register_autograd``,
+  ``triton_op``, ``Library``) sits in ``gdnsq_kernels``: ``gdnsq`` only calls the ops.
 
 Every import counts for the layer rules, also one inside a function (a lazy import is still a
 dependency); the cycle check uses the imports that run when a module is imported (module level,
@@ -132,6 +135,28 @@ def find_cycle(edges: Dict[str, Set[str]]) -> Optional[List[str]]:
     return None
 
 
+# torch.library calls that define an op or one of its implementations.
+OP_REGISTRATIONS = {"custom_op", "triton_op", "register_fake", "register_autograd", "register_kernel",
+                    "Library", "impl", "define"}
+
+
+def op_registration_lines(source: str) -> List[int]:
+    """Lines of ``source`` that call ``torch.library.<registration>`` or ``<op>.register_*``
+    (as a call or a decorator), by name, so that an alias of ``torch.library`` is found too."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name not in OP_REGISTRATIONS:
+            continue
+        if name in ("impl", "define") and not ast.unparse(func).startswith(("torch.library.", "library.")):
+            continue  # common names (``config.define``): only torch.library's count
+        lines.append(node.lineno)
+    return sorted(lines)
+
+
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -183,7 +208,13 @@ def sources():
 
 def test_the_packages_are_found(sources):
     assert {"gdnsq", "gdnsq.cli", "gdnsq.train.trainer", "gdnsq_kernels.quantize._ops",
-            "gdnsq_kernels.binary.triton_xnor"} <= set(sources)
+            "gdnsq_kernels.quantize.fused_layers", "gdnsq_kernels.binary.triton_xnor"} <= set(sources)
+
+
+def test_ops_are_registered_only_in_gdnsq_kernels(sources):
+    registering = {m for m, (src, _) in sources.items() if op_registration_lines(src)}
+    assert sorted(m for m in registering if not _under(m, "gdnsq_kernels")) == []
+    assert "gdnsq_kernels.quantize.fused_layers" in registering  # gdnsq::qconv2d / qlinear
 
 
 def test_layer_rules(sources):
@@ -213,6 +244,26 @@ def test_compatibility_modules_only_reexport(sources, old, new):
         assert isinstance(node, ast.ImportFrom), f"{old}: line {node.lineno} is not an import"
         resolved = resolve_imports(old, False, ast.unparse(node), set(sources), module_level=True)
         assert {t for t, _ in resolved} == {new}, f"{old}: line {node.lineno} imports other than {new}"
+
+
+def test_binary_init_only_reexports_its_modules(sources):
+    """The binary family's logic lives one op per module; its ``__init__`` names the public API."""
+    source, is_pkg = sources["gdnsq_kernels.binary"]
+    public = None
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]:
+            public = ast.literal_eval(node.value)
+            continue
+        assert isinstance(node, ast.ImportFrom), f"gdnsq_kernels.binary: line {node.lineno} is not an import"
+        if node.module == "__future__":
+            continue
+        resolved = resolve_imports("gdnsq_kernels.binary", is_pkg, ast.unparse(node), set(sources), module_level=True)
+        assert all(_under(t, "gdnsq_kernels.binary") and t != "gdnsq_kernels.binary" and t in sources
+                   for t, _ in resolved), f"gdnsq_kernels.binary: line {node.lineno} imports {resolved}"
+    assert sorted(public) == sorted(["pack_bits", "unpack_bits", "xnor_gemm", "and_gemm", "PackedBinaryWeight",
+                                     "pack_linear_weight", "pack_conv_weight", "binary_linear", "binary_conv2d"])
 
 
 def test_the_package_does_not_use_the_compatibility_modules(sources):
@@ -249,6 +300,14 @@ def test_a_cycle_through_relative_imports_is_found():
     sources = {"p": ("from . import a\n", True), "p.a": ("from .b import f\n", False),
                "p.b": ("from . import a\n", False)}
     assert find_cycle(internal_edges(import_graph(sources, module_level=True))) == ["p.a", "p.b", "p.a"]
+
+
+def test_op_registrations_are_found():
+    source = ("import torch\nfrom torch import library as L\n"
+              "@torch.library.custom_op('gdnsq::f', mutates_args=())\ndef f(x: torch.Tensor) -> torch.Tensor: ...\n"
+              "f.register_autograd(None)\nlib = L.Library('gdnsq', 'FRAGMENT')\nconfig.define('not an op')\n")
+    assert op_registration_lines(source) == [3, 5, 6]
+    assert op_registration_lines("torch.library.define('gdnsq::g', '(Tensor x) -> Tensor')\n") == [1]
 
 
 def test_layer_violations_are_reported():

@@ -457,8 +457,6 @@ class Trainer:
         cfg = self.cfg
         self.student.train()
         self.teacher.eval()
-        if hasattr(self.objective, "train"):
-            self.objective.train()
         _set_loader_epoch(self.train_loader, epoch)
         try:
             total = len(self.train_loader)

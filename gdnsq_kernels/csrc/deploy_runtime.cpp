@@ -710,13 +710,13 @@ torch::Tensor bn_fma(torch::Tensor y, torch::Tensor alpha, torch::Tensor beta) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("isa", &isa_name, "instruction set this build's popcount loop uses");
-  m.def("bn_fma", &bn_fma, "fmaf(y, alpha, beta) per channel (plan checks)");
-  m.def("conv_sums", &conv_sums, "integer sums of one packed conv (tests)");
   pybind11::class_<Runtime>(m, "Runtime")
       .def(pybind11::init<>())
       .def("set_entry", &Runtime::set_entry)
       .def("add_block", &Runtime::add_block)
       .def_readwrite("chunk_images", &Runtime::chunk_images)
       .def("forward", &Runtime::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("isa", &isa_name, "instruction set this build's popcount loop uses");
+  m.def("bn_fma", &bn_fma, "fmaf(y, alpha, beta) per channel (plan checks)");
+  m.def("conv_sums", &conv_sums, "integer sums of one packed conv (tests)");
 }

@@ -24,7 +24,8 @@ import torch
 from . import _checks
 from ..backend import resolve_backend
 from . import _ops  # noqa: F401  (registers the gdnsq:: ops)
-from .dither import MASK32, new_seed, new_seed_tensor
+from . import fused_layers  # noqa: F401  (registers gdnsq::qconv2d / gdnsq::qlinear)
+from .dither import MASK32, new_seed_tensor
 
 __all__ = [
     "quantize_activation",
@@ -33,7 +34,6 @@ __all__ = [
     "activation_backward",
     "weight_forward",
     "weight_backward",
-    "new_seed",
     "new_seed_tensor",
 ]
 

@@ -109,10 +109,6 @@ def implementation():
     return sys.modules[__name__]
 
 
-def _key_i64(seed: int) -> int:
-    return seed_key(seed)  # 0..2**32-1, the C++ side takes the low 32 bits
-
-
 def _flat(t):
     """(t's memory as a row-major tensor, the kernels' (cl_channels, cl_pixels) arguments)."""
     if is_channels_last(t):
@@ -145,7 +141,7 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     dxf = (nhwc_view(dx) if cl[0] else dx) if need_grad_x else xf
     sums = _ext.act_backward(gf, xf, dxf, log2_step.detach(),
                              log2_range.detach(), offset.detach(),
-                             _key_i64(seed), bool(dither), bool(need_grad_x),
+                             seed_key(seed), bool(dither), bool(need_grad_x),
                              bool(need_grad_params), DITHER_MAGNITUDE, *cl)
     if not need_grad_params:
         return dx, None, None, None
@@ -183,7 +179,7 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     wf, cl = _flat(wd)
     gf = nhwc_view(g) if cl[0] else g
     sums = _ext.w_backward(gf.reshape(c_out, -1), wf.reshape(c_out, -1), log2_step.detach(),
-                           zero_point.detach(), _key_i64(seed), bool(dither), DITHER_MAGNITUDE,
+                           zero_point.detach(), seed_key(seed), bool(dither), DITHER_MAGNITUDE,
                            *cl)
     s = torch.exp2(log2_step.detach().to(ct).reshape(-1)).double()
     if is_per_channel(log2_step, c_out):

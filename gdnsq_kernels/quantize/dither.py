@@ -117,16 +117,7 @@ def new_seed_tensor(device=None) -> torch.Tensor:
 
     This is what the layers and ``quantize_*`` pass to the ``gdnsq::`` ops: the draw is a
     tensor op, so ``torch.compile`` keeps it in the graph and a CUDA graph replays the draw (a
-    fresh seed per step) instead of baking in one value. ``torch.manual_seed`` repeats it; the
-    CPU draw equals ``new_seed()`` for the same generator state.
+    fresh seed per step) instead of baking in one value. ``torch.manual_seed`` repeats it.
     """
     return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device=device)
 
-
-def new_seed() -> int:
-    """A 31-bit seed drawn from torch's default (CPU) generator, as a Python int.
-
-    Kept for callers of the low-level functions; the forward path uses ``new_seed_tensor``
-    (a host int would be a graph break under ``torch.compile`` and a constant in a CUDA graph).
-    """
-    return int(new_seed_tensor()[0])
