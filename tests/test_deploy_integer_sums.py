@@ -122,3 +122,23 @@ def test_layer_without_exact_float64_sums_has_no_int_path():
     cfg = dict(kind="linear", bias=False, weight_bits=16, act_bits=16, path="float")
     assert "int" in DeployedLinear(dict(cfg, weight_shape=(1, 2**21 + 64))).allowed_paths()
     assert "int" not in DeployedLinear(dict(cfg, weight_shape=(1, 2**21 + 65))).allowed_paths()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_sums_exact_on_cuda(groups):
+    """cuDNN may pick Winograd or FFT (and TF32): the sums go through im2col + GEMM instead."""
+    j = _codes((BATCH, 2 * CH, 2 * HW, 2 * HW), seed=11)
+    k = _codes((2 * CH, 2 * CH // groups, 3, 3), seed=12)
+    exact = F.conv2d(j, k, None, 1, 1, 1, groups)  # int64 on the CPU
+    sums = conv2d_sums(j.float().cuda(), k.float().cuda(), (1, 1), (1, 1), (1, 1), groups, True)
+    assert sums.is_cuda and torch.equal(sums.cpu().double(), exact.double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int_conv_layer_on_cuda_equals_the_integer_result():
+    j = _codes((BATCH, 2 * CH, 2 * HW, 2 * HW), seed=13)
+    k = _codes((2 * CH, 2 * CH, 3, 3), seed=14)
+    layer = _int_conv_layer(k, weight_min=-2.0, act_offset=-1.0).cuda()
+    out = layer((j - 1).float().cuda())
+    assert out.is_cuda and torch.equal(out.cpu().double(), F.conv2d(j - 1, k - 2, None, 1, 1).double())
