@@ -140,27 +140,60 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
     return report
 
 
+class _PooledChannelStats:
+    """Running per-channel count, mean and sum of squared deviations (float64) of the inputs a
+    BatchNorm sees, merged batch by batch (Chan et al.'s pairwise update: no cancellation)."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean = None
+        self.m2 = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Merge one BatchNorm input ``x`` (N, C, *): channel dim 1, every other dim pooled."""
+        dims = [d for d in range(x.dim()) if d != 1]
+        x = x.detach().double()
+        n = x.numel() // x.shape[1]
+        if n == 0:
+            return
+        mean = x.mean(dims)
+        m2 = ((x - mean.view([-1 if d == 1 else 1 for d in range(x.dim())])) ** 2).sum(dims)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, loader, *, num_batches: int = 100, device=None) -> int:
     """Recompute every BatchNorm's running mean/variance with the model's current weights.
 
     During QAT the running statistics are an exponential average over steps whose weights kept
     changing (at 1 bit whole channels flip sign late in training), so they can lag the final
-    weights. This resets them and averages ``num_batches`` batches of ``loader`` exactly
-    (``momentum=None``: a cumulative mean), with the model in training mode so that the
-    quantized layers run exactly as in training (no parameter changes, no gradients). The model
-    is put back in its previous mode and momentum. Returns the number of images used.
+    weights. This runs ``num_batches`` batches of ``loader`` through the model in training mode
+    (the quantized layers run exactly as in training; no parameter changes, no gradients) and
+    sets each BatchNorm's running mean and variance to the pooled statistics of every value its
+    channel received: the mean, and the unbiased variance (``n - 1``), over all those batches
+    together, as if they were one batch. BatchNorms without running statistics are left alone;
+    when the loader yields nothing the statistics are reset (mean 0, variance 1). The model is
+    put back in its previous mode. Returns the number of images used.
 
     ``loader`` should yield training images without augmentation (never the test set).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
     was_training = model.training
-    momenta = [bn.momentum for bn in bns]
+    stats = [_PooledChannelStats() for _ in bns]
+    hooks = [bn.register_forward_pre_hook(lambda _mod, inputs, st=st: st.add(inputs[0]))
+             for bn, st in zip(bns, stats)]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None
     model.train()
     seen = 0
     try:
@@ -173,7 +206,11 @@ def reestimate_batchnorm(model: nn.Module, loader, *, num_batches: int = 100, de
             model(x)
             seen += x.shape[0]
     finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
+        for h in hooks:
+            h.remove()
         model.train(was_training)
+    for bn, st in zip(bns, stats):
+        if st.count > 1:
+            bn.running_mean.copy_(st.mean)
+            bn.running_var.copy_(st.m2 / (st.count - 1))
     return seen

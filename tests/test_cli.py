@@ -182,7 +182,6 @@ def test_train_fp_resume_is_exact(capsys, tiny_data, tmp_path, one_thread):
 
 
 def test_quantize_tiny_end_to_end_and_evaluate(capsys, tiny_data, tmp_path):
-    pytest.importorskip("gdnsq.train.trainer")
     fp = tmp_path / "fp.pt"
     save_fp_checkpoint(fp, get_model("resnet20"), model_name="resnet20", num_classes=10,
                        normalization="imagenet")
@@ -223,7 +222,6 @@ def test_quantize_tiny_end_to_end_and_evaluate(capsys, tiny_data, tmp_path):
 
 
 def test_quantize_without_checkpoint_trains_the_teacher_first(capsys, tiny_data, tmp_path):
-    pytest.importorskip("gdnsq.train.trainer")
     out_dir = tmp_path / "q"
     code, out, err = _run(capsys, [
         "quantize", "--weight-bits", "4", "--act-bits", "4", "--out", str(out_dir),

@@ -120,7 +120,7 @@ def test_wide_codes_switch_to_float64():
     frozen = freeze(q)
     assert frozen.conv2.config["act_bits"] == 10
     # 16 channels * 9 taps * 1023 * 1023 > 2**24: float32 would round the integer sums
-    assert frozen.conv2._int_dtype() == torch.float64
+    assert not frozen.conv2._fp32_fits()
     x = _x()
     assert rel_err(frozen(x), q(x)) < 1e-5
 

@@ -183,24 +183,6 @@ def test_from_float_shares_parameters_and_non_zero_padding():
         QConv2d(1, 1, 3, weight_bits=0)
 
 
-def test_fused_layer_under_autocast():
-    """bf16 autocast: the conv runs in bf16, quantizers in float32, gradients keep param dtypes."""
-    layer = QConv2d(3, 4, 3, padding=1, bias=True, weight_bits=3, act_bits=3)
-    _setup(layer, False)
-    x = torch.rand(2, 3, 6, 6, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(x)
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    for p in [x] + _params(layer):
-        assert p.grad is not None and p.grad.dtype == p.dtype
-    # close to the float32 result (bf16 conv)
-    grads32 = _grads(layer(x), [layer.weight], 0)
-    assert torch.isfinite(grads32[0]).all()
-    ref = layer(x)
-    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
-
-
 def test_fused_equals_composition_triton_interpreter(monkeypatch):
     """The same equality through the Triton kernels (interpreted on CPU tensors)."""
     from gdnsq_kernels.backend import triton_interpreter_enabled

@@ -61,11 +61,26 @@ def test_single_epoch_missing_act_and_per_layer_targets(tmp_path):
     assert _mask(rgb, TAB10[0]).sum() > 20 and _mask(rgb, TAB10[1]).sum() > 20
 
 
+def _axes_without_lines(rgb):
+    """Axes, ticks and labels are drawn (dark pixels), and no data line in any tab10 colour
+    (but its grey, tab10[7], which anti-aliased text and the grid also produce)."""
+    assert _mask(rgb, (0, 0, 0), tol=40).sum() > 2000
+    for i, colour in enumerate(TAB10):
+        if i != 7:
+            assert _mask(rgb, colour).sum() == 0, i
+
+
 def test_empty_history_still_draws_axes(tmp_path):
     path = str(tmp_path / "empty.png")
-    plot_bit_history([], path)
-    assert _rgb(path).shape == (900, 1400, 3)
-    plot_curves([], str(tmp_path / "c.png"))
+    assert plot_bit_history([], path) == path
+    rgb = _rgb(path)
+    assert rgb.shape == (900, 1400, 3)
+    _axes_without_lines(rgb)
+    path = str(tmp_path / "c.png")
+    assert plot_curves([], path) == path
+    rgb = _rgb(path)
+    assert rgb.shape == (500, 1200, 3)  # the default size
+    _axes_without_lines(rgb)
 
 
 def test_curves_follow_the_data(tmp_path):

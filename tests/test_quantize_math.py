@@ -173,21 +173,24 @@ def test_noncontiguous_and_expanded_parameters(device, backend, poison_empty):
     x = torch.randn(4, 9, device=device) * 1.5
     g = torch.randn(4, 9, device=device)
     plain = _act_params(device)
-    # each activation parameter as a one-element view: expanded from a 0-d, a strided slice, shape (1,)
+    # each activation parameter as a one-element view: expanded from a 0-d (stride 0), the middle
+    # of three elements (storage offset 1, stride 2: a kernel that reads the storage's start
+    # instead of the view gets 9.0), shape (1,)
+    nine = torch.tensor(9.0, device=device)
     odd = [plain[0].expand(1),
-           torch.stack([plain[1], torch.tensor(9.0, device=device)])[::2],
+           torch.stack([nine, plain[1], nine])[1::2],
            plain[2].reshape(1)]
-    assert not odd[0].is_contiguous() or odd[0].stride() == (0,)
     torch.testing.assert_close(Q.activation_forward(x, *odd, backend=backend),
                                R.activation_forward(x, *plain), rtol=1e-6, atol=1e-6)  # an ulp from exp2 of a non-integer log2
     out = Q.activation_backward(g, x, *odd, 8, True, backend=backend)
     ref = R.activation_backward(g, x, *plain, 8, True)
     for o, r in zip(out, ref):
         torch.testing.assert_close(o.reshape(r.shape), r, rtol=1e-5, atol=1e-6)
-    # weight steps: an expanded scalar (stride 0) and a strided slice of a longer tensor
+    # weight steps: an expanded scalar (stride 0) and a strided slice of a longer tensor that
+    # starts at storage offset 1
     w = torch.randn(6, 2, 3, 3, device=device) * 0.3
     base = -4.0 - torch.rand(12, device=device)
-    for step in (torch.tensor(-4.2, device=device).expand(6), base[::2]):
+    for step in (torch.tensor(-4.2, device=device).expand(6), base[1::2]):
         assert not step.is_contiguous()
         yr, zr = R.weight_forward(w, step.contiguous())
         y, z = Q.weight_forward(w, step, backend=backend)
@@ -197,7 +200,7 @@ def test_noncontiguous_and_expanded_parameters(device, backend, poison_empty):
         gs_r = R.weight_backward(gw, w, step.contiguous(), zr, 2, True)[1]
         assert gs.shape == step.shape
         torch.testing.assert_close(gs, gs_r, rtol=1e-5, atol=1e-6)
-    # a non-contiguous weight (channels_last) with an expanded step
+    # a non-contiguous weight (channels_last) with a strided step
     wcl = w.to(memory_format=torch.channels_last)
-    y, z = Q.weight_forward(wcl, base[::2], backend=backend)
-    torch.testing.assert_close(y, R.weight_forward(w, base[::2].contiguous())[0], rtol=1e-6, atol=1e-6)  # an ulp from exp2 of a non-integer log2
+    y, z = Q.weight_forward(wcl, base[1::2], backend=backend)
+    torch.testing.assert_close(y, R.weight_forward(w, base[1::2].contiguous())[0], rtol=1e-6, atol=1e-6)  # an ulp from exp2 of a non-integer log2

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 import _trainer_tiny as tiny
-from gdnsq.train.presets import TrainConfig
 from gdnsq.train.report import report_markdown
 from gdnsq.train.trainer import BEST, LAST, METRICS, Trainer, load_checkpoint
 
@@ -237,7 +236,12 @@ def test_bad_arguments(tmp_path):
         Trainer(student, teacher, train, val, config=tiny.fast_config(device="nonsense"), out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="fit"):
         Trainer(student, teacher, train, val, config=tiny.fast_config(), out_dir=str(tmp_path / "empty")).test(val)
-    assert isinstance(tiny.fast_config(), TrainConfig)
+    # control: the same arguments with a valid config build a Trainer, and its schedule and
+    # optimizer use that config (so each error above comes from its one bad argument)
+    trainer = Trainer(student, teacher, train, val, config=tiny.fast_config(lr=0.123, warmup_steps=7),
+                      out_dir=str(tmp_path / "ok"))
+    assert trainer.schedule.lr0 == 0.123 and trainer.schedule.warmup_steps == 7
+    assert trainer.optimizer.defaults["lr"] == 0.123
 
 
 def test_non_finite_loss_is_reported(tmp_path):

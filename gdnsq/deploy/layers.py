@@ -23,9 +23,11 @@ computed once per input size and cached. Only ``S_kj`` is a real GEMM; three way
 * ``bitplane``: ``k = sum_p 2**p k_p`` and ``j = sum_q 2**q j_q`` with 0/1 planes, so
   ``S_kj = sum_{p,q} 2**(p+q) popcount(k_p & j_q)``: ``b_w * b_a`` packed ``and_gemm`` calls on
   weight planes packed once.
-* ``int``: a float matmul/conv of the integer-valued codes. Exact as long as every partial sum
-  stays below 2**24 in float32; the layer switches to float64 when the worst case
-  ``taps * k_max * j_max`` does not fit.
+* ``int``: a float matmul/conv of the integer-valued codes, exact by construction
+  (:mod:`gdnsq.deploy.integer_sums`): float32 only when the worst case ``taps * k_max * j_max``
+  is below 2**24 and the call runs on a backend that sums directly at full float32 precision
+  (never Winograd/FFT, TF32 or bf16), float64 otherwise. A layer whose worst case reaches 2**53
+  does not offer the path.
 
 ``float`` (never chosen automatically) dequantizes the codes (``beta + s_a*j``, ``m + s_w*k``)
 and runs the same float32 conv/linear as the fake-quant layer, so it reproduces the fake-quant
@@ -51,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .integer_sums import FP32_EXACT_BELOW, FP64_EXACT_BELOW, conv2d_sums, conv_output_size, linear_sums, sum_bound
+
 PATHS = ("binary", "bitplane", "int", "float", "dequant")
-_FP32_EXACT = float(2**24)  # float32 represents every integer up to 2**24 exactly
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +212,8 @@ class _DeployedBase(DropsDerivedOnLoad):
             paths.append("binary")
         if bw <= 4 and ba <= 4 and self.config.get("groups", 1) == 1:
             paths.append("bitplane")
-        paths.append("int")
+        if self._sum_bound() < FP64_EXACT_BELOW:
+            paths.append("int")
         paths.append("float")
         return tuple(paths)
 
@@ -227,8 +231,11 @@ class _DeployedBase(DropsDerivedOnLoad):
         self._cache = {}
 
     # -- derived tensors ----------------------------------------------------------------------
-    def _codes_as(self, dtype, device) -> torch.Tensor:
-        """The weight codes as ``dtype`` on ``device``, made once and cached (the int path)."""
+    def _int_codes(self, device) -> torch.Tensor:
+        """The weight codes on ``device`` for :func:`conv2d_sums` / :func:`linear_sums`, made once
+        and cached: float32 when every sum fits float32 (those switch to float64 for a call that
+        needs it), else float64."""
+        dtype = torch.float32 if self._fp32_fits() else torch.float64
         key = ("k_float", dtype, device)
         if key not in self._cache:
             self._cache[key] = self.weight_codes().to(device, dtype)
@@ -255,12 +262,14 @@ class _DeployedBase(DropsDerivedOnLoad):
         s_a = torch.exp2(self.act_log2_step.float())
         return self.act_offset.float() + s_a * codes.float()
 
-    def _int_dtype(self) -> torch.dtype:
-        """float32 when every integer partial sum fits 2**24, else float64 (still exact)."""
+    def _sum_bound(self) -> int:
+        """Largest integer sum of one output (``sum k*j``; ``sum j`` and ``sum k`` are smaller)."""
         taps = math.prod(self.config["weight_shape"][1:])
-        kmax = 2 ** self.config["weight_bits"] - 1
-        jmax = 2 ** self.config["act_bits"] - 1
-        return torch.float32 if taps * kmax * jmax < _FP32_EXACT else torch.float64
+        return sum_bound(taps, self.config["weight_bits"], self.config["act_bits"])
+
+    def _fp32_fits(self) -> bool:
+        """Whether every integer sum of this layer is below 2**24 (exact in float32)."""
+        return self._sum_bound() < FP32_EXACT_BELOW
 
     def codes_of(self, x: torch.Tensor) -> torch.Tensor:
         """int32 activation codes of the layer input ``x`` (the reference implementation)."""
@@ -342,16 +351,17 @@ class DeployedConv2d(_DeployedBase):
         c = self.config
         return tuple(c["stride"]), tuple(c["padding"]), tuple(c["dilation"]), int(c.get("groups", 1))
 
-    def _const(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _const(self, x: torch.Tensor) -> torch.Tensor:
         """C[o,p] for this input size (cached per size/device)."""
-        key = ("const", x.shape[-2], x.shape[-1], x.device, dtype)
+        key = ("const", x.shape[-2], x.shape[-1], x.device)
         if key not in self._cache:
             stride, padding, dilation, groups = self._geom()
             cin = self.config["weight_shape"][1] * groups
             mask = torch.ones(1, cin, x.shape[-2], x.shape[-1], dtype=torch.float64, device=x.device)
             k = self.weight_codes().to(x.device, torch.float64)
-            sum_k = F.conv2d(mask, k, None, stride, padding, dilation, groups)  # (1,O,Ho,Wo)
-            n_valid = F.conv2d(mask, torch.ones_like(k), None, stride, padding, dilation, groups)
+            # float64 sums (fp32_exact=False): cached, so their speed does not matter
+            sum_k = conv2d_sums(mask, k, stride, padding, dilation, groups, False)  # (1,O,Ho,Wo)
+            n_valid = conv2d_sums(mask, torch.ones_like(k), stride, padding, dilation, groups, False)
             beta = self.act_offset.double()
             const = (self.weight_step.double().view(1, -1, 1, 1) * beta) * sum_k + (
                 self.weight_min.double().view(1, -1, 1, 1) * beta
@@ -373,7 +383,7 @@ class DeployedConv2d(_DeployedBase):
             s = F.avg_pool2d(js, (kh, kw), stride, padding, count_include_pad=True, divisor_override=1)
         else:
             ones = torch.ones(groups, 1, kh, kw, dtype=j.dtype, device=j.device)
-            s = F.conv2d(js, ones, None, stride, padding, dilation, groups)
+            s = conv2d_sums(js, ones, stride, padding, dilation, groups, self._fp32_fits())
         return s.repeat_interleave(out_ch // groups, dim=1) if groups > 1 else s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,15 +400,15 @@ class DeployedConv2d(_DeployedBase):
         if path == "float":
             return F.conv2d(self._dequant_act(codes), self.dequantized_weight().to(x.device), self.bias,
                             stride, padding, dilation, groups)
-        dtype = self._int_dtype()
-        j = codes if dtype == torch.float32 else codes.to(dtype)
+        j = codes if self._fp32_fits() else codes.double()
         if path == "int":
-            s_kj = F.conv2d(j, self._codes_as(dtype, x.device), None, stride, padding, dilation, groups)
+            s_kj = conv2d_sums(codes, self._int_codes(x.device), stride, padding, dilation, groups,
+                               self._fp32_fits())
         elif path == "bitplane":
             s_kj = self._bitplane(codes, x.shape)
         else:
             raise ValueError(f"unknown path {path!r}")
-        return self._epilogue(s_kj, self._sum_j(j), self._const(x, dtype))
+        return self._epilogue(s_kj, self._sum_j(j), self._const(x))
 
     def _bitplane(self, codes: torch.Tensor, xshape) -> torch.Tensor:
         from gdnsq_kernels import and_gemm, pack_bits
@@ -422,9 +432,8 @@ class DeployedConv2d(_DeployedBase):
             aq = pack_bits(((cols >> q) & 1).to(torch.uint8), dim=-1)
             for p in range(bw):
                 acc += and_gemm(aq, wplanes[p], taps).to(torch.int64) << (p + q)
-        ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        return acc.view(n, ho, wo, out_ch).permute(0, 3, 1, 2).to(self._int_dtype())
+        ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
+        return acc.view(n, ho, wo, out_ch).permute(0, 3, 1, 2).double()  # int64 sums: exact
 
     def _binary(self, codes: torch.Tensor) -> torch.Tensor:
         from gdnsq_kernels.binary import binary_conv2d, pack_conv_weight
@@ -486,10 +495,9 @@ class DeployedLinear(_DeployedBase):
         if path == "float":
             return F.linear(self._dequant_act(codes), self.dequantized_weight().to(x.device),
                             self.bias).view(*lead, out_f)
-        dtype = self._int_dtype()
-        j = codes if dtype == torch.float32 else codes.to(dtype)
+        j = codes if self._fp32_fits() else codes.double()
         if path == "int":
-            s_kj = j @ self._codes_as(dtype, x.device).t()
+            s_kj = linear_sums(codes, self._int_codes(x.device), self._fp32_fits())
         elif path == "bitplane":
             from gdnsq_kernels import and_gemm, pack_bits
 
@@ -503,7 +511,7 @@ class DeployedLinear(_DeployedBase):
                 aq = pack_bits(((codes.to(torch.int32) >> q) & 1).to(torch.uint8), dim=-1)
                 for p in range(bw):
                     acc += and_gemm(aq, self._cache[key][p], in_f).to(torch.int64) << (p + q)
-            s_kj = acc.to(dtype)
+            s_kj = acc.double()  # int64 sums: exact
         else:
             raise ValueError(f"unknown path {path!r}")
         s_j = j.sum(1, keepdim=True)

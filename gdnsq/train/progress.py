@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 import sys
-from typing import Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 from tqdm import tqdm
 
@@ -43,7 +43,15 @@ class _LineStream:
 
 class _Bar(tqdm):
     """tqdm whose ``close`` always prints the final line, also when a ``delay`` (the log mode's
-    first-line delay) kept it from ever being drawn."""
+    first-line delay) kept it from ever being drawn, and that reads the time from ``clock``
+    (a callable returning seconds; ``time.time`` when None)."""
+
+    def __init__(self, *args, clock: Optional[Callable[[], float]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if clock is not None:
+            # tqdm reads every time through self._time; restart its counters on the new clock
+            self._time = clock
+            self.start_t = self.last_print_t = clock()
 
     def close(self):
         if not getattr(self, "disable", True):
@@ -52,20 +60,25 @@ class _Bar(tqdm):
 
 
 def progress_bar(total: Optional[int], desc: str = "", *, enabled: bool = True,
-                 file: Optional[TextIO] = None, plain_interval: float = PLAIN_INTERVAL) -> tqdm:
+                 file: Optional[TextIO] = None, plain_interval: float = PLAIN_INTERVAL,
+                 clock: Optional[Callable[[], float]] = None) -> tqdm:
     """A tqdm bar over ``total`` items (None: unknown) written to ``file`` (default stderr).
 
     ``enabled=False`` gives a silent bar (other ranks, ``--json``). Not a terminal: plain
-    lines at most every ``plain_interval`` seconds and one at :func:`close_with`."""
+    lines at most every ``plain_interval`` seconds and one at :func:`close_with`. ``clock``
+    (seconds, default ``time.time``) is the time the bar reads, for tests."""
     stream = file if file is not None else sys.stderr
     isatty = getattr(stream, "isatty", None)
     tty = bool(isatty and isatty())
     if tty:
         return _Bar(total=total, desc=desc, file=stream, disable=not enabled, dynamic_ncols=True,
-                    mininterval=0.1)
+                    mininterval=0.1, clock=clock)
+    # miniters=1: every update compares the time with the last line, so a line is due as soon
+    # as plain_interval has passed, whatever the rate (tqdm's adaptive miniters would need its
+    # monitor thread to catch a rate that drops)
     return _Bar(total=total, desc=desc, file=_LineStream(stream), disable=not enabled, ascii=True,
                 bar_format=_LOG_FORMAT, mininterval=plain_interval, maxinterval=plain_interval,
-                delay=plain_interval)
+                miniters=1, delay=plain_interval, clock=clock)
 
 
 def close_with(bar: tqdm, **fields) -> None:
