@@ -257,6 +257,7 @@ class Extension:
         self._lock = threading.Lock()
         self._deterministic: dict = {}   # build key -> cause
         self._transient = None           # (cause, clock time of the next try) or None
+        self._announced = None           # the last fallback warning given
 
     def spec(self) -> BuildSpec:
         if self._spec is None:
@@ -289,31 +290,35 @@ class Extension:
 
     def available(self) -> bool:
         """True when the module is loaded or loads now. On a failure: raises under
-        ``GDNSQ_REQUIRE_CPP=1``, else warns with the cause and returns False (see the module
-        doc for which failures are remembered and which are retried)."""
+        ``GDNSQ_REQUIRE_CPP=1``, else warns with the cause (once per cause) and returns False
+        (see the module doc for which failures are remembered and which are retried)."""
         if self.module is not None:
             return True
         if require_cpp():  # no fallback, so nothing remembered either: build now or raise
             self.load()
             return True
-        if self.build_key() in self._deterministic:
-            return False
-        retrying = self._transient is not None
-        if retrying and self._clock() < self._transient[1]:
-            return False
-        try:
-            # A retry does not wait for the lock: if someone else is building, try again later.
-            self.load(timeout=0.0 if retrying else None)
-            return True
-        except Exception as exc:
-            if is_transient_failure(exc):
-                warnings.warn(f"gdnsq_kernels: {self.label} could not be built this time "
-                              f"({failure_cause(exc)}); using {self.fallback}, retrying in "
-                              f"{RETRY_SECONDS:.0f} s", RuntimeWarning, stacklevel=3)
-            else:
-                warnings.warn(f"gdnsq_kernels: {self.label} could not be built ({failure_cause(exc)}); "
-                              f"using {self.fallback} instead", RuntimeWarning, stacklevel=3)
-            return False
+        key = self.build_key()
+        paused = self._transient is not None and self._clock() < self._transient[1]
+        if key not in self._deterministic and not paused:
+            try:
+                # A retry does not wait for the lock: if someone else is building, try later.
+                self.load(timeout=0.0 if self._transient is not None else None)
+                return True
+            except Exception:
+                pass  # load() noted the failure; the warning below names it
+        self._announce_fallback(key)
+        return False
+
+    def _announce_fallback(self, key: tuple) -> None:
+        if key in self._deterministic:
+            message = (f"gdnsq_kernels: {self.label} could not be built ({self._deterministic[key]}); "
+                       f"using {self.fallback} instead")
+        else:
+            message = (f"gdnsq_kernels: {self.label} could not be built this time ({self._transient[0]}); "
+                       f"using {self.fallback}, retrying in {RETRY_SECONDS:.0f} s")
+        if message != self._announced:
+            self._announced = message
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def describe(self) -> tuple:
         """(True: in use / False: fallback in use / None: not tried yet, the reason)."""

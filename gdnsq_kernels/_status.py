@@ -77,12 +77,12 @@ def _deploy_runtime(build: bool) -> dict:
         if build:
             cpu_deploy.load_extension(isa)
     except ValueError as exc:  # a bad GDNSQ_DEPLOY_ISA
-        return _entry("per-layer", f"the runtime cannot be used: {exc}")
+        return _entry("none", f"the runtime cannot be used: {exc}")
     except Exception:  # noted by the extension: describe() below names the cause
         if require_cpp():
             raise
     loaded, reason = cpu_deploy.describe(isa)
-    return _entry("per-layer" if loaded is False else f"runtime-{isa}", reason)
+    return _entry("none" if loaded is False else f"runtime-{isa}", reason)
 
 
 def status(build: bool = False) -> dict:
@@ -96,8 +96,8 @@ def status(build: bool = False) -> dict:
     * ``"binary"`` (the packed GEMMs, ``binary_linear`` / ``binary_conv2d``), ``"cpu"`` and
       ``"cuda"``: ``cpu-cpp`` (C++ popcount GEMM), ``cpu-numpy`` (its NumPy / sgemm fallback),
       ``triton``, ``torch`` or ``reference``;
-    * ``"deploy_runtime"`` (the fused C++ runtime of ``gdnsq.deploy``), ``"cpu"``:
-      ``runtime-<isa>`` or ``per-layer`` (its fallback).
+    * ``"deploy_runtime"`` (the fused C++ runtime of ``gdnsq.deploy.RuntimeModel``), ``"cpu"``:
+      ``runtime-<isa>``, or ``none`` when it failed to build.
 
     An implementation is ``"none"`` where the ops would raise (``GDNSQ_BACKEND=cpu`` for CUDA
     tensors, say); the reason says so. ``GDNSQ_BACKEND`` is honoured. A C++ extension not yet

@@ -22,6 +22,8 @@ from ._build import cpu_flags as _cpu_flags
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "deploy_runtime.cpp")
 _lock = threading.Lock()
 _extensions: dict = {}  # isa -> Extension
+# What runs without the runtime: nothing in this package (RuntimeModel raises the build error).
+RUNTIME_FALLBACK = "no runtime (the frozen model still runs without RuntimeModel)"
 
 ISAS = ("avx512vnni", "avx512", "avx2", "scalar")
 _ISA_FLAGS = {
@@ -68,7 +70,7 @@ def _extension(isa: str) -> Extension:
     with _lock:
         if isa not in _extensions:
             flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + _ISA_FLAGS[isa]
-            _extensions[isa] = Extension(f"the C++ deploy runtime ({isa})", "the per-layer path",
+            _extensions[isa] = Extension(f"the C++ deploy runtime ({isa})", RUNTIME_FALLBACK,
                                          lambda: build_spec(f"gdnsq_deploy_rt_{isa}", _SOURCE, flags))
         return _extensions[isa]
 

@@ -238,7 +238,7 @@ def fake_extensions(degrade, monkeypatch):
         monkeypatch.setattr(module, "EXTENSION", fakes[name])
     isa = cpu_deploy.default_isa()
     fakes["deploy"] = _extension(FakeBuild(MemoryError()), Clock(), label=f"the C++ deploy runtime ({isa})",
-                                 fallback="the per-layer path")
+                                 fallback=cpu_deploy.RUNTIME_FALLBACK)
     monkeypatch.setitem(cpu_deploy._extensions, isa, fakes["deploy"])
     return fakes, isa
 
@@ -263,7 +263,7 @@ def test_status_before_and_after_the_builds(fake_extensions):
         "reason": "GDNSQ_BACKEND=auto picks cpu for CPU tensors; the C++ popcount GEMM: loaded "
                   "(extension gdnsq_fake_ext)"}
     d = after["deploy_runtime"]["cpu"]
-    assert d["implementation"] == "per-layer" and "MemoryError" in d["reason"]
+    assert d["implementation"] == "none" and "MemoryError" in d["reason"]
 
 
 def test_status_follows_the_environment(fake_extensions, monkeypatch):
