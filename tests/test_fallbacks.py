@@ -169,11 +169,18 @@ def test_failure_raises_when_cpp_is_required(degrade, monkeypatch):
 # ------------------------------------------------------------------------ the backends' fallbacks
 
 
+def _replace_extension(monkeypatch, module, *outcomes, clock=None):
+    """``module.EXTENSION`` replaced by one with the same label and fallback whose builds are
+    ``FakeBuild(*outcomes)``; returns it."""
+    ext = _extension(FakeBuild(*outcomes), clock or Clock(), label=module.EXTENSION.label,
+                     fallback=module.EXTENSION.fallback)
+    monkeypatch.setattr(module, "EXTENSION", ext)
+    return ext
+
+
 def test_cpu_quantizer_falls_back_then_recovers_after_a_transient_failure(degrade, monkeypatch):
     clock = Clock()
-    ext = _extension(FakeBuild(MemoryError(), "module"), clock,
-                     label=cpu_quantize.EXTENSION.label, fallback=cpu_quantize.EXTENSION.fallback)
-    monkeypatch.setattr(cpu_quantize, "EXTENSION", ext)
+    _replace_extension(monkeypatch, cpu_quantize, MemoryError(), "module", clock=clock)
     with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU quantizer could not be built this time .*MemoryError"):
         assert cpu_quantize.implementation() is _torch_quantize
     clock.now += RETRY_SECONDS
@@ -183,9 +190,7 @@ def test_cpu_quantizer_falls_back_then_recovers_after_a_transient_failure(degrad
 def test_cpu_gemm_falls_back_then_recovers_after_a_transient_failure(degrade, monkeypatch):
     monkeypatch.delenv("GDNSQ_NO_CPP_XNOR", raising=False)
     clock = Clock()
-    ext = _extension(FakeBuild(_torch_build_error(KILLED_COMPILER, 1), "module"), clock,
-                     label=cpu_xnor.EXTENSION.label, fallback=cpu_xnor.EXTENSION.fallback)
-    monkeypatch.setattr(cpu_xnor, "EXTENSION", ext)
+    _replace_extension(monkeypatch, cpu_xnor, _torch_build_error(KILLED_COMPILER, 1), "module", clock=clock)
     with pytest.warns(RuntimeWarning, match="popcount GEMM could not be built this time .*Killed signal"):
         assert cpu_xnor.available() is False
     clock.now += RETRY_SECONDS
@@ -230,12 +235,8 @@ def fake_extensions(degrade, monkeypatch):
     monkeypatch.delenv("GDNSQ_BACKEND", raising=False)
     monkeypatch.delenv("GDNSQ_NO_CPP_XNOR", raising=False)
     monkeypatch.delenv("GDNSQ_DEPLOY_ISA", raising=False)
-    fakes = {}
-    for name, module, outcome in (("quantize", cpu_quantize, _torch_build_error(COMPILE_ERROR, 1)),
-                                  ("binary", cpu_xnor, "module")):
-        fakes[name] = _extension(FakeBuild(outcome), Clock(), label=module.EXTENSION.label,
-                                 fallback=module.EXTENSION.fallback)
-        monkeypatch.setattr(module, "EXTENSION", fakes[name])
+    fakes = {"quantize": _replace_extension(monkeypatch, cpu_quantize, _torch_build_error(COMPILE_ERROR, 1)),
+             "binary": _replace_extension(monkeypatch, cpu_xnor, "module")}
     isa = cpu_deploy.default_isa()
     fakes["deploy"] = _extension(FakeBuild(MemoryError()), Clock(), label=f"the C++ deploy runtime ({isa})",
                                  fallback=cpu_deploy.RUNTIME_FALLBACK)
