@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from gdnsq import data as gdata
+from gdnsq._atomic import atomic_append_text
 from gdnsq.calibrate import reestimate_batchnorm
 from gdnsq.cli._support import evaluate_model, load_model_for_eval
 
@@ -53,9 +54,7 @@ def main() -> None:
                "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
                "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(json.dumps(rec), flush=True)
-        pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        atomic_append_text(a.out, json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -223,13 +221,6 @@ def bench_crossover(repeats, rows):
                 print(f"crossover M={M:5d} N={N:5d} K={K:5d} {prov:15s} {med:9.3f} ms", flush=True)
 
 
-def atomic_write(path: pathlib.Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def render_md(jsonl: pathlib.Path) -> str:
     """Markdown tables of the newest run per device, from every record in the jsonl file."""
     recs = [json.loads(x) for x in jsonl.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -315,11 +306,10 @@ def main(argv=None):
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jl = out_dir / "binary.jsonl"
-    old = jl.read_text(encoding="utf-8") if jl.exists() else ""
     new = "".join(json.dumps(dict(r, env=env, device=dev.type, run=env["date"], command=command.strip())) + "\n"
                   for r in rows)
-    atomic_write(jl, old + new)
-    atomic_write(out_dir / "binary.md", render_md(jl))
+    atomic_append_text(jl, new)
+    atomic_write_text(out_dir / "binary.md", render_md(jl))
     print(f"appended {len(rows)} rows to {jl}; wrote {out_dir / 'binary.md'}")
 
 

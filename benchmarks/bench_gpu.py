@@ -34,6 +34,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from gdnsq._atomic import atomic_write_text  # noqa: E402
 from gdnsq_kernels import quantize as Q  # noqa: E402
 from gdnsq_kernels.quantize import reference as R  # noqa: E402
 
@@ -249,8 +250,7 @@ def main():
     except KeyboardInterrupt:
         meta["interrupted"] = True
         print("interrupted: writing the rows measured so far", flush=True)
-    with open(os.path.join(args.out_dir, "bench_gpu.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    atomic_write_text(os.path.join(args.out_dir, "bench_gpu.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# GPU benchmark ({meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"commit {meta['commit']}, load {meta['loadavg']})", "",
              f"copy bandwidth: {meta['copy_gbps']:.0f} GB/s", "",
@@ -282,8 +282,7 @@ def main():
             else:
                 lines.append(f"| {r['model']} | {r['kernels_per_step']} | {r['gdnsq_triton_kernels_per_step']} | "
                              f"{r['copy_kernels_per_step']} |")
-    with open(os.path.join(args.out_dir, "bench_gpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(args.out_dir, "bench_gpu.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

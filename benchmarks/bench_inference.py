@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gdnsq  # noqa: E402
+from gdnsq._atomic import atomic_append_text, atomic_write_text  # noqa: E402
 from gdnsq.calibrate import calibrate  # noqa: E402
 from gdnsq.convert import quantize_model  # noqa: E402
 from gdnsq.deploy import freeze, layer_table  # noqa: E402
@@ -192,10 +193,7 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
                                f"{'faster' if f32['latency_ms'] > r['latency_ms'] else 'slower'} than FP32 "
                                f"({f32['latency_ms'] / r['latency_ms']:.2f}x)")
         lines += ["", "Deployed (integer paths) on this device:", ""] + [f"- {v}" for v in verdict] + [""]
-    fd, tmp = tempfile.mkstemp(dir=md.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, md)
+    atomic_write_text(md, "\n".join(lines))
 
 
 def main(argv=None) -> int:
@@ -235,9 +233,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{name:24s} batch {batch:4d} threads {threads}: {lat * 1e3:9.2f} ms  {batch / lat:9.0f} img/s  {paths or ''}",
               flush=True)
-    with open(jsonl, "a") as f:  # append-only log: one line per point
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    atomic_append_text(jsonl, "".join(json.dumps(row) + "\n" for row in rows))  # one line per point
     write_markdown(jsonl, out_dir / "inference.md")
     print(f"appended {len(rows)} rows to {jsonl}; wrote {out_dir / 'inference.md'} "
           f"({time.time() - t_start:.0f} s)")

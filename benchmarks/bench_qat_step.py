@@ -43,7 +43,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -53,6 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import gdnsq  # noqa: E402
 from gdnsq import calibrate, jeffreys_divergence, quantize_model  # noqa: E402
+from gdnsq._atomic import atomic_append_text, atomic_write_text  # noqa: E402
 from gdnsq.stats import quantized_layers  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -199,14 +199,6 @@ def cpu_name():
     return platform.processor() or "cpu"
 
 
-def write_atomic(path, text, mode="w"):
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def launches_text(launches: dict) -> str:
     if launches["kind"] == "cuda_kernels":
         return f"{launches['kernels']} CUDA kernels ({launches['gdnsq_triton_kernels']} gdnsq Triton)"
@@ -288,7 +280,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.markdown_only:
         text = open(os.path.join(RESULTS, "qat_step.jsonl")).read()
-        write_atomic(os.path.join(RESULTS, "qat_step.md"), markdown(json.loads(text.splitlines()[-1]), text))
+        atomic_write_text(os.path.join(RESULTS, "qat_step.md"), markdown(json.loads(text.splitlines()[-1]), text))
         return None
     if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--batch and --rounds must be >= 1, --warmup >= 0")
@@ -404,9 +396,9 @@ def main(argv=None):
     if not args.no_save:
         os.makedirs(RESULTS, exist_ok=True)
         jsonl = os.path.join(RESULTS, "qat_step.jsonl")
-        old = open(jsonl).read() if os.path.exists(jsonl) else ""
-        write_atomic(jsonl, old + json.dumps(record) + "\n")
-        write_atomic(os.path.join(RESULTS, "qat_step.md"), markdown(record, old + json.dumps(record) + "\n"))
+        atomic_append_text(jsonl, json.dumps(record) + "\n")
+        with open(jsonl, encoding="utf-8") as f:
+            atomic_write_text(os.path.join(RESULTS, "qat_step.md"), markdown(record, f.read()))
     return record
 
 

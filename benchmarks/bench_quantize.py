@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -41,6 +40,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from gdnsq._atomic import atomic_append_text, atomic_write_text  # noqa: E402
 from gdnsq_kernels import quantize_activation, quantize_weight  # noqa: E402
 from gdnsq_kernels.quantize._composite import composite_activation, composite_weight  # noqa: E402
 from gdnsq_kernels.quantize.dither import DITHER_MAGNITUDE, SEED_SALT, lowbias32_int, lowbias32_torch  # noqa: E402
@@ -225,19 +225,6 @@ def environment(device):
     return env
 
 
-def _atomic_write(path, text, mode="w"):
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    old = ""
-    if mode == "a" and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = f.read()
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(old + text)
-    os.replace(tmp, path)
-
-
 def markdown(results, env, command):
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
@@ -305,9 +292,9 @@ def main(argv=None):
     env["threads"] = ",".join(map(str, thread_counts))
     command = "python benchmarks/bench_quantize.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     records = "".join(json.dumps({**env, "repeats": repeats, **r}) + "\n" for r in results)
-    _atomic_write(os.path.join(args.out_dir, "quantize.jsonl"), records, mode="a")
+    atomic_append_text(os.path.join(args.out_dir, "quantize.jsonl"), records)
     table = markdown(results, env, command)
-    _atomic_write(os.path.join(args.out_dir, "quantize.md"), table)
+    atomic_write_text(os.path.join(args.out_dir, "quantize.md"), table)
     print(table)
 
 

@@ -45,6 +45,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gdnsq import data as gdata  # noqa: E402
+from gdnsq._atomic import atomic_write_text  # noqa: E402
 from gdnsq.calibrate import calibrate  # noqa: E402
 from gdnsq.convert import quantize_model  # noqa: E402
 from gdnsq.deploy import deployed_layers, freeze, layer_table  # noqa: E402
@@ -243,11 +244,7 @@ def main(argv=None) -> int:
             "platform": platform.platform(), "torch": torch.__version__,
             "checkpoint": os.path.basename(args.checkpoint), "results": results,
         }
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
         print(f"wrote {out}", flush=True)
     return 0
 

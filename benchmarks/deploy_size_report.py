@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from check_deploy_equality import set_bits  # noqa: E402
+from gdnsq._atomic import atomic_write_text  # noqa: E402
 from gdnsq.calibrate import calibrate  # noqa: E402
 from gdnsq.convert import quantize_model  # noqa: E402
 from gdnsq.deploy import format_size_report, freeze, save, size_report  # noqa: E402
@@ -60,10 +61,7 @@ def main() -> int:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("deploy_size.md", "\n".join(md)), ("deploy_size.json", json.dumps(reports, indent=1))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text + "\n")
     print("\n".join(md))
     return 0
 

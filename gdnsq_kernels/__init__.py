@@ -7,11 +7,13 @@ Bit-packed W1A1 arithmetic:
 
 Every op has a plain-PyTorch oracle (``gdnsq_kernels.quantize.reference`` for the quantizers,
 ``gdnsq_kernels.binary.reference`` for the packed ops). ``GDNSQ_BACKEND`` selects the
-implementation; see ``gdnsq_kernels.backend``.
+implementation; see ``gdnsq_kernels.backend``. ``status()`` says which implementation each op
+family uses in this process and why (a fallback, and its cause, included).
 """
 from .backend import BACKENDS, resolve_backend
 from .quantize import quantize_activation, quantize_weight
 from .binary import and_gemm, binary_conv2d, binary_linear, pack_bits, unpack_bits, xnor_gemm
+from ._status import status
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +26,7 @@ __all__ = [
     "and_gemm",
     "binary_linear",
     "binary_conv2d",
+    "status",
 ]
 
 

@@ -38,13 +38,22 @@ def triton_interpreter_enabled() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when the ``triton`` package imports (nothing else in gdnsq_kernels needs it)."""
+def triton_import_error() -> str | None:
+    """Why ``import triton`` fails in this process (None when it imports). Cached: an import
+    failure does not mend itself within a process. Only ``ImportError`` counts; anything else
+    (a ``MemoryError``, say) propagates and is not cached."""
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "triton":
+            return _TRITON_MISSING
+        return f"import triton failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imports (nothing else in gdnsq_kernels needs it)."""
+    return triton_import_error() is None
 
 
 _TRITON_MISSING = ("the triton package is not installed (it has wheels for Linux x86_64 and "
@@ -62,28 +71,36 @@ def requested_backend(explicit: str | None = None) -> str:
 
 def resolve_backend(tensor: torch.Tensor, explicit: str | None = None) -> str:
     """Concrete backend for an op on ``tensor``: one of triton, reference, cpu, torch."""
+    name, fallback_cause = resolve_for_device(tensor.is_cuda, explicit)
+    if fallback_cause is not None:
+        _warn_fallback_once(fallback_cause)
+    return name
+
+
+def resolve_for_device(is_cuda: bool, explicit: str | None = None) -> tuple:
+    """(concrete backend for a CUDA or a CPU tensor, the reason ``auto`` fell back to ``torch``
+    or None). Raises ``RuntimeError`` for a backend that cannot run on that device."""
     name = requested_backend(explicit)
     if name == "auto":
-        if not tensor.is_cuda:
-            return "cpu"
-        if triton_available():
-            return "triton"
-        _warn_no_triton_once()
-        return "torch"
+        if not is_cuda:
+            return "cpu", None
+        missing = triton_import_error()
+        return ("triton", None) if missing is None else ("torch", missing)
     if name == "triton" and not triton_available():
-        raise RuntimeError(f"GDNSQ_BACKEND=triton was requested but {_TRITON_MISSING}; "
+        raise RuntimeError(f"GDNSQ_BACKEND=triton was requested but {triton_import_error()}; "
                            "use GDNSQ_BACKEND=auto, cpu or torch")
-    if name == "triton" and not tensor.is_cuda and not triton_interpreter_enabled():
+    if name == "triton" and not is_cuda and not triton_interpreter_enabled():
         raise RuntimeError(
             "GDNSQ_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1 "
             "(the Triton interpreter); use GDNSQ_BACKEND=cpu for real CPU work"
         )
-    if name == "cpu" and tensor.is_cuda:
+    if name == "cpu" and is_cuda:
         raise RuntimeError("GDNSQ_BACKEND=cpu was requested for a CUDA tensor; use auto or triton")
-    return name
+    return name, None
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_no_triton_once() -> None:
-    warnings.warn(f"gdnsq_kernels: {_TRITON_MISSING}; CUDA tensors use the eager 'torch' backend",
-                  RuntimeWarning, stacklevel=4)
+def _warn_fallback_once(cause: str) -> None:
+    """Once per distinct cause (the cause is cached itself, so this is once per process)."""
+    warnings.warn(f"gdnsq_kernels: Triton is unavailable: {cause}; CUDA tensors use the eager "
+                  "'torch' backend", RuntimeWarning, stacklevel=4)

@@ -12,16 +12,18 @@ must equal ``gdnsq_kernels.binary``' epilogue bit for bit).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import threading
 
+from ._build import Extension, build_spec
 from ._build import cpu_flags as _cpu_flags
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "deploy_runtime.cpp")
 _lock = threading.Lock()
-_exts: dict = {}
+_extensions: dict = {}  # isa -> Extension
+# What runs without the runtime: nothing in this package (RuntimeModel raises the build error).
+RUNTIME_FALLBACK = "no runtime (the frozen model still runs without RuntimeModel)"
 
 ISAS = ("avx512vnni", "avx512", "avx2", "scalar")
 _ISA_FLAGS = {
@@ -63,21 +65,27 @@ def default_isa() -> str:
     return supported_isas()[0]
 
 
+def _extension(isa: str) -> Extension:
+    """The ``Extension`` of the ``isa`` build (created on first use; one per ISA)."""
+    with _lock:
+        if isa not in _extensions:
+            flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + _ISA_FLAGS[isa]
+            _extensions[isa] = Extension(f"the C++ deploy runtime ({isa})", RUNTIME_FALLBACK,
+                                         lambda: build_spec(f"gdnsq_deploy_rt_{isa}", _SOURCE, flags))
+        return _extensions[isa]
+
+
 def load_extension(isa: str | None = None):
-    """Build (first call) or load the runtime extension for ``isa`` (default: best available)."""
+    """Build (first call) or load the runtime extension for ``isa`` (default: best available),
+    under the cross-process build lock (``gdnsq_kernels._build``); raises on failure."""
     isa = isa or default_isa()
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
     if isa not in supported_isas():
         raise ValueError(f"isa {isa!r} is not supported by this CPU (supported: {supported_isas()})")
-    with _lock:
-        if isa in _exts:
-            return _exts[isa]
-        from torch.utils.cpp_extension import load
+    return _extension(isa).load()
 
-        flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + _ISA_FLAGS[isa]
-        with open(_SOURCE, "rb") as f:
-            digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
-        _exts[isa] = load(name=f"gdnsq_deploy_rt_{isa}_{digest}", sources=[_SOURCE], extra_cflags=flags,
-                          extra_ldflags=["-fopenmp"], verbose=False)
-        return _exts[isa]
+
+def describe(isa: str | None = None) -> tuple:
+    """(True: loaded / False: failed / None: not tried yet, the reason) of the ``isa`` build."""
+    return _extension(isa or default_isa()).describe()

@@ -86,9 +86,9 @@ def assert_cpp_ran(request, monkeypatch):
         return
     from gdnsq_kernels.quantize import cpu_quantize
 
-    assert cpu_quantize.implementation() is cpu_quantize, cpu_quantize._failed
+    assert cpu_quantize.implementation() is cpu_quantize, cpu_quantize.EXTENSION.describe()[1]
     spy = _CountingExtension(cpu_quantize.load_extension())
-    monkeypatch.setattr(cpu_quantize, "_ext", spy)
+    monkeypatch.setattr(cpu_quantize.EXTENSION, "module", spy)
     yield
     if 0 in request.node.callspec.params.get("shape", (1,)):
         return  # empty tensors return before any kernel

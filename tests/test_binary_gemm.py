@@ -97,18 +97,20 @@ def test_cpp_gemm_builds():
 
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the cpu backend uses NumPy popcount")
-    assert cpu_xnor.available(), cpu_xnor._failed
+    assert cpu_xnor.available(), cpu_xnor.EXTENSION.describe()[1]
 
 
 def test_cpp_gemm_build_failure_raises_when_required_else_falls_back(monkeypatch):
     from gdnsq_kernels.binary import cpu_xnor
 
-    def broken():
+    from gdnsq_kernels._build import Extension
+
+    def broken(spec):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(cpu_xnor, "_ext", None)
-    monkeypatch.setattr(cpu_xnor, "_failed", None)
-    monkeypatch.setattr(cpu_xnor, "load_extension", broken)
+    ext = cpu_xnor.EXTENSION
+    monkeypatch.setattr(cpu_xnor, "EXTENSION", Extension(ext.label, ext.fallback, ext.spec, build=broken))
+    monkeypatch.delenv("GDNSQ_NO_CPP_XNOR", raising=False)
     monkeypatch.setenv("GDNSQ_REQUIRE_CPP", "1")  # the suite's setting: no silent fallback
     with pytest.raises(RuntimeError, match="no compiler here"):
         cpu_xnor.available()

@@ -6,6 +6,7 @@ import torch
 
 import gdnsq_kernels
 from gdnsq_kernels import quantize as Q
+from gdnsq_kernels._build import Extension
 from gdnsq_kernels.quantize import cpu_quantize
 from gdnsq_kernels import quantize_activation, quantize_weight
 from gdnsq_kernels.backend import triton_interpreter_enabled
@@ -140,13 +141,17 @@ def test_env_backend_selection(monkeypatch):
         quantize_activation(x, *p)
 
 
-def test_cpu_build_failure_falls_back_to_torch_once(monkeypatch):
-    def broken():
+def _broken_cpu_extension(monkeypatch):
+    """cpu_quantize's extension replaced by one whose build fails like a missing compiler."""
+    def broken(spec):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(cpu_quantize, "_ext", None)
-    monkeypatch.setattr(cpu_quantize, "_failed", None)
-    monkeypatch.setattr(cpu_quantize, "load_extension", broken)
+    ext = cpu_quantize.EXTENSION
+    monkeypatch.setattr(cpu_quantize, "EXTENSION", Extension(ext.label, ext.fallback, ext.spec, build=broken))
+
+
+def test_cpu_build_failure_falls_back_to_torch_once(monkeypatch):
+    _broken_cpu_extension(monkeypatch)
     monkeypatch.setenv("GDNSQ_REQUIRE_CPP", "0")
     x = torch.randn(33, requires_grad=True)
     leaves = _act_leaves("cpu")
@@ -162,12 +167,7 @@ def test_cpu_build_failure_falls_back_to_torch_once(monkeypatch):
 
 def test_cpu_build_failure_raises_when_cpp_is_required(monkeypatch):
     # the suite runs with GDNSQ_REQUIRE_CPP=1 (conftest): a broken build is an error there
-    def broken():
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(cpu_quantize, "_ext", None)
-    monkeypatch.setattr(cpu_quantize, "_failed", None)
-    monkeypatch.setattr(cpu_quantize, "load_extension", broken)
+    _broken_cpu_extension(monkeypatch)
     monkeypatch.setenv("GDNSQ_REQUIRE_CPP", "1")
     with pytest.raises(RuntimeError, match="no compiler here"):
         quantize_activation(torch.randn(5), *_act_leaves("cpu"), seed=2, backend="cpu")

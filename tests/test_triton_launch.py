@@ -208,13 +208,15 @@ def _gemm_args():
 
 
 def test_gemm_falls_back_on_a_compilation_error_only(monkeypatch):
-    """A failed compile of the inline-PTX popcount falls back to SWAR (with a warning); a
-    launch error (illegal address, ...) propagates and is never retried."""
+    """A failed compile of the inline-PTX popcount falls back to SWAR (with a warning naming the
+    cause) for that target and configuration only; a launch error (illegal address, ...)
+    propagates and is never retried."""
     from triton.compiler.errors import CompilationError
 
     from gdnsq_kernels.binary import triton_xnor as TX
 
     calls = []
+    state = {"launch_error": False, "target": (8, 0)}
 
     def fake_launch(kernel, grid, *args, compile_only=False, **meta):
         calls.append((compile_only, meta.get("HW_POPC")))
@@ -223,12 +225,13 @@ def test_gemm_falls_back_on_a_compilation_error_only(monkeypatch):
         if state["launch_error"]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    state = {"launch_error": False}
     monkeypatch.setattr(TX, "launch", fake_launch)
-    monkeypatch.setattr(TX, "_hw_popcount_available", lambda t: not TX._HW_POPC_BROKEN)
-    monkeypatch.setattr(TX, "_HW_POPC_BROKEN", False)
+    monkeypatch.setattr(TX, "_hw_popcount_available", lambda t: True)
+    monkeypatch.setattr(TX, "_compile_target", lambda t: state["target"])
+    monkeypatch.setattr(TX, "HW_POPCOUNT_FAILURES", {})
     a, b = _gemm_args()
-    with pytest.warns(UserWarning, match="hardware popcount failed to compile"):
+    with pytest.warns(RuntimeWarning, match="hardware popcount .* failed to compile for \\(8, 0\\) "
+                                            "\\(CompilationError: .*inline asm rejected"):
         TX.packed_gemm_triton(a, b, 40, True, path="popcount")
     assert calls == [(True, True), (False, False)]
     calls.clear()
@@ -236,8 +239,14 @@ def test_gemm_falls_back_on_a_compilation_error_only(monkeypatch):
     with pytest.raises(RuntimeError, match="illegal memory access"):
         TX.packed_gemm_triton(a, b, 40, True, path="popcount")
     assert calls == [(False, False)]  # broken popc remembered; the launch error not retried
+    calls.clear()
+    state["target"] = (9, 0)  # another GPU architecture decides anew
+    with pytest.warns(RuntimeWarning, match="failed to compile for \\(9, 0\\)"):
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            TX.packed_gemm_triton(a, b, 40, True, path="popcount")
+    assert calls == [(True, True), (False, False)]
 
-    monkeypatch.setattr(TX, "_HW_POPC_BROKEN", False)
+    monkeypatch.setattr(TX, "HW_POPCOUNT_FAILURES", {})
     calls.clear()
 
     def launch_fails(kernel, grid, *args, compile_only=False, **meta):
@@ -250,7 +259,35 @@ def test_gemm_falls_back_on_a_compilation_error_only(monkeypatch):
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match="illegal memory access"):
             TX.packed_gemm_triton(a, b, 40, True, path="popcount")
-    assert calls == [(True, True), (False, True)] and not TX._HW_POPC_BROKEN
+    assert calls == [(True, True), (False, True)] and TX.HW_POPCOUNT_FAILURES == {}
+
+
+@pytest.mark.parametrize("exc", [torch.cuda.OutOfMemoryError("CUDA out of memory"), KeyboardInterrupt(),
+                                 RuntimeError("Triton cache: [Errno 28] No space left on device")],
+                         ids=["oom", "interrupt", "cache-disk-full"])
+def test_gemm_warm_up_failure_that_is_not_a_compile_error_does_not_disable_the_popcount(monkeypatch, exc):
+    """Only the toolchain rejecting the inline PTX selects SWAR; anything else at warm-up
+    propagates, and the next call compiles the hardware popcount again."""
+    from gdnsq_kernels.binary import triton_xnor as TX
+
+    calls, failures = [], [exc]
+
+    def fake_launch(kernel, grid, *args, compile_only=False, **meta):
+        calls.append((compile_only, meta.get("HW_POPC")))
+        if compile_only and failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(TX, "launch", fake_launch)
+    monkeypatch.setattr(TX, "_hw_popcount_available", lambda t: True)
+    monkeypatch.setattr(TX, "_compile_target", lambda t: (8, 0))
+    monkeypatch.setattr(TX, "HW_POPCOUNT_FAILURES", {})
+    a, b = _gemm_args()
+    with pytest.raises(type(exc)):
+        TX.packed_gemm_triton(a, b, 40, True, path="popcount")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TX.packed_gemm_triton(a, b, 40, True, path="popcount")
+    assert calls == [(True, True), (True, True), (False, True)] and TX.HW_POPCOUNT_FAILURES == {}
 
 
 # ----------------------------------------------------------------------------- TRITON_INTERPRET

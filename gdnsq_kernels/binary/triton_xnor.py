@@ -21,6 +21,7 @@ would fail at 56x56 maps from batch ~1,338, axis 0 allows 2**31 - 1.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import NamedTuple
 
@@ -195,38 +196,69 @@ def _grid(M: int, N: int, block_m: int, block_n: int) -> tuple:
     return (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
 
 
-_HW_POPC_BROKEN = False
-
-# What a failed *compilation* raises: Triton's front end, ptxas (PTXASError from Triton 3.2;
-# RuntimeError before) and the MLIR/LLVM passes (RuntimeError). Only the compile step is in
-# the try, so a RuntimeError there cannot come from a launch or an illegal address.
+# What a failed *compilation* of the inline PTX raises: Triton's front end (CompilationError),
+# ptxas (PTXASError from Triton 3.2; before it a RuntimeError naming ptxas) and the MLIR/LLVM
+# passes (a RuntimeError naming the pass manager or LLVM). Nothing else counts: an
+# out-of-memory, a full cache disk or an interrupt propagates and the next call compiles the
+# hardware popcount again, since the SWAR variant would not mend it.
 try:
     from triton.runtime.errors import PTXASError as _PTXASError
 except ImportError:  # Triton < 3.2
-    _PTXASError = RuntimeError
+    _PTXASError = None
 from triton.compiler.errors import CompilationError as _CompilationError
 
-COMPILE_ERRORS = (_CompilationError, _PTXASError, RuntimeError)
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised by compiling the hardware-popcount kernel) is the toolchain
+    rejecting the code: deterministic for a given GPU architecture and kernel configuration."""
+    if isinstance(exc, _CompilationError) or (_PTXASError is not None and isinstance(exc, _PTXASError)):
+        return True
+    # Triton's MLIR/LLVM passes report a rejected kernel as a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and re.search(r"ptxas|PassManager|LLVM ERROR", str(exc)) is not None
+
+
+#: Compilations of the inline-PTX popcount that failed, by what decides them (see
+#: ``_popcount_key``) -> the cause; those keys use the SWAR popcount.
+HW_POPCOUNT_FAILURES: dict = {}
+
+
+def _compile_target(t: torch.Tensor):
+    """The GPU architecture kernels for ``t`` compile for ((major, minor); "recorded" when
+    launches are recorded, not run)."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else "recorded"
+
+
+def _popcount_key(t: torch.Tensor, meta: dict) -> tuple:
+    """What decides whether the inline-PTX kernel compiles: the target, the Triton version and
+    the kernel's compile-time configuration."""
+    return (_compile_target(t), triton.__version__, tuple(sorted(meta.items())))
 
 
 def _hw_popcount_available(t: torch.Tensor) -> bool:
-    return targets_cuda(t) and torch.version.hip is None and not _HW_POPC_BROKEN
+    return targets_cuda(t) and torch.version.hip is None
 
 
 def _launch_popcount(grid, args, meta):
-    """Compile with the inline-PTX popcount (falling back to SWAR only if that compilation
-    fails), then launch outside any ``try``: launch and illegal-address errors propagate."""
-    global _HW_POPC_BROKEN
+    """Compile with the inline-PTX popcount (falling back to SWAR only if the toolchain rejects
+    it, and then for that target and configuration only), then launch outside any ``try``:
+    launch and illegal-address errors propagate."""
     hw = _hw_popcount_available(args[0])
+    if hw:
+        key = _popcount_key(args[0], meta)
+        hw = key not in HW_POPCOUNT_FAILURES
     if hw:
         try:
             launch(_packed_gemm_kernel, grid, *args, compile_only=True, HW_POPC=True, **meta)
-        except COMPILE_ERRORS as exc:  # pragma: no cover - depends on the GPU toolchain
+        except Exception as exc:
+            if not is_compile_failure(exc):
+                raise
             # Inline PTX is the one toolchain-specific piece; fall back to the portable bit
             # trick rather than failing inference.
-            _HW_POPC_BROKEN, hw = True, False
-            warnings.warn(f"hardware popcount failed to compile ({exc!r:.200}); "
-                          f"using the SWAR popcount")
+            HW_POPCOUNT_FAILURES[key] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            hw = False
+            warnings.warn(f"gdnsq_kernels: the hardware popcount (inline PTX popc.b32) failed to "
+                          f"compile for {key[0]} ({HW_POPCOUNT_FAILURES[key]}); this configuration "
+                          "uses the SWAR popcount", RuntimeWarning)
     launch(_packed_gemm_kernel, grid, *args, HW_POPC=hw, **meta)
 
 

@@ -5,10 +5,12 @@ The extension is compiled with ``torch.utils.cpp_extension.load`` (ninja, -O3, O
 reference exactly) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``, folder ``gdnsq_quantize_cpu_<hash of source and flags>``);
 later processes load the cached build in well under a second.
-If the compiler or ninja is missing or the build fails, ``implementation()`` warns once and
-returns the eager ``torch`` backend instead, unless ``GDNSQ_REQUIRE_CPP=1`` (the test suite sets
-it, so that a failed build fails the tests instead of testing the torch path twice): then the
-build error is raised.
+If the compiler or ninja is missing or the build fails, ``implementation()`` warns with the
+cause and returns the eager ``torch`` backend instead (a transient failure, such as running out
+of memory, is retried a minute later; ``gdnsq_kernels._build``), unless ``GDNSQ_REQUIRE_CPP=1``
+(the test suite sets it, so that a failed build fails the tests instead of testing the torch
+path twice): then the build error is raised. Builds hold a cross-process file lock
+(``gdnsq_kernels._build.build_lock``).
 
 Each op is one pass over the data forward and one backward (the activation backward writes
 ``dx`` and reduces the three parameter sums in the same loop); only ``ln2*s`` scaling of the
@@ -21,26 +23,21 @@ index is still the NCHW index of each element (the same noise as for a contiguou
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import threading
-import warnings
+import sys
 
 import torch
 
 from . import _checks
+from .._build import BuildSpec, Extension, build_spec
 from .._build import cpu_flags as _cpu_flags
-from .._build import require_cpp
 from .._launch import is_channels_last, nhwc_view
 from .dither import DITHER_MAGNITUDE, seed_key
 from .reference import is_per_channel
 
 LN2 = math.log(2.0)
 _SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "quantize_cpu.cpp")
-_lock = threading.Lock()
-_ext = None
-_failed: str | None = None
 
 # AVX-512 subsets the loops use (bf16/fp16 loads and selects need BW, the 32-bit hash DQ/VL).
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
@@ -58,55 +55,30 @@ def _isa_flags() -> list[str]:
     return ["-mavx2"]
 
 
+def _build_spec() -> BuildSpec:
+    # -fno-trapping-math lets GCC if-convert the clamp/select loops (it then vectorises them); it
+    # changes no value. -ffp-contract=off keeps mul+add unfused, as in the reference.
+    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"] + _isa_flags()
+    return build_spec("gdnsq_quantize_cpu", _SOURCE, flags)
+
+
+#: The extension of this backend; ``EXTENSION.module`` is the loaded module (None before).
+EXTENSION = Extension("the fused C++ CPU quantizer", "the eager 'torch' backend", _build_spec)
+
+
 def load_extension():
     """Build (first call) or load the C++ extension; raises on failure."""
-    global _ext
-    with _lock:
-        if _ext is not None:
-            return _ext
-        from torch.utils.cpp_extension import load
-
-        from .._build import clear_stale_build_lock, extension_build_dir
-
-        # -fno-trapping-math lets GCC if-convert the clamp/select loops (it then vectorises them); it
-        # changes no value. -ffp-contract=off keeps mul+add unfused, as in the reference.
-        flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp"]
-        flags += _isa_flags()
-        # The build folder is keyed by a hash of the source and flags: checkouts of different
-        # versions (a fresh clone next to a working tree, say) share torch's extension cache,
-        # and under one fixed name they would overwrite each other's build mid-run.
-        with open(_SOURCE, "rb") as f:
-            digest = hashlib.sha1(f.read() + " ".join(flags).encode()).hexdigest()[:12]
-        name = f"gdnsq_quantize_cpu_{digest}"
-        clear_stale_build_lock(extension_build_dir(name))
-        _ext = load(name=name, sources=[_SOURCE], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"], verbose=False)
-        return _ext
+    return EXTENSION.load()
 
 
 def implementation():
-    """This module when the extension builds, else ``_torch_quantize`` (warning once)."""
-    global _failed
-    if _failed is None and _ext is None:
-        try:
-            load_extension()
-        except Exception as exc:  # compiler, ninja or build failure: degrade, do not crash
-            if require_cpp():
-                raise
-            _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            warnings.warn(
-                "gdnsq_kernels: the fused C++ CPU quantizer could not be built "
-                f"({_failed}); using the eager 'torch' backend instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    if _failed is not None:
-        from . import _torch_quantize
+    """This module when the extension is loaded or builds now, else ``_torch_quantize`` (with a
+    warning naming the cause; see ``gdnsq_kernels._build`` for when the build is retried)."""
+    if EXTENSION.available():
+        return sys.modules[__name__]
+    from . import _torch_quantize
 
-        return _torch_quantize
-    import sys
-
-    return sys.modules[__name__]
+    return _torch_quantize
 
 
 def _flat(t):
@@ -120,12 +92,12 @@ def activation_forward(x, log2_step, log2_range, offset):
     xd = x.detach()
     if is_channels_last(xd):  # elementwise: read and write in memory order
         y = torch.empty_like(xd, memory_format=torch.channels_last)
-        _ext.act_forward(nhwc_view(xd), nhwc_view(y), log2_step.detach(), log2_range.detach(),
-                         offset.detach())
+        EXTENSION.module.act_forward(nhwc_view(xd), nhwc_view(y), log2_step.detach(),
+                                     log2_range.detach(), offset.detach())
         return y
     xc = xd.contiguous()
     y = torch.empty_like(xc)  # allocated here so that tests can poison it
-    _ext.act_forward(xc, y, log2_step.detach(), log2_range.detach(), offset.detach())
+    EXTENSION.module.act_forward(xc, y, log2_step.detach(), log2_range.detach(), offset.detach())
     return y
 
 
@@ -139,10 +111,10 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     xf, cl = _flat(xd)
     gf = nhwc_view(g) if cl[0] else g
     dxf = (nhwc_view(dx) if cl[0] else dx) if need_grad_x else xf
-    sums = _ext.act_backward(gf, xf, dxf, log2_step.detach(),
-                             log2_range.detach(), offset.detach(),
-                             seed_key(seed), bool(dither), bool(need_grad_x),
-                             bool(need_grad_params), DITHER_MAGNITUDE, *cl)
+    sums = EXTENSION.module.act_backward(gf, xf, dxf, log2_step.detach(),
+                                         log2_range.detach(), offset.detach(),
+                                         seed_key(seed), bool(dither), bool(need_grad_x),
+                                         bool(need_grad_params), DITHER_MAGNITUDE, *cl)
     if not need_grad_params:
         return dx, None, None, None
     ct = _checks.compute_dtype(x.dtype)
@@ -157,12 +129,12 @@ def weight_forward(w, log2_step):
     z = torch.empty(c_out, dtype=_checks.compute_dtype(w.dtype))
     if is_channels_last(wd):  # each output channel's row is still one block of memory
         y = torch.empty_like(wd, memory_format=torch.channels_last)
-        _ext.w_forward(nhwc_view(wd).reshape(c_out, -1), nhwc_view(y).reshape(c_out, -1), z,
-                       log2_step.detach())
+        EXTENSION.module.w_forward(nhwc_view(wd).reshape(c_out, -1), nhwc_view(y).reshape(c_out, -1),
+                                   z, log2_step.detach())
         return y, z
     w2 = wd.contiguous().reshape(c_out, -1)
     y = torch.empty_like(w2)
-    _ext.w_forward(w2, y, z, log2_step.detach())
+    EXTENSION.module.w_forward(w2, y, z, log2_step.detach())
     return y.reshape(w.shape), z
 
 
@@ -178,9 +150,9 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     g = grad_w_hat.detach().to(w.dtype).contiguous(memory_format=fmt)
     wf, cl = _flat(wd)
     gf = nhwc_view(g) if cl[0] else g
-    sums = _ext.w_backward(gf.reshape(c_out, -1), wf.reshape(c_out, -1), log2_step.detach(),
-                           zero_point.detach(), seed_key(seed), bool(dither), DITHER_MAGNITUDE,
-                           *cl)
+    sums = EXTENSION.module.w_backward(gf.reshape(c_out, -1), wf.reshape(c_out, -1),
+                                       log2_step.detach(), zero_point.detach(), seed_key(seed),
+                                       bool(dither), DITHER_MAGNITUDE, *cl)
     s = torch.exp2(log2_step.detach().to(ct).reshape(-1)).double()
     if is_per_channel(log2_step, c_out):
         grad = LN2 * s * sums
