@@ -16,6 +16,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def kernel_grad_dtype(grad_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel reads an upstream gradient in: ``x_dtype`` when the gradient has it,
+    else the compute dtype, where the reference takes it (a float32 gradient of a bfloat16 input
+    is not rounded to bfloat16 before the parameter sums)."""
+    return x_dtype if grad_dtype == x_dtype else compute_dtype(x_dtype)
+
+
 def check_input(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

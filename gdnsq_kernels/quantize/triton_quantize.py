@@ -106,6 +106,17 @@ def _round_half_even(v, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _to_bf16_rne(v):
+    """float32 -> bfloat16 rounded half to even on the bits (Tensor.to's rounding). The GPU's
+    cast rounds the same way; the interpreter's truncates, which would make a float32 gradient
+    of a bfloat16 input differ from the reference under TRITON_INTERPRET=1."""
+    u = v.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(v != v, (u >> 16) | 0x40, r)  # NaN stays a (quiet) NaN
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _div(a, b, CT: tl.constexpr):
     # div_rn (correctly rounded; plain `/` may be approximate on the GPU) exists for fp32 only;
     # fp64 division is always correctly rounded.
@@ -186,7 +197,11 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, 
     above = x > hi
     if NEED_DX:
         inside = (x >= lo) & (x <= hi)  # False for NaN: no gradient through a NaN input
-        tl.store(dx_ptr + offs, tl.where(inside, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = tl.where(inside, g, 0.0)  # g read in its own dtype: may be wider than x's
+        if dx_ptr.dtype.element_ty == tl.bfloat16:
+            tl.store(dx_ptr + offs, _to_bf16_rne(dx), mask=mask)
+        else:
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if NEED_PARAMS:
         below = x < lo
         xc = tl.where(below, lo, x)
