@@ -15,7 +15,10 @@
 * Activation backward in one launch: each program writes ``dx`` for its block and three
   partial sums to a small ``(programs, 3)`` buffer, then takes a ticket (one atomic add); the
   program with the last ticket reduces the whole buffer in a fixed order (deterministic: the
-  same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``.
+  same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``. The partials,
+  the outputs and the ticket counter share one zeroed allocation per launch (``_act_workspace``),
+  so a launch that never finished (an interrupt, an error) leaves nothing that a later launch
+  reads.
 * channels_last activations are read in their memory order (no copy); the dither index is
   the NCHW index, recomputed in the kernel.
 * Weights: one program per output channel loops over the channel's row (min, then quantize;
@@ -235,7 +238,6 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, 
             tl.store(out_ptr + 0, ln2 * s * tl.sum(acc0, axis=0))
             tl.store(out_ptr + 1, ln2 * q * tl.sum(acc1, axis=0))
             tl.store(out_ptr + 2, tl.sum(acc2, axis=0))
-            tl.store(ticket_ptr, 0)  # ready for the next launch on this stream
 
 
 @triton.jit
@@ -345,18 +347,18 @@ def _act_layout(x):
     return contiguous(x), None
 
 
-_tickets = {}
+def _act_workspace(n_prog, dtype, device):
+    """(partials (n_prog, 3), out (3,), ticket (1,) int32): views of one zeroed allocation.
 
-
-def _ticket(device):
-    """A zeroed int32 counter per (device, stream); the last program of each launch resets it,
-    and launches on one stream run in order, so it is zero again for the next one."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    t = _tickets.get(key)
-    if t is None:
-        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
+    Allocated per launch (one small fill): the ticket counter starts at 0 for every launch
+    whatever became of earlier ones, so a launch that stopped part-way cannot make a later one
+    reduce too early or never. The ticket takes the last element (4 or 8 bytes, zero bits = 0).
+    """
+    work = torch.zeros(n_prog * 3 + 3 + 1, dtype=dtype, device=device)
+    part = work[:n_prog * 3].view(n_prog, 3)
+    out = work[n_prog * 3:n_prog * 3 + 3]
+    ticket = work[-1:].view(torch.int32)[:1]
+    return part, out, ticket
 
 
 def activation_forward(x, log2_step, log2_range, offset):
@@ -389,9 +391,7 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     s, q, off = _act_params(x, log2_step, log2_range, offset)
     dx = torch.empty_like(xc) if need_grad_x else xc  # dummy pointer when not written
     if need_grad_params:
-        part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device)
-        out = torch.empty(3, dtype=acc_dtype, device=x.device)
-        ticket = _ticket(x.device)
+        part, out, ticket = _act_workspace(n_prog, acc_dtype, x.device)
     else:
         part = out = ticket = g  # dummy pointers, never touched
     C, H, Wd = chw if chw is not None else (1, 1, 1)
