@@ -411,7 +411,8 @@ class DeployedConv2d(_DeployedBase):
         key = ("wplanes", codes.device)
         if key not in self._cache:
             k = self.weight_codes().to(codes.device).reshape(out_ch, taps)
-            self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1) for p in range(bw)]
+            self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1, check=False)
+                                for p in range(bw)]
         wplanes = self._cache[key]
         # im2col of the codes (zero codes at the padding: they add nothing to S_kj).
         cols = F.unfold(codes, (kh, kw), dilation=dilation, padding=padding, stride=stride)
@@ -419,7 +420,7 @@ class DeployedConv2d(_DeployedBase):
         cols = cols.transpose(1, 2).reshape(n * L, taps).to(torch.int32)
         acc = torch.zeros(n * L, out_ch, dtype=torch.int64, device=codes.device)
         for q in range(ba):
-            aq = pack_bits(((cols >> q) & 1).to(torch.uint8), dim=-1)
+            aq = pack_bits(((cols >> q) & 1).to(torch.uint8), dim=-1, check=False)
             for p in range(bw):
                 acc += and_gemm(aq, wplanes[p], taps).to(torch.int64) << (p + q)
         ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -433,10 +434,10 @@ class DeployedConv2d(_DeployedBase):
         key = ("packed_binary", codes.device)
         if key not in self._cache:  # pack the 0/1 weight once per device
             self._cache[key] = pack_conv_weight(self.weight_codes().to(codes.device, torch.uint8),
-                                                self.weight_step, self.weight_min)
+                                                self.weight_step, self.weight_min, check=False)
         s_a = torch.exp2(self.act_log2_step.float())
         return binary_conv2d(codes.to(torch.uint8), s_a, self.act_offset, self._cache[key],
-                             bias=self.bias, stride=stride, padding=padding, dilation=dilation)
+                             bias=self.bias, stride=stride, padding=padding, dilation=dilation, check=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,9 +480,9 @@ class DeployedLinear(_DeployedBase):
             key = ("packed_binary", codes.device)
             if key not in self._cache:
                 self._cache[key] = pack_linear_weight(self.weight_codes().to(codes.device, torch.uint8),
-                                                      self.weight_step, self.weight_min)
+                                                      self.weight_step, self.weight_min, check=False)
             out = binary_linear(codes.to(torch.uint8), torch.exp2(self.act_log2_step.float()),
-                                self.act_offset, self._cache[key], bias=self.bias)
+                                self.act_offset, self._cache[key], bias=self.bias, check=False)
             return out.view(*lead, out_f)
         if path == "float":
             return F.linear(self._dequant_act(codes), self.dequantized_weight().to(x.device),
@@ -497,10 +498,11 @@ class DeployedLinear(_DeployedBase):
             key = ("wplanes", x.device)
             if key not in self._cache:
                 k = self.weight_codes().to(x.device)
-                self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1) for p in range(bw)]
+                self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1, check=False)
+                                    for p in range(bw)]
             acc = torch.zeros(x2.shape[0], self.config["weight_shape"][0], dtype=torch.int64, device=x.device)
             for q in range(ba):
-                aq = pack_bits(((codes.to(torch.int32) >> q) & 1).to(torch.uint8), dim=-1)
+                aq = pack_bits(((codes.to(torch.int32) >> q) & 1).to(torch.uint8), dim=-1, check=False)
                 for p in range(bw):
                     acc += and_gemm(aq, self._cache[key][p], in_f).to(torch.int64) << (p + q)
             s_kj = acc.to(dtype)

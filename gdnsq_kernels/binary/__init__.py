@@ -241,24 +241,25 @@ def _per_channel(v, out_channels: int, name: str, device) -> torch.Tensor:
     return t.contiguous()
 
 
-def pack_linear_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> PackedBinaryWeight:
+def pack_linear_weight(weight_codes: torch.Tensor, weight_step, weight_min, *, check: bool = True) -> PackedBinaryWeight:
     """Pack a linear layer's binary weight once.
 
     Args:
         weight_codes: (O, K) bool/integer 0/1 codes k.
         weight_step: (O,) float step s_c (or a number / 1-element tensor for all channels).
         weight_min: (O,) float lowest level m_c (or a number / 1-element tensor).
+        check: check that the codes are 0/1 (see :func:`pack_bits`).
 
     Returns:
         :class:`PackedBinaryWeight` with ``packed`` of shape (O, ceil(K/32)), on the codes' device.
     """
-    check_bits(weight_codes, "weight_codes")
+    check_bits(weight_codes, "weight_codes", values=check)
     if weight_codes.dim() != 2:
         raise ValueError(f"weight_codes must be 2-D (out_features, in_features), got shape {tuple(weight_codes.shape)}")
     O, K = weight_codes.shape
     dev = weight_codes.device
     return PackedBinaryWeight(
-        packed=pack_bits(weight_codes, dim=1),
+        packed=pack_bits(weight_codes, dim=1, check=False),
         step=_per_channel(weight_step, O, "weight_step", dev),
         minimum=_per_channel(weight_min, O, "weight_min", dev),
         ones=weight_codes.to(torch.int32).sum(dim=1, dtype=torch.int32),
@@ -269,25 +270,26 @@ def pack_linear_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> P
     )
 
 
-def pack_conv_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> PackedBinaryWeight:
+def pack_conv_weight(weight_codes: torch.Tensor, weight_step, weight_min, *, check: bool = True) -> PackedBinaryWeight:
     """Pack a conv layer's binary weight once.
 
     Args:
         weight_codes: (O, C, kh, kw) bool/integer 0/1 codes k.
         weight_step: (O,) float step s_c (or a number / 1-element tensor for all channels).
         weight_min: (O,) float lowest level m_c (or a number / 1-element tensor).
+        check: check that the codes are 0/1 (see :func:`pack_bits`).
 
     Returns:
         :class:`PackedBinaryWeight` with ``packed`` of shape (O, kh*kw*ceil(C/32)) (tap-major,
         channels LSB first within a tap), on the codes' device.
     """
-    check_bits(weight_codes, "weight_codes")
+    check_bits(weight_codes, "weight_codes", values=check)
     if weight_codes.dim() != 4:
         raise ValueError(f"weight_codes must be 4-D (O, C, kh, kw), got shape {tuple(weight_codes.shape)}")
     O, C, kh, kw = weight_codes.shape
     dev = weight_codes.device
     # Channels innermost so that activations can be packed once per pixel (see binary_conv2d).
-    packed = pack_bits(weight_codes.permute(0, 2, 3, 1), dim=3).reshape(O, kh * kw * num_words(C))
+    packed = pack_bits(weight_codes.permute(0, 2, 3, 1), dim=3, check=False).reshape(O, kh * kw * num_words(C))
     tap_ones = weight_codes.to(torch.int32).sum(dim=1, dtype=torch.int32)
     return PackedBinaryWeight(
         packed=packed.contiguous(),
@@ -312,7 +314,7 @@ def _scalar_param(v, name: str, device) -> torch.Tensor:
     raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(v).__name__}")
 
 
-def _resolve_weight(weight_codes, weight_step, weight_min, conv: bool) -> PackedBinaryWeight:
+def _resolve_weight(weight_codes, weight_step, weight_min, conv: bool, check: bool) -> PackedBinaryWeight:
     if isinstance(weight_codes, PackedBinaryWeight):
         if weight_step is not None or weight_min is not None:
             raise ValueError("weight_step and weight_min must be None when weight_codes is a "
@@ -323,7 +325,7 @@ def _resolve_weight(weight_codes, weight_step, weight_min, conv: bool) -> Packed
         return weight_codes
     if weight_step is None or weight_min is None:
         raise ValueError("weight_step and weight_min are required when weight_codes is a tensor of codes")
-    return (pack_conv_weight if conv else pack_linear_weight)(weight_codes, weight_step, weight_min)
+    return (pack_conv_weight if conv else pack_linear_weight)(weight_codes, weight_step, weight_min, check=check)
 
 
 def _bias(bias, out_channels, device):
@@ -340,7 +342,7 @@ def _bias(bias, out_channels, device):
 
 def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, weight_step=None,
                   weight_min=None, bias: Optional[torch.Tensor] = None, *,
-                  backend: Optional[str] = None) -> torch.Tensor:
+                  backend: Optional[str] = None, check: bool = True) -> torch.Tensor:
     """``F.linear(beta + s_a*j, m + s*k, bias)`` from packed codes (inference, no autograd).
 
     Args:
@@ -353,12 +355,13 @@ def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         weight_min: (O,) lowest level m_c, or a number.
         bias: optional (O,) float.
         backend: GEMM backend (see module docstring).
+        check: check that the codes are 0/1 (see :func:`pack_bits`); False for codes known to be.
 
     Returns:
         float32 (..., O), the float64-accurate result rounded once to float32.
     """
-    check_bits(act_codes, "act_codes")
-    pw = _resolve_weight(weight_codes, weight_step, weight_min, conv=False)
+    check_bits(act_codes, "act_codes", values=check)
+    pw = _resolve_weight(weight_codes, weight_step, weight_min, conv=False, check=check)
     dev = act_codes.device
     if pw.packed.device != dev:
         raise ValueError(f"weight is on {pw.packed.device} but act_codes is on {dev}")
@@ -430,7 +433,7 @@ def _conv_pads(padding, kernel, dilation, stride) -> Tuple[int, int, int, int]:
 
 def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, weight_step=None,
                   weight_min=None, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
-                  dilation=1, *, backend: Optional[str] = None) -> torch.Tensor:
+                  dilation=1, *, backend: Optional[str] = None, check: bool = True) -> torch.Tensor:
     """``F.conv2d(beta + s_a*j, m + s*k, bias, stride, padding, dilation)`` from packed codes.
 
     Zero padding pads the dequantized activation with 0 (exact also for ``beta != 0``).
@@ -448,6 +451,7 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         stride, padding, dilation: as in ``torch.nn.functional.conv2d`` (int, pair; padding also
             'valid' / 'same').
         backend: GEMM backend (see module docstring).
+        check: check that the codes are 0/1 (see :func:`pack_bits`); False for codes known to be.
 
     Returns:
         float32 (N, O, H_out, W_out), the float64-accurate result rounded once to float32.
@@ -459,10 +463,10 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         >>> binary_conv2d(j, 0.5, 0.0, pw, padding=1).shape
         torch.Size([1, 32, 8, 8])
     """
-    check_bits(act_codes, "act_codes")
+    check_bits(act_codes, "act_codes", values=check)
     if act_codes.dim() != 4:
         raise ValueError(f"act_codes must be 4-D (N, C, H, W), got shape {tuple(act_codes.shape)}")
-    pw = _resolve_weight(weight_codes, weight_step, weight_min, conv=True)
+    pw = _resolve_weight(weight_codes, weight_step, weight_min, conv=True, check=check)
     dev = act_codes.device
     if pw.packed.device != dev:
         raise ValueError(f"weight is on {pw.packed.device} but act_codes is on {dev}")
