@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._header import check_layer_config
+
 PATHS = ("binary", "bitplane", "int", "float", "dequant")
 _FP32_EXACT = float(2**24)  # float32 represents every integer up to 2**24 exactly
 
@@ -512,11 +514,15 @@ class DeployedLinear(_DeployedBase):
         return self._epilogue(s_kj, s_j, self._const(x.device)).view(*lead, out_f)
 
 
-def build_layer(config: dict) -> _DeployedBase:
-    """Empty deployed layer from its ``config`` (as stored in an artifact's metadata)."""
-    kind = config.get("kind")
-    if kind == "conv2d":
-        return DeployedConv2d(config)
-    if kind == "linear":
-        return DeployedLinear(config)
-    raise ValueError(f"layer config kind must be 'conv2d' or 'linear', got {kind!r}")
+def build_layer(config: dict, field: str = "config") -> _DeployedBase:
+    """Empty deployed layer from its ``config`` (as stored in an artifact's metadata).
+
+    The config is checked first (types, ranges, a path the layer runs exactly), so no buffer is
+    sized from a bad value; a ``ValueError`` names the bad entry as ``{field}.<key>``.
+    """
+    check_layer_config(config, field)
+    layer = (DeployedConv2d if config["kind"] == "conv2d" else DeployedLinear)(config)
+    if config["path"] not in layer.allowed_paths():
+        raise ValueError(f"header field {field}.path: {config['path']!r} is not a path this layer runs "
+                         f"exactly; one of {layer.allowed_paths()}")
+    return layer
