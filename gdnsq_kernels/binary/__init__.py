@@ -50,6 +50,7 @@ from ._torch_gemm import gemm_torch_swar
 from .numpy_gemm import (FLOAT32_EXACT_K, full_precision_float32_matmul, gemm_cpu_float, gemm_cpu_popcount,
                          use_float_gemm)
 from .bitpack import (
+    MAX_GEMM_K,
     WORD_BITS,
     check_bits,
     check_k,
@@ -91,6 +92,8 @@ def _check_gemm_inputs(a_packed, b_packed, k):
     if a_packed.device != b_packed.device:
         raise ValueError(f"b_packed is on {b_packed.device} but a_packed is on {a_packed.device}")
     check_k(k, a_packed.shape[1], "k", "a_packed/b_packed")
+    if k > MAX_GEMM_K:
+        raise ValueError(f"k={k} exceeds {MAX_GEMM_K}, the int32 range of the GEMM result")
 
 
 def xnor_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, *, backend: Optional[str] = None) -> torch.Tensor:

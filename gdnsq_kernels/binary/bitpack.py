@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 WORD_BITS = 32
+MAX_GEMM_K = 2**31 - 1  # the GEMMs return int32 sums of k terms
 
 
 def num_words(k: int) -> int:
