@@ -81,7 +81,8 @@ def check_grad(grad, like: torch.Tensor, name: str) -> None:
 
 
 def check_seed(seed) -> None:
-    """An int, or a one-element int64/int32 tensor (its value is not read: no sync)."""
+    """An int, or a one-element int64/int32 tensor (its value is not read: no sync). Every
+    backend, the reference included, takes each of them (only the low 32 bits matter)."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype not in (torch.int64, torch.int32) or seed.numel() != 1:
             raise TypeError(f"seed must be an int or a one-element int64 tensor, got a {seed.dtype} "
