@@ -22,14 +22,13 @@ MAX_DIM = 2**31 - 1           # one dimension of a stored tensor
 MAX_NDIM = 8
 ALIGN = 8                     # ``save`` starts every tensor on an 8-byte boundary
 
-_FORMAT = "gdnsq-deployed"
+FORMAT_NAME = "gdnsq-deployed"
 _HEADER_KEYS = {"format", "format_version", "gdnsq_version", "torch_version", "architecture",
                 "normalization", "layers", "tensors", "metadata"}
 _TENSOR_KEYS = {"dtype", "shape", "offset", "nbytes"}
 _CONV_KEYS = {"stride", "padding", "dilation", "groups"}
 _LAYER_KEYS = {"kind", "weight_shape", "bias", "weight_bits", "act_bits", "path"}
-_INFO_KEYS = {"realised_bits", "target_bits", "chosen_by", "timings_ms"}  # written, never used to size
-_ACT_TENSORS = ("act_log2_step", "act_log2_range", "act_offset")
+ACT_TENSORS = ("act_log2_step", "act_log2_range", "act_offset")
 
 
 def show(value) -> str:
@@ -63,17 +62,15 @@ def _ints(v, field: str, length: int, lo: int) -> list:
     return v
 
 
-def _dict(v, field: str, required=(), optional=()) -> dict:
-    """``v`` as a dict with every key of ``required`` and no key outside required | optional
-    (both empty: any keys). ``field`` "" is the header itself."""
+def _dict(v, field: str, required=()) -> dict:
+    """``v`` as a dict holding every key of ``required``. ``field`` "" is the header itself.
+
+    Keys a reader does not know are left alone (a newer writer's additions): nothing is sized or
+    computed from them."""
     _expect(isinstance(v, dict), field or "(the whole header)", "a JSON object", v)
     missing = sorted(set(required) - set(v))
     if missing:
         raise ValueError(f"header field {f'{field}.' if field else ''}{missing[0]}: missing")
-    if required or optional:
-        unknown = sorted(set(v) - set(required) - set(optional))
-        if unknown:
-            raise ValueError(f"header field {field or '(the whole header)'}: unknown key(s) {unknown}")
     return v
 
 
@@ -87,11 +84,10 @@ def check_layer_config(config, field: str = "config") -> dict:
 
     Whether ``path`` suits the layer is left to the built layer (``allowed_paths``).
     """
-    kind = _dict(config, field, required=("kind",), optional=_LAYER_KEYS | _CONV_KEYS | _INFO_KEYS)["kind"]
+    kind = _dict(config, field, required=("kind",))["kind"]
     _expect(kind in ("conv2d", "linear"), f"{field}.kind", "'conv2d' or 'linear'", kind)
     conv = kind == "conv2d"
-    _dict(config, field, required=_LAYER_KEYS | (_CONV_KEYS if conv else set()),
-          optional=_INFO_KEYS)
+    _dict(config, field, required=_LAYER_KEYS | (_CONV_KEYS if conv else set()))
     shape = _ints(config["weight_shape"], f"{field}.weight_shape", 4 if conv else 2, 1)
     bits = _int(config["weight_bits"], f"{field}.weight_bits", 1, MAX_BITS)
     if math.prod(shape) * bits > 8 * MAX_BLOB_BYTES:
@@ -136,7 +132,7 @@ def check_architecture(v, field: str = "architecture") -> None:
     """null or ``{"name": str, "kwargs": {...}}`` (kwargs optional)."""
     if v is None:
         return
-    _dict(v, field, required=("name",), optional=("kwargs",))
+    _dict(v, field, required=("name",))
     _str(v["name"], f"{field}.name")
     if "kwargs" in v:
         _dict(v["kwargs"], f"{field}.kwargs")
@@ -153,7 +149,7 @@ def check_header(meta, version: int, dtypes: dict, blob_len: int | None = None) 
     """
     required = _HEADER_KEYS | ({"blob_nbytes"} if version >= 2 else set())
     _dict(meta, "", required=required)
-    _expect(meta["format"] == _FORMAT, "format", repr(_FORMAT), meta["format"])
+    _expect(meta["format"] == FORMAT_NAME, "format", repr(FORMAT_NAME), meta["format"])
     _expect(meta["format_version"] == version and _is_int(meta["format_version"]), "format_version",
             f"{version} (the file header's version)", meta["format_version"])
     _str(meta["gdnsq_version"], "gdnsq_version")
@@ -218,7 +214,7 @@ def _layer_tensors(name: str, config: dict) -> dict:
     if config["bias"]:
         want[f"{name}.bias"] = ("float32", [out_ch], "bias, weight_shape")
     if config["act_bits"] is not None:
-        for t in _ACT_TENSORS:
+        for t in ACT_TENSORS:
             want[f"{name}.{t}"] = ("float32", [], "act_bits")
     return want
 
@@ -243,7 +239,7 @@ def _check_layers(layers, tensors: dict) -> None:
             if got["dtype"] != dtype or got["shape"] != shape:
                 raise ValueError(f"header field tensors[{t!r}].shape: {got['dtype']} {got['shape']} does not "
                                  f"match {field}.config ({sized_by}): expected {dtype} {shape}")
-        for suffix in ("bias",) + _ACT_TENSORS:
+        for suffix in ("bias",) + ACT_TENSORS:
             t = f"{name}.{suffix}"
             if t in tensors and t not in want:
                 what = "bias" if suffix == "bias" else "act_bits"

@@ -16,15 +16,17 @@ Version 2 (written since the fused runtime landed) only adds the zlib compressio
 tensor table is ~3/4 of a version-1 W1A1 ResNet-20 file and compresses ~10x. Version-1 files
 are still read.
 
-The JSON holds ``format_version``, ``gdnsq_version``, ``architecture`` (``{"name", "kwargs"}``
-or null), ``normalization`` (``{"mean", "std"}`` or null), ``layers`` (each deployed layer's
-name and config: kind, shapes, bits, path), ``modules`` (the type of every top-level-replaced
-module, for checking a skeleton) and ``tensors`` (name -> dtype, shape, offset, nbytes) for the
-model's whole ``state_dict`` (deployed layers store packed codes, the rest float32).
+The JSON holds ``format``, ``format_version``, ``gdnsq_version``, ``torch_version``,
+``architecture`` (``{"name", "kwargs"}`` or null), ``normalization`` (a name,
+``{"mean", "std"}`` or null), ``layers`` (each deployed layer's name and config: kind, shapes,
+bits, path), ``tensors`` (name -> dtype, shape, offset, nbytes) for the model's whole
+``state_dict`` (deployed layers store packed codes, the rest float32), ``metadata`` (the
+caller's dict) and, in version 2, ``blob_nbytes``.
 
 ``load`` checks the magic, version, declared lengths against the file size (truncation), the
-checksum (corruption), every tensor's dtype/shape/extent, and the rebuilt model's state_dict
-keys and shapes; any failure is one ``ValueError`` saying what is wrong.
+checksum (corruption), every header field (``_header``: type, range, consistency with the blob
+and the other fields) before anything is sized from it, and the rebuilt model against the
+layers and tensors; any failure is one ``ValueError`` naming the file and what is wrong.
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_write_bytes
-from ._header import MAX_HEADER_BYTES, check_architecture, check_header, check_normalization, show
-from .freeze import deployed_layers
+from ._header import (ACT_TENSORS, FORMAT_NAME, MAX_HEADER_BYTES, check_architecture, check_header,
+                      check_normalization, show)
+from .freeze import deployed_layers, top_activation_code
 from .layers import _DeployedBase, build_layer
 
 MAGIC = b"GDNSQDPL"
@@ -54,7 +57,6 @@ _DTYPES = {
     "bool": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_HUGE_INPUT = 3.0e38  # far above any activation: its code is a quantizer's top code
 
 
 def _arch_of(model: nn.Module):
@@ -110,7 +112,7 @@ def save(model: nn.Module, path, *, architecture: dict | None = None, normalizat
     blob = b"".join(chunks)
     layers = [{"name": n, "config": _json_config(m.config)} for n, m in deployed_layers(model)]
     meta = {
-        "format": "gdnsq-deployed",
+        "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "gdnsq_version": __version__,
         "torch_version": torch.__version__,
@@ -329,17 +331,15 @@ def _check_replaces(path, module: nn.Module, config: dict, field: str, name: str
 def _check_act_codes(path, meta: dict, tensors: dict) -> None:
     """Every deployed layer's stored activation quantizer yields codes in [0, 2**act_bits - 1]
     (the deployed layers pack them without re-checking: binary/bitplane paths)."""
-    from gdnsq_kernels.quantize.reference import activation_codes
-
     for i, entry in enumerate(meta["layers"]):
         bits = entry["config"]["act_bits"]
         if bits is None:
             continue
         name = entry["name"]
-        params = [tensors[f"{name}.{t}"] for t in ("act_log2_step", "act_log2_range", "act_offset")]
+        params = [tensors[f"{name}.{t}"] for t in ACT_TENSORS]
         top = None
         if all(bool(torch.isfinite(p)) for p in params):
-            top = int(activation_codes(torch.full((1,), _HUGE_INPUT), *params).max())
+            top = top_activation_code(*params)
         if top is None or not 0 <= top <= 2**bits - 1:
             raise ValueError(f"{path}: header field layers[{i}].config.act_bits: {bits}, but the stored "
                              f"activation quantizer of {name!r} (act_log2_step, act_log2_range, act_offset "
