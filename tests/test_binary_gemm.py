@@ -250,3 +250,28 @@ def test_gemm_tile_order_covers_every_tile_once():
             rows = min(num_m - first_m, GROUP_M)
             seen.add((first_m + (pid % per_group) % rows, (pid % per_group) // rows))
         assert seen == {(m, n) for m in range(num_m) for n in range(num_n)}
+
+
+def test_cpp_gemm_entry_points_check_device_and_k():
+    """The C++ kernels refuse what the Python wrappers never pass (a last line of defence): a
+    tensor off the CPU, and a k that does not match the words (int32(2**32 + 32) would be 32);
+    the public op refuses a k beyond the int32 range of its result."""
+    from gdnsq_kernels.binary import cpu_xnor
+
+    ext = cpu_xnor.load_extension()
+    a = torch.zeros(2, 1, dtype=torch.int32)
+    assert ext.packed_gemm(a, a, 32, True).tolist() == [[32, 32], [32, 32]]
+    with pytest.raises(ValueError, match="packed_gemm: a must be a CPU tensor"):
+        ext.packed_gemm(a.to("meta"), a, 32, True)
+    with pytest.raises(ValueError, match="k=4294967328 does not match 1 words per row"):
+        ext.packed_gemm(a, a, 2**32 + 32, True)
+    kj = torch.zeros(1, 3, 2, dtype=torch.int32)
+    f64 = dict(dtype=torch.float64)
+    with pytest.raises(ValueError, match="conv_epilogue: kj must be a CPU tensor"):
+        ext.conv_epilogue(kj.to("meta"), torch.zeros(3, **f64), torch.zeros(1, **f64), torch.zeros(1, **f64))
+    with pytest.raises(ValueError, match="linear_epilogue: jsum must be a CPU tensor"):
+        ext.linear_epilogue(kj[0], torch.zeros(3, dtype=torch.int32, device="meta"), torch.zeros(2, **f64),
+                            torch.zeros(2, **f64), torch.zeros(2, **f64))
+    wide = torch.zeros(1, 1, dtype=torch.int32).expand(1, 2**26)  # 2**31 bits, no memory
+    with pytest.raises(ValueError, match=r"k=2147483648 exceeds 2147483647, the int32 range"):
+        xnor_gemm(wide, wide, 2**31)

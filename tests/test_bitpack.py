@@ -82,3 +82,56 @@ def test_errors():
         unpack_bits(torch.zeros(2, 2, dtype=torch.int64), 40)
     with pytest.raises(TypeError, match="k must be an int"):
         unpack_bits(torch.zeros(2, 2, dtype=torch.int32), 40.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_code_is_a_value_error_naming_it(device):
+    """A code outside {0, 1} raises a ValueError at the call (on CUDA too: no device-side
+    assert, which would leave the CUDA context unusable) naming the argument, the value and
+    where it is."""
+    from gdnsq_kernels.binary import binary_conv2d, pack_conv_weight
+
+    with pytest.raises(ValueError, match=r"^bits must contain only 0 and 1, got 3 at index \(1, 0\)$"):
+        pack_bits(torch.tensor([[0, 1], [3, 1]], device=device))
+    with pytest.raises(ValueError, match=r"bits must contain only 0 and 1, got -1 at index \(2,\)"):
+        pack_bits(torch.tensor([1, 0, -1], dtype=torch.int8, device=device))
+    k = torch.randint(0, 2, (4, 3, 3, 3), device=device)
+    k[2, 1, 0, 2] = 5
+    with pytest.raises(ValueError, match=r"weight_codes must contain only 0 and 1, got 5 at index \(2, 1, 0, 2\)"):
+        pack_conv_weight(k, 0.1, -0.05)
+    pw = pack_conv_weight(k.clamp(0, 1), 0.1, -0.05)
+    j = torch.randint(0, 2, (1, 3, 5, 5), device=device, dtype=torch.uint8)
+    j[0, 0, 4, 4] = 2
+    with pytest.raises(ValueError, match=r"act_codes must contain only 0 and 1, got 2 at index \(0, 0, 4, 4\)"):
+        binary_conv2d(j, 0.5, 0.0, pw)
+    # the process (and its CUDA context) is still usable
+    assert binary_conv2d(j.clamp(0, 1), 0.5, 0.0, pw).shape == (1, 4, 3, 3)
+
+
+def test_library_codes_skip_the_value_check(monkeypatch):
+    """The value check (a host read: a sync on CUDA) runs once per user-facing tensor of codes
+    and never for codes the library made itself (the deployed layers' bit planes and 0/1
+    activations), which pass check=False."""
+    from _deploy_helpers import make_qmodel
+    from gdnsq.deploy import freeze
+    from gdnsq_kernels.binary import binary_conv2d
+
+    checked = []
+    real = bitpack._check_values
+    monkeypatch.setattr(bitpack, "_check_values", lambda bits, name: (checked.append(name), real(bits, name)))
+    pack_bits(torch.randint(0, 2, (3, 40)))
+    assert checked == ["bits"]
+    checked.clear()
+    j = torch.randint(0, 2, (1, 3, 5, 5))
+    binary_conv2d(j, 0.5, 0.0, torch.randint(0, 2, (4, 3, 3, 3)), 0.1, -0.05)
+    assert checked == ["act_codes", "weight_codes"]  # the weight is not checked again when packed
+    checked.clear()
+    binary_conv2d(j, 0.5, 0.0, torch.randint(0, 2, (4, 3, 3, 3)), 0.1, -0.05, check=False)
+    assert checked == []
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        for bits, path in ((1, "binary"), (2, "bitplane")):
+            frozen = freeze(make_qmodel(bits, bits), path=path)
+            assert {m.path for m in frozen.modules() if hasattr(m, "set_path")} == {path}
+            frozen(x)
+    assert checked == []

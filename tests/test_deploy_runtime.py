@@ -83,6 +83,41 @@ def test_conv_sums_match_float64_conv(isa, case, fmt):
     assert torch.equal(sj.double(), want_j[:, 0])
 
 
+def test_cpp_entry_points_check_device_geometry_and_codes(students):
+    """The C++ entry points refuse what gdnsq.deploy.runtime never passes (a last line of
+    defence): tensors off the CPU, a conv geometry that is not positive and self-consistent,
+    codes outside [0, 2**act_bits)."""
+    ext = cpu_deploy.load_extension()
+    layer, _ = _deployed_conv(16, 16, 3, 1, 1, 2, 2)
+    t = R.conv_tables(layer, 8, 8, "packed")
+    codes = torch.zeros(1, 8, 8, 16, dtype=torch.int32)
+    assert ext.conv_sums(codes, t["meta"], t["wT"])[0].shape == (1, 8, 8, 16)
+    with pytest.raises(ValueError, match="codes must be a CPU tensor"):
+        ext.conv_sums(codes.to("meta"), t["meta"], t["wT"])
+    with pytest.raises(ValueError, match="conv tables must be a CPU tensor"):
+        ext.conv_sums(codes, t["meta"], t["wT"].to("meta"))
+    wrong = {10: (9, r"Ho, Wo = 9, 8 do not follow"), 0: (-16, r"must be in \[1, 1048576\], got -16"),
+             12: (0, r"act_bits and weight_bits must be in \[1, 16\], got 0, 2"),
+             6: (-1, r"padding must be in \[0, 1048576\], got -1, 1")}
+    for index, (value, message) in wrong.items():
+        meta = list(t["meta"])
+        meta[index] = value
+        with pytest.raises(ValueError, match=message):
+            ext.conv_sums(codes, meta, t["wT"])
+    codes[0, 3, 4, 5] = 4
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 2\^act_bits\), got \[0, 4\]"):
+        ext.conv_sums(codes, t["meta"], t["wT"])
+    rt = R.runtime(freeze(students[1]))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        rt(x)
+    plan = rt._plan_for(x)
+    with pytest.raises(ValueError, match="x must be a CPU tensor"):
+        plan.rt.forward(torch.zeros(1, 32, 32, 16, device="meta"))
+    with pytest.raises(ValueError, match="bn_fma arguments must be a CPU tensor"):
+        ext.bn_fma(torch.zeros(2, 3, device="meta"), torch.ones(3), torch.zeros(3))
+
+
 def test_float_keys_roundtrip_and_order():
     x = torch.tensor([-math.inf, -3e38, -1.0, -1e-45, 0.0, 1e-45, 1.0, 3e38, math.inf])
     keys = R.float_to_key(x)

@@ -190,6 +190,50 @@ def test_weight_noncontiguous(device, backend, poison_empty):
     _w_check(w, torch.full((5,), -4.0, device=device), backend, dither=True)
 
 
+# grad_y in float32 for a half-precision input: the reference takes the gradient in the compute
+# dtype, so a backend that first rounds it to x's dtype loses bits (bfloat16: 70000 + 2**-6
+# becomes 70144) or overflows (float16: inf), and its parameter gradients differ.
+MIXED_GRAD = 70000.015625
+
+
+def _mixed_grad(shape, device):
+    return torch.randint(0, 2, shape, device=device).float().mul(2).sub(1) * MIXED_GRAD
+
+
+@pytest.mark.parametrize("device,backend", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_activation_float32_grad_of_half_input(device, backend, dtype, poison_empty):
+    x = (torch.randn(2, 3, 5, 7, device=device) * 1.5).to(dtype)
+    a, gm, b = (_p(v, device) for v in ACT_PARAMS[1])
+    g = _mixed_grad(x.shape, device)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        ref = R.activation_backward(g, xl, a, gm, b, 5, True)
+        out = Q.activation_backward(g, xl, a, gm, b, 5, True, backend=backend)
+        assert out[0].dtype == dtype
+        torch.testing.assert_close(out[0], ref[0], rtol=0, atol=0, equal_nan=True)
+        for o, r in zip(out[1:], ref[1:]):
+            assert torch.isfinite(r)
+            _close_sum(o, r, g)
+
+
+@pytest.mark.parametrize("device,backend", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weight_float32_grad_of_half_input(device, backend, dtype, poison_empty):
+    w = (torch.randn(6, 4, 3, 3, device=device) * 0.3).to(dtype)
+    step = torch.full((6,), -4.0, device=device)
+    g = _mixed_grad(w.shape, device)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        wl = w.contiguous(memory_format=layout)
+        zr = R.weight_forward(wl, step)[1]
+        ref = R.weight_backward(g, wl, step, zr, 3, True)[1]
+        out = Q.weight_backward(g, wl, step, zr, 3, True, backend=backend)[1]
+        assert torch.isfinite(ref).all()
+        # per channel: float32 summation error << 2**-9, the relative change from rounding g
+        bound = 1e-5 * torch.exp2(step.double()) * g.double().abs().reshape(6, -1).sum(1)
+        assert ((out.double() - ref.double()).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("device,backend", CASES, ids=CASE_IDS)
 def test_dither_bit_exact(device, backend):
     """On-grid inputs make e = 0, so the step gradient is ln2*s^2*sum(g*r): one flipped

@@ -156,3 +156,23 @@ def test_weight_codes_match_forward():
     torch.testing.assert_close(z[:, None, None, None] + 0.125 * k.float(), y)
     # zero point = per-channel minimum, reached by code 0
     torch.testing.assert_close(z, w.reshape(5, -1).amin(1))
+
+
+@pytest.mark.parametrize("seed,value", [(torch.tensor([9]), 9), (torch.tensor(9, dtype=torch.int32), 9),
+                                        (torch.tensor([-7], dtype=torch.int32), -7)],
+                         ids=["int64", "int32-0d", "int32-negative"])
+def test_reference_backward_takes_every_seed_check_seed_accepts(seed, value):
+    """``check_seed`` accepts a one-element int64/int32 tensor (what the gdnsq:: ops pass); the
+    reference backward takes it too, with the dither of the int it holds."""
+    from gdnsq_kernels.quantize import _checks
+
+    _checks.check_seed(seed)
+    x, params, g = _act_setup()
+    got = R.activation_backward(g, x, *params, seed, True)
+    want = R.activation_backward(g, x, *params, value, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    w = torch.randn(4, 9, dtype=D)
+    step = torch.full((4,), -3.0, dtype=D)
+    _, z = R.weight_forward(w, step)
+    assert torch.equal(R.weight_backward(g[:36].reshape(4, 9), w, step, z, seed, True)[1],
+                       R.weight_backward(g[:36].reshape(4, 9), w, step, z, value, True)[1])

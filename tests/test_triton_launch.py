@@ -388,3 +388,37 @@ def test_activation_backward_many_blocks_is_deterministic(device):
     for o, o2, r in zip(a[1:], b[1:], ref[1:]):
         assert torch.equal(o, o2)
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not INTERP, reason="stops a launch part-way inside the Triton interpreter")
+def test_activation_backward_after_an_interrupted_launch(monkeypatch):
+    """A backward launch that stops after some programs took their reduction ticket (an
+    interrupt, an error) leaves no state behind: every later backward still reduces all of
+    its blocks and writes its parameter gradients."""
+    from triton.runtime import interpreter
+
+    from gdnsq_kernels.quantize.triton_quantize import ACT_BLOCK
+
+    x = torch.randn(3 * ACT_BLOCK + 5)  # 4 programs
+    g = torch.randn_like(x)
+    p = _act_params("cpu")
+    builder = interpreter.interpreter_builder
+    real_atomic = builder.create_atomic_rmw
+    tickets_taken = []
+
+    def stop_after_two_tickets(*args, **kwargs):
+        if len(tickets_taken) == 2:
+            raise RuntimeError("launch interrupted")
+        tickets_taken.append(1)
+        return real_atomic(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "create_atomic_rmw", stop_after_two_tickets)
+    with pytest.raises(Exception, match="launch interrupted"):
+        Q.activation_backward(g, x, *p, 4, True, backend="triton")
+    monkeypatch.undo()
+    assert len(tickets_taken) == 2
+    ref = R.activation_backward(g, x, *p, 4, True)
+    for _ in range(2):  # the next launch, and the one after it
+        out = Q.activation_backward(g, x, *p, 4, True, backend="triton")
+        for o, r in zip(out[1:], ref[1:]):
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-4)

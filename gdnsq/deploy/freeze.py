@@ -22,6 +22,12 @@ from .layers import PATHS, DeployedConv2d, DeployedLinear, _DeployedBase, activa
 _HUGE = 3.0e38
 
 
+def top_activation_code(log2_step, log2_range, offset) -> int:
+    """The highest code of an activation quantizer (that of a value above its clamp); NaN or
+    infinite parameters give a meaningless (possibly negative) int."""
+    return int(activation_codes(torch.full((1,), _HUGE), log2_step, log2_range, offset).max())
+
+
 def is_quantized_layer(module: nn.Module) -> bool:
     """True for a GDNSQ quantized conv/linear (a Conv2d/Linear with a ``weight_quantizer``)."""
     return isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(
@@ -56,7 +62,7 @@ def _layer_from(name: str, layer: nn.Module, strict: bool) -> _DeployedBase:
     if _act_enabled(aq):
         params = [aq.log2_step.detach().float().reshape(()).cpu(), aq.log2_range.detach().float().reshape(()).cpu(),
                   aq.offset.detach().float().reshape(()).cpu()]
-        jmax = int(activation_codes(torch.full((1,), _HUGE), *params).max())
+        jmax = top_activation_code(*params)
         act = dict(params=params, jmax=jmax, bits=max(1, jmax.bit_length()), realised=math.log2(jmax + 1),
                    target=float(getattr(aq, "target_bits", float("inf"))))
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .integer_sums import FP32_EXACT_BELOW, FP64_EXACT_BELOW, conv2d_sums, conv_output_size, linear_sums, sum_bound
+from ._header import check_layer_config
 
 PATHS = ("binary", "bitplane", "int", "float", "dequant")
 
@@ -421,7 +422,8 @@ class DeployedConv2d(_DeployedBase):
         key = ("wplanes", codes.device)
         if key not in self._cache:
             k = self.weight_codes().to(codes.device).reshape(out_ch, taps)
-            self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1) for p in range(bw)]
+            self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1, check=False)
+                                for p in range(bw)]
         wplanes = self._cache[key]
         # im2col of the codes (zero codes at the padding: they add nothing to S_kj).
         cols = F.unfold(codes, (kh, kw), dilation=dilation, padding=padding, stride=stride)
@@ -429,7 +431,7 @@ class DeployedConv2d(_DeployedBase):
         cols = cols.transpose(1, 2).reshape(n * L, taps).to(torch.int32)
         acc = torch.zeros(n * L, out_ch, dtype=torch.int64, device=codes.device)
         for q in range(ba):
-            aq = pack_bits(((cols >> q) & 1).to(torch.uint8), dim=-1)
+            aq = pack_bits(((cols >> q) & 1).to(torch.uint8), dim=-1, check=False)
             for p in range(bw):
                 acc += and_gemm(aq, wplanes[p], taps).to(torch.int64) << (p + q)
         ho, wo = conv_output_size((h, w), (kh, kw), stride, padding, dilation)
@@ -442,10 +444,10 @@ class DeployedConv2d(_DeployedBase):
         key = ("packed_binary", codes.device)
         if key not in self._cache:  # pack the 0/1 weight once per device
             self._cache[key] = pack_conv_weight(self.weight_codes().to(codes.device, torch.uint8),
-                                                self.weight_step, self.weight_min)
+                                                self.weight_step, self.weight_min, check=False)
         s_a = torch.exp2(self.act_log2_step.float())
         return binary_conv2d(codes.to(torch.uint8), s_a, self.act_offset, self._cache[key],
-                             bias=self.bias, stride=stride, padding=padding, dilation=dilation)
+                             bias=self.bias, stride=stride, padding=padding, dilation=dilation, check=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,9 +490,9 @@ class DeployedLinear(_DeployedBase):
             key = ("packed_binary", codes.device)
             if key not in self._cache:
                 self._cache[key] = pack_linear_weight(self.weight_codes().to(codes.device, torch.uint8),
-                                                      self.weight_step, self.weight_min)
+                                                      self.weight_step, self.weight_min, check=False)
             out = binary_linear(codes.to(torch.uint8), torch.exp2(self.act_log2_step.float()),
-                                self.act_offset, self._cache[key], bias=self.bias)
+                                self.act_offset, self._cache[key], bias=self.bias, check=False)
             return out.view(*lead, out_f)
         if path == "float":
             return F.linear(self._dequant_act(codes), self.dequantized_weight().to(x.device),
@@ -505,10 +507,11 @@ class DeployedLinear(_DeployedBase):
             key = ("wplanes", x.device)
             if key not in self._cache:
                 k = self.weight_codes().to(x.device)
-                self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1) for p in range(bw)]
+                self._cache[key] = [pack_bits(((k >> p) & 1).to(torch.uint8), dim=-1, check=False)
+                                    for p in range(bw)]
             acc = torch.zeros(x2.shape[0], self.config["weight_shape"][0], dtype=torch.int64, device=x.device)
             for q in range(ba):
-                aq = pack_bits(((codes.to(torch.int32) >> q) & 1).to(torch.uint8), dim=-1)
+                aq = pack_bits(((codes.to(torch.int32) >> q) & 1).to(torch.uint8), dim=-1, check=False)
                 for p in range(bw):
                     acc += and_gemm(aq, self._cache[key][p], in_f).to(torch.int64) << (p + q)
             s_kj = acc.double()  # int64 sums: exact
@@ -518,11 +521,15 @@ class DeployedLinear(_DeployedBase):
         return self._epilogue(s_kj, s_j, self._const(x.device)).view(*lead, out_f)
 
 
-def build_layer(config: dict) -> _DeployedBase:
-    """Empty deployed layer from its ``config`` (as stored in an artifact's metadata)."""
-    kind = config.get("kind")
-    if kind == "conv2d":
-        return DeployedConv2d(config)
-    if kind == "linear":
-        return DeployedLinear(config)
-    raise ValueError(f"layer config kind must be 'conv2d' or 'linear', got {kind!r}")
+def build_layer(config: dict, field: str = "config") -> _DeployedBase:
+    """Empty deployed layer from its ``config`` (as stored in an artifact's metadata).
+
+    The config is checked first (types, ranges, a path the layer runs exactly), so no buffer is
+    sized from a bad value; a ``ValueError`` names the bad entry as ``{field}.<key>``.
+    """
+    check_layer_config(config, field)
+    layer = (DeployedConv2d if config["kind"] == "conv2d" else DeployedLinear)(config)
+    if config["path"] not in layer.allowed_paths():
+        raise ValueError(f"header field {field}.path: {config['path']!r} is not a path this layer runs "
+                         f"exactly; one of {layer.allowed_paths()}")
+    return layer

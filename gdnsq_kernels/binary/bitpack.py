@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 WORD_BITS = 32
+MAX_GEMM_K = 2**31 - 1  # the GEMMs return int32 sums of k terms
 
 
 def num_words(k: int) -> int:
@@ -46,8 +47,14 @@ def _normalize_dim(dim: int, ndim: int, name: str = "dim") -> int:
     return dim % ndim
 
 
-def check_bits(bits: torch.Tensor, name: str = "bits") -> None:
-    """Raise unless ``bits`` is a bool or integer tensor whose values are all 0 or 1."""
+def check_bits(bits: torch.Tensor, name: str = "bits", *, values: bool = True) -> None:
+    """Raise unless ``bits`` is a bool or integer tensor whose values are all 0 or 1.
+
+    ``values=False`` checks the type only: the caller vouches for the values (codes the library
+    produced itself), so nothing is read. The value check reads one flag on the host, which on
+    an accelerator is a synchronisation, but a bad code then raises a ``ValueError`` here
+    instead of a device-side assert that would leave the CUDA context unusable.
+    """
     if not isinstance(bits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of 0/1 codes, got {type(bits).__name__}")
     if bits.is_floating_point() or bits.is_complex():
@@ -55,22 +62,20 @@ def check_bits(bits: torch.Tensor, name: str = "bits") -> None:
             f"{name} must be a bool or integer tensor of 0/1 codes, got {bits.dtype} "
             f"(convert exact codes with .to(torch.uint8))"
         )
-    if bits.dtype != torch.bool and bits.numel() > 0:
-        # A code outside {0, 1} would silently set a neighbouring bit when packed.
-        if _tracing(bits):
-            return  # torch.compile / torch.export: values are unknown at trace time
-        if bits.dtype == torch.uint8:
-            ok = bits.max() <= 1
-        else:
-            lo, hi = torch.aminmax(bits)
-            ok = (lo >= 0) & (hi <= 1)
-        if bits.device.type == "cpu":
-            if not bool(ok):
-                raise ValueError(f"{name} must contain only 0 and 1")
-        else:
-            # No host sync on an accelerator (CUDA-graph capture stays possible): a device-side
-            # assert fails the next synchronising call instead.
-            torch._assert_async(ok, f"{name} must contain only 0 and 1")
+    if values and bits.dtype != torch.bool and bits.numel() > 0 and not _tracing(bits):
+        _check_values(bits, name)
+
+
+def _check_values(bits: torch.Tensor, name: str) -> None:
+    """ValueError naming the first code outside {0, 1} (a code > 1 would set a neighbouring bit
+    when packed)."""
+    if bits.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{name}: checking that the codes are 0/1 reads them on the host, which a CUDA "
+                         f"graph capture cannot do; pass check=False for codes known to be 0 or 1")
+    bad = bits > 1 if bits.dtype == torch.uint8 else (bits < 0) | (bits > 1)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must contain only 0 and 1, got {int(bits[index])} at index {index}")
 
 
 def _tracing(t: torch.Tensor) -> bool:
@@ -85,12 +90,15 @@ def _tracing(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def pack_bits(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def pack_bits(bits: torch.Tensor, dim: int = -1, *, check: bool = True) -> torch.Tensor:
     """Pack 0/1 values along ``dim`` into int32 words.
 
     Args:
         bits: bool or integer tensor of 0/1 values, any shape; size ``k`` along ``dim``.
         dim: the dimension to pack.
+        check: raise a ``ValueError`` naming the first value outside {0, 1} (reads a flag on the
+            host: a synchronisation on CUDA, refused under CUDA-graph capture). False skips the
+            value check for codes known to be 0/1; a value > 1 then corrupts the packed words.
 
     Returns:
         int32 tensor, same shape as ``bits`` except ``ceil(k/32)`` along ``dim``. Bit ``i`` of
@@ -102,7 +110,7 @@ def pack_bits(bits: torch.Tensor, dim: int = -1) -> torch.Tensor:
         >>> pack_bits(torch.tensor([1, 0, 1, 1]))
         tensor([13], dtype=torch.int32)
     """
-    check_bits(bits, "bits")
+    check_bits(bits, "bits", values=check)
     dim = _normalize_dim(dim, bits.dim())
     return torch.ops.gdnsq.pack_bits(bits, dim)
 

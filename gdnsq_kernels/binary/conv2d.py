@@ -76,7 +76,7 @@ def _conv_pads(padding, kernel, dilation, stride) -> Tuple[int, int, int, int]:
 
 def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, weight_step=None,
                   weight_min=None, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
-                  dilation=1, *, backend: Optional[str] = None) -> torch.Tensor:
+                  dilation=1, *, backend: Optional[str] = None, check: bool = True) -> torch.Tensor:
     """``F.conv2d(beta + s_a*j, m + s*k, bias, stride, padding, dilation)`` from packed codes.
 
     Zero padding pads the dequantized activation with 0 (exact also for ``beta != 0``).
@@ -94,6 +94,7 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         stride, padding, dilation: as in ``torch.nn.functional.conv2d`` (int, pair; padding also
             'valid' / 'same').
         backend: GEMM backend (see :mod:`gdnsq_kernels.binary`).
+        check: check that the codes are 0/1 (see :func:`pack_bits`); False for codes known to be.
 
     Returns:
         float32 (N, O, H_out, W_out), the float64-accurate result rounded once to float32.
@@ -105,10 +106,10 @@ def binary_conv2d(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         >>> binary_conv2d(j, 0.5, 0.0, pw, padding=1).shape
         torch.Size([1, 32, 8, 8])
     """
-    check_bits(act_codes, "act_codes")
+    check_bits(act_codes, "act_codes", values=check)
     if act_codes.dim() != 4:
         raise ValueError(f"act_codes must be 4-D (N, C, H, W), got shape {tuple(act_codes.shape)}")
-    pw = resolve_weight(weight_codes, weight_step, weight_min, conv=True)
+    pw = resolve_weight(weight_codes, weight_step, weight_min, conv=True, check=check)
     dev = act_codes.device
     if pw.packed.device != dev:
         raise ValueError(f"weight is on {pw.packed.device} but act_codes is on {dev}")

@@ -10,7 +10,7 @@ import torch
 
 from . import _dispatch
 from ..backend import resolve_backend
-from .bitpack import check_k, check_packed
+from .bitpack import MAX_GEMM_K, check_k, check_packed
 
 __all__ = ["xnor_gemm", "and_gemm"]
 
@@ -30,6 +30,8 @@ def _check_gemm_inputs(a_packed, b_packed, k):
     if a_packed.device != b_packed.device:
         raise ValueError(f"b_packed is on {b_packed.device} but a_packed is on {a_packed.device}")
     check_k(k, a_packed.shape[1], "k", "a_packed/b_packed")
+    if k > MAX_GEMM_K:
+        raise ValueError(f"k={k} exceeds {MAX_GEMM_K}, the int32 range of the GEMM result")
 
 
 def xnor_gemm(a_packed: torch.Tensor, b_packed: torch.Tensor, k: int, *, backend: Optional[str] = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ __all__ = ["binary_linear"]
 
 def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, weight_step=None,
                   weight_min=None, bias: Optional[torch.Tensor] = None, *,
-                  backend: Optional[str] = None) -> torch.Tensor:
+                  backend: Optional[str] = None, check: bool = True) -> torch.Tensor:
     """``F.linear(beta + s_a*j, m + s*k, bias)`` from packed codes (inference, no autograd).
 
     Args:
@@ -37,12 +37,13 @@ def binary_linear(act_codes: torch.Tensor, act_step, act_offset, weight_codes, w
         weight_min: (O,) lowest level m_c, or a number.
         bias: optional (O,) float.
         backend: GEMM backend (see :mod:`gdnsq_kernels.binary`).
+        check: check that the codes are 0/1 (see :func:`pack_bits`); False for codes known to be.
 
     Returns:
         float32 (..., O), the float64-accurate result rounded once to float32.
     """
-    check_bits(act_codes, "act_codes")
-    pw = resolve_weight(weight_codes, weight_step, weight_min, conv=False)
+    check_bits(act_codes, "act_codes", values=check)
+    pw = resolve_weight(weight_codes, weight_step, weight_min, conv=False, check=check)
     dev = act_codes.device
     if pw.packed.device != dev:
         raise ValueError(f"weight is on {pw.packed.device} but act_codes is on {dev}")

@@ -92,24 +92,25 @@ def _per_channel(v, out_channels: int, name: str, device) -> torch.Tensor:
     return t.contiguous()
 
 
-def pack_linear_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> PackedBinaryWeight:
+def pack_linear_weight(weight_codes: torch.Tensor, weight_step, weight_min, *, check: bool = True) -> PackedBinaryWeight:
     """Pack a linear layer's binary weight once.
 
     Args:
         weight_codes: (O, K) bool/integer 0/1 codes k.
         weight_step: (O,) float step s_c (or a number / 1-element tensor for all channels).
         weight_min: (O,) float lowest level m_c (or a number / 1-element tensor).
+        check: check that the codes are 0/1 (see :func:`pack_bits`).
 
     Returns:
         :class:`PackedBinaryWeight` with ``packed`` of shape (O, ceil(K/32)), on the codes' device.
     """
-    check_bits(weight_codes, "weight_codes")
+    check_bits(weight_codes, "weight_codes", values=check)
     if weight_codes.dim() != 2:
         raise ValueError(f"weight_codes must be 2-D (out_features, in_features), got shape {tuple(weight_codes.shape)}")
     O, K = weight_codes.shape
     dev = weight_codes.device
     return PackedBinaryWeight(
-        packed=pack_bits(weight_codes, dim=1),
+        packed=pack_bits(weight_codes, dim=1, check=False),
         step=_per_channel(weight_step, O, "weight_step", dev),
         minimum=_per_channel(weight_min, O, "weight_min", dev),
         ones=weight_codes.to(torch.int32).sum(dim=1, dtype=torch.int32),
@@ -120,25 +121,26 @@ def pack_linear_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> P
     )
 
 
-def pack_conv_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> PackedBinaryWeight:
+def pack_conv_weight(weight_codes: torch.Tensor, weight_step, weight_min, *, check: bool = True) -> PackedBinaryWeight:
     """Pack a conv layer's binary weight once.
 
     Args:
         weight_codes: (O, C, kh, kw) bool/integer 0/1 codes k.
         weight_step: (O,) float step s_c (or a number / 1-element tensor for all channels).
         weight_min: (O,) float lowest level m_c (or a number / 1-element tensor).
+        check: check that the codes are 0/1 (see :func:`pack_bits`).
 
     Returns:
         :class:`PackedBinaryWeight` with ``packed`` of shape (O, kh*kw*ceil(C/32)) (tap-major,
         channels LSB first within a tap), on the codes' device.
     """
-    check_bits(weight_codes, "weight_codes")
+    check_bits(weight_codes, "weight_codes", values=check)
     if weight_codes.dim() != 4:
         raise ValueError(f"weight_codes must be 4-D (O, C, kh, kw), got shape {tuple(weight_codes.shape)}")
     O, C, kh, kw = weight_codes.shape
     dev = weight_codes.device
     # Channels innermost so that activations can be packed once per pixel (see binary_conv2d).
-    packed = pack_bits(weight_codes.permute(0, 2, 3, 1), dim=3).reshape(O, kh * kw * num_words(C))
+    packed = pack_bits(weight_codes.permute(0, 2, 3, 1), dim=3, check=False).reshape(O, kh * kw * num_words(C))
     tap_ones = weight_codes.to(torch.int32).sum(dim=1, dtype=torch.int32)
     return PackedBinaryWeight(
         packed=packed.contiguous(),
@@ -152,7 +154,7 @@ def pack_conv_weight(weight_codes: torch.Tensor, weight_step, weight_min) -> Pac
     )
 
 
-def resolve_weight(weight_codes, weight_step, weight_min, conv: bool) -> PackedBinaryWeight:
+def resolve_weight(weight_codes, weight_step, weight_min, conv: bool, check: bool = True) -> PackedBinaryWeight:
     """``weight_codes`` as a :class:`PackedBinaryWeight` (packed here when given as codes)."""
     if isinstance(weight_codes, PackedBinaryWeight):
         if weight_step is not None or weight_min is not None:
@@ -164,7 +166,7 @@ def resolve_weight(weight_codes, weight_step, weight_min, conv: bool) -> PackedB
         return weight_codes
     if weight_step is None or weight_min is None:
         raise ValueError("weight_step and weight_min are required when weight_codes is a tensor of codes")
-    return (pack_conv_weight if conv else pack_linear_weight)(weight_codes, weight_step, weight_min)
+    return (pack_conv_weight if conv else pack_linear_weight)(weight_codes, weight_step, weight_min, check=check)
 
 
 _PACKED_WEIGHTS = WeakTensorKeyDictionary()

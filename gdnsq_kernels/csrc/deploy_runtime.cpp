@@ -56,6 +56,16 @@ const char* isa_name() {
 
 inline int popcnt64(uint64_t v) { return __builtin_popcountll(v); }
 
+// The entry points check what gdnsq/deploy/runtime.py already guarantees (a last line of
+// defence): tensors on the CPU (their data pointers are read as host memory) and a conv
+// geometry that is positive and self-consistent (it sizes every buffer and loop bound).
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+}
+
+constexpr int64_t kMaxExtent = int64_t(1) << 20;  // any one size of the geometry (no overflow)
+constexpr int64_t kMaxBits = 16;
+
 // Input formats of a conv (chosen per conv at plan time; the producer writes the consumer's):
 //  * kPacked: bit planes, [N][H][W][ba][CWin] uint64 (see the file comment);
 //  * kBytes: one uint8 code per channel, spatially zero-padded by the conv's own padding,
@@ -90,11 +100,22 @@ struct Conv {
 Conv make_conv(const std::vector<int64_t>& meta, const torch::Tensor& wT, const torch::Tensor& s,
                const torch::Tensor& ms, const torch::Tensor& cst) {
   TORCH_CHECK(meta.size() == 15, "conv meta must have 15 entries");
+  for (const torch::Tensor* t : {&wT, &s, &ms, &cst}) check_cpu(*t, "conv tables");
   Conv c;
   c.Cin = meta[0]; c.O = meta[1]; c.kh = meta[2]; c.kw = meta[3]; c.sh = meta[4]; c.sw = meta[5];
   c.ph = meta[6]; c.pw = meta[7]; c.H = meta[8]; c.W = meta[9]; c.Ho = meta[10]; c.Wo = meta[11];
   c.ba = meta[12]; c.bw = meta[13]; c.fmt = meta[14];
   TORCH_CHECK(c.fmt == kPacked || c.fmt == kBytes, "conv format must be 0 (packed) or 1 (bytes)");
+  for (int64_t v : {c.Cin, c.O, c.kh, c.kw, c.sh, c.sw, c.H, c.W})
+    TORCH_CHECK_VALUE(v >= 1 && v <= kMaxExtent, "conv meta: Cin, O, kh, kw, strides, H, W must be in [1, ",
+                      kMaxExtent, "], got ", v);
+  TORCH_CHECK_VALUE(c.ph >= 0 && c.ph <= kMaxExtent && c.pw >= 0 && c.pw <= kMaxExtent,
+                    "conv meta: padding must be in [0, ", kMaxExtent, "], got ", c.ph, ", ", c.pw);
+  TORCH_CHECK_VALUE(c.H + 2 * c.ph >= c.kh && c.W + 2 * c.pw >= c.kw &&
+                        c.Ho == (c.H + 2 * c.ph - c.kh) / c.sh + 1 && c.Wo == (c.W + 2 * c.pw - c.kw) / c.sw + 1,
+                    "conv meta: Ho, Wo = ", c.Ho, ", ", c.Wo, " do not follow from H, W, kernel, stride, padding");
+  TORCH_CHECK_VALUE(c.ba >= 1 && c.ba <= kMaxBits && c.bw >= 1 && c.bw <= kMaxBits,
+                    "conv meta: act_bits and weight_bits must be in [1, ", kMaxBits, "], got ", c.ba, ", ", c.bw);
   c.CWin = (c.Cin + 63) / 64;
   c.K = c.kh * c.kw * c.Cin;
   c.Kw = (c.K + 63) / 64;
@@ -444,6 +465,7 @@ class Runtime {
   std::vector<float> thr0;
 
   void set_entry(torch::Tensor thr) {
+    check_cpu(thr, "entry thresholds");
     auto t = thr.contiguous();
     TORCH_CHECK(t.dtype() == torch::kFloat32, "entry thresholds must be float32");
     thr0.assign(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
@@ -454,6 +476,7 @@ class Runtime {
                  torch::Tensor cst1, torch::Tensor thr1, torch::Tensor dir1, std::vector<int64_t> meta2,
                  torch::Tensor w2, torch::Tensor s2, torch::Tensor ms2, torch::Tensor cst2, torch::Tensor alpha2,
                  torch::Tensor beta2, int64_t sc_pad, torch::Tensor thrn) {
+    for (const torch::Tensor* t : {&thr1, &dir1, &alpha2, &beta2, &thrn}) check_cpu(*t, "block tables");
     Block b;
     b.c1 = make_conv(meta1, w1, s1, ms1, cst1);
     b.c2 = make_conv(meta2, w2, s2, ms2, cst2);
@@ -505,6 +528,7 @@ class Runtime {
   // x: (N, H, W, C) float32 contiguous, the trunk input. Returns the last block's output, NHWC.
   torch::Tensor forward(torch::Tensor x) {
     TORCH_CHECK(!blocks.empty(), "runtime has no block");
+    check_cpu(x, "x");
     TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(), "x must be float32 NHWC contiguous");
     const Conv& first = blocks[0].c1;
     TORCH_CHECK(x.size(1) == first.H && x.size(2) == first.W && x.size(3) == first.Cin, "x shape does not match the plan");
@@ -668,9 +692,15 @@ std::vector<torch::Tensor> conv_sums(torch::Tensor codes, std::vector<int64_t> m
   const int64_t O = meta[1], Ho = meta[10], Wo = meta[11];
   auto zeros_d = torch::zeros({O}, torch::kFloat64);
   Conv c = make_conv(meta, wT, zeros_d, zeros_d, torch::zeros({Ho * Wo * O}, torch::kFloat64));
+  check_cpu(codes, "codes");
   TORCH_CHECK(codes.dtype() == torch::kInt32 && codes.dim() == 4 && codes.size(1) == c.H && codes.size(2) == c.W &&
                   codes.size(3) == c.Cin, "codes must be int32 (N, H, W, Cin)");
   auto cc = codes.contiguous();
+  if (cc.numel() > 0) {
+    const int64_t lo = cc.min().item<int64_t>(), hi = cc.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < (int64_t(1) << c.ba), "codes must be in [0, 2^act_bits), got [", lo, ", ",
+                      hi, "]");
+  }
   const int64_t N = cc.size(0);
   std::vector<uint64_t> in = c.alloc_input(N);
   const int32_t* J = cc.data_ptr<int32_t>();
@@ -694,6 +724,7 @@ std::vector<torch::Tensor> conv_sums(torch::Tensor codes, std::vector<int64_t> m
 // fmaf(y, alpha[c], beta[c]) over (M, C) float32: the BN formula the runtime applies, exposed so
 // that the plan can check it against the BatchNorm module it replaces.
 torch::Tensor bn_fma(torch::Tensor y, torch::Tensor alpha, torch::Tensor beta) {
+  for (const torch::Tensor* t : {&y, &alpha, &beta}) check_cpu(*t, "bn_fma arguments");
   TORCH_CHECK(y.dtype() == torch::kFloat32 && y.dim() == 2, "y must be float32 (M, C)");
   auto yc = y.contiguous(), ac = alpha.contiguous(), bc = beta.contiguous();
   const int64_t M = yc.size(0), C = yc.size(1);

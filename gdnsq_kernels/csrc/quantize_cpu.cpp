@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -101,6 +102,14 @@ void check_cpu_contig(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// An upstream gradient comes in x's dtype, or in the compute dtype (float32 for a float16 /
+// bfloat16 x), which keeps the bits a half-precision copy would lose.
+void check_grad_dtype(const at::Tensor& g, const at::Tensor& x, const char* name) {
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(g.scalar_type() == x.scalar_type() || g.scalar_type() == ct, name,
+              " must have the input's dtype or the compute dtype, got ", g.scalar_type());
+}
+
 // Loop bodies as free functions over raw __restrict__ pointers and by-value scalars: inside
 // the dispatch lambdas the scalars are captured by reference, and the compiler then cannot
 // prove the output stores leave them unchanged, which blocks vectorisation.
@@ -125,17 +134,30 @@ template <typename T>
 using bits_of = std::conditional_t<sizeof(T) == 2, uint16_t,
                                    std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
 
-template <typename scalar_t, typename acc_t>
-void act_grad_x_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
+// grad_t is x's scalar_t, or the compute type acc_t when the upstream gradient is wider than a
+// half-precision x (it is then rounded to scalar_t once, at the store, as the reference does).
+template <typename scalar_t, typename grad_t, typename acc_t>
+void act_grad_x_range(const scalar_t* __restrict__ xp, const grad_t* __restrict__ gp,
                       scalar_t* __restrict__ dxp, int64_t b, int64_t e, acc_t lo, acc_t hi) {
   using U = bits_of<scalar_t>;
   static_assert(sizeof(U) == sizeof(scalar_t), "no integer type of the element's size");
-  const U* __restrict__ gbits = reinterpret_cast<const U*>(gp);
   U* __restrict__ dxbits = reinterpret_cast<U*>(dxp);
-  for (int64_t i = b; i < e; ++i) {
-    acc_t xv = static_cast<acc_t>(xp[i]);
-    bool inside = (xv >= lo) & (xv <= hi);  // False for NaN
-    dxbits[i] = gbits[i] & static_cast<U>(-static_cast<U>(inside));  // g or +0.0
+  if constexpr (std::is_same<grad_t, scalar_t>::value) {
+    const U* __restrict__ gbits = reinterpret_cast<const U*>(gp);
+    for (int64_t i = b; i < e; ++i) {
+      acc_t xv = static_cast<acc_t>(xp[i]);
+      bool inside = (xv >= lo) & (xv <= hi);  // False for NaN
+      dxbits[i] = gbits[i] & static_cast<U>(-static_cast<U>(inside));  // g or +0.0
+    }
+  } else {
+    for (int64_t i = b; i < e; ++i) {
+      acc_t xv = static_cast<acc_t>(xp[i]);
+      bool inside = (xv >= lo) & (xv <= hi);
+      const scalar_t gv = static_cast<scalar_t>(gp[i]);  // round to nearest even, as Tensor.to
+      U gb;
+      std::memcpy(&gb, &gv, sizeof(U));
+      dxbits[i] = gb & static_cast<U>(-static_cast<U>(inside));
+    }
   }
 }
 
@@ -152,8 +174,8 @@ inline void add_lanes(const acc_t* __restrict__ buf, acc_t* __restrict__ lanes) 
 // loop the compiler vectorises, dither hash included), then added into lanes.
 // kCL: the buffer is a channels_last tensor in memory order (see nchw_indices); only the dither
 // index changes (a separate instantiation so that the contiguous loop stays vectorised).
-template <typename scalar_t, typename acc_t, bool kDither, bool kCL>
-void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
+template <typename scalar_t, typename grad_t, typename acc_t, bool kDither, bool kCL>
+void act_param_sums_range(const scalar_t* __restrict__ xp, const grad_t* __restrict__ gp,
                           int64_t b, int64_t e, acc_t s, acc_t lo, acc_t hi, acc_t smag,
                           uint32_t key, int64_t cl_c, int64_t cl_hw, double* out) {
   acc_t l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {};
@@ -162,7 +184,7 @@ void act_param_sums_range(const scalar_t* __restrict__ xp, const scalar_t* __res
   for (int64_t sb = b; sb < e; sb += kSub) {
     const int len = static_cast<int>(std::min<int64_t>(kSub, e - sb));
     const scalar_t* __restrict__ xs = xp + sb;
-    const scalar_t* __restrict__ gs = gp + sb;
+    const grad_t* __restrict__ gs = gp + sb;
     const uint32_t base = static_cast<uint32_t>(sb);
     if (kCL && kDither) nchw_indices(sb, len, cl_c, cl_hw, cl_idx);
     for (int j = 0; j < len; ++j) {
@@ -207,8 +229,8 @@ void w_quantize_row(const scalar_t* __restrict__ row, scalar_t* __restrict__ yro
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kDither, bool kCL>
-double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ gp,
+template <typename scalar_t, typename grad_t, typename acc_t, bool kDither, bool kCL>
+double w_grad_row(const scalar_t* __restrict__ wp, const grad_t* __restrict__ gp,
                   int64_t base, int64_t K, acc_t s, acc_t zc, acc_t smag, uint32_t key,
                   int64_t cl_c, int64_t cl_hw) {
   acc_t lanes[kLanes] = {};
@@ -217,7 +239,7 @@ double w_grad_row(const scalar_t* __restrict__ wp, const scalar_t* __restrict__ 
   for (int64_t sb = base; sb < base + K; sb += kSub) {
     const int len = static_cast<int>(std::min<int64_t>(kSub, base + K - sb));
     const scalar_t* __restrict__ ws = wp + sb;
-    const scalar_t* __restrict__ gs = gp + sb;
+    const grad_t* __restrict__ gs = gp + sb;
     const uint32_t ib = static_cast<uint32_t>(sb);
     if (kCL && kDither) nchw_indices(sb, len, cl_c, cl_hw, cl_idx);
     for (int j = 0; j < len; ++j) {
@@ -327,7 +349,7 @@ at::Tensor act_backward(const at::Tensor& g, const at::Tensor& x, at::Tensor dx,
   TORCH_CHECK(!cl || cl_pixels > 0, "cl_pixels must be positive with cl_channels");
   check_cpu_contig(x, "x");
   check_cpu_contig(g, "grad_y");
-  TORCH_CHECK(g.scalar_type() == x.scalar_type(), "grad_y must have x's dtype");
+  check_grad_dtype(g, x, "grad_y");
   const int64_t n = x.numel();
   if (need_dx) {
     check_cpu_contig(dx, "dx");
@@ -342,27 +364,34 @@ at::Tensor act_backward(const at::Tensor& g, const at::Tensor& x, at::Tensor dx,
     const acc_t s = grid.s, lo = grid.lo, hi = grid.hi;
     const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n_chunks, kMinParallelWork / kChunk, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        const int64_t b = c * kChunk;
-        const int64_t e = std::min(n, b + kChunk);
-        if (need_dx) act_grad_x_range<scalar_t, acc_t>(xp, gp, dxp, b, e, lo, hi);
-        if (!need_params) continue;
-        double* out = &part[c * 3];
-        if (dither && cl) {
-          act_param_sums_range<scalar_t, acc_t, true, true>(xp, gp, b, e, s, lo, hi, smag, ukey,
-                                                            cl_channels, cl_pixels, out);
-        } else if (dither) {
-          act_param_sums_range<scalar_t, acc_t, true, false>(xp, gp, b, e, s, lo, hi, smag, ukey,
-                                                             0, 1, out);
-        } else {
-          act_param_sums_range<scalar_t, acc_t, false, false>(xp, gp, b, e, s, lo, hi, smag, ukey,
-                                                              0, 1, out);
+    auto run = [&](const auto* gp) {
+      using grad_t = std::remove_cv_t<std::remove_pointer_t<decltype(gp)>>;
+      at::parallel_for(0, n_chunks, kMinParallelWork / kChunk, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          const int64_t b = c * kChunk;
+          const int64_t e = std::min(n, b + kChunk);
+          if (need_dx) act_grad_x_range<scalar_t, grad_t, acc_t>(xp, gp, dxp, b, e, lo, hi);
+          if (!need_params) continue;
+          double* out = &part[c * 3];
+          if (dither && cl) {
+            act_param_sums_range<scalar_t, grad_t, acc_t, true, true>(
+                xp, gp, b, e, s, lo, hi, smag, ukey, cl_channels, cl_pixels, out);
+          } else if (dither) {
+            act_param_sums_range<scalar_t, grad_t, acc_t, true, false>(
+                xp, gp, b, e, s, lo, hi, smag, ukey, 0, 1, out);
+          } else {
+            act_param_sums_range<scalar_t, grad_t, acc_t, false, false>(
+                xp, gp, b, e, s, lo, hi, smag, ukey, 0, 1, out);
+          }
         }
-      }
-    });
+      });
+    };
+    if (g.scalar_type() == x.scalar_type()) {
+      run(g.data_ptr<scalar_t>());
+    } else {
+      run(g.data_ptr<acc_t>());
+    }
   });
   at::Tensor sums = at::zeros({3}, at::kDouble);
   if (need_params) {
@@ -420,7 +449,7 @@ at::Tensor w_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor
   check_cpu_contig(w, "w");
   check_cpu_contig(g, "grad_w_hat");
   TORCH_CHECK(w.dim() == 2 && g.sizes() == w.sizes(), "w and grad must be (C, K)");
-  TORCH_CHECK(g.scalar_type() == w.scalar_type(), "grad_w_hat must have w's dtype");
+  check_grad_dtype(g, w, "grad_w_hat");
   const int64_t C = w.size(0), K = w.size(1);
   const bool per_channel = log2_step.numel() == C && log2_step.dim() == 1;
   at::Tensor out = at::empty({C}, at::kDouble);
@@ -433,25 +462,34 @@ at::Tensor w_backward(const at::Tensor& g, const at::Tensor& w, const at::Tensor
     const acc_t* sp = st.data_ptr<acc_t>();
     const acc_t* zp = zt.data_ptr<acc_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
     double* op = out.data_ptr<double>();
     const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(K, 1));
-    at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        const int64_t base = c * K;
-        const acc_t s = sp[per_channel ? c : 0];
-        const acc_t zc = zp[c];
-        const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
-        if (dither && cl) {
-          op[c] = w_grad_row<scalar_t, acc_t, true, true>(wp, gp, base, K, s, zc, smag, ukey,
-                                                          cl_channels, cl_pixels);
-        } else if (dither) {
-          op[c] = w_grad_row<scalar_t, acc_t, true, false>(wp, gp, base, K, s, zc, smag, ukey, 0, 1);
-        } else {
-          op[c] = w_grad_row<scalar_t, acc_t, false, false>(wp, gp, base, K, s, zc, smag, ukey, 0, 1);
+    auto run = [&](const auto* gp) {
+      using grad_t = std::remove_cv_t<std::remove_pointer_t<decltype(gp)>>;
+      at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          const int64_t base = c * K;
+          const acc_t s = sp[per_channel ? c : 0];
+          const acc_t zc = zp[c];
+          const acc_t smag = dither ? s * static_cast<acc_t>(mag) : acc_t(0);
+          if (dither && cl) {
+            op[c] = w_grad_row<scalar_t, grad_t, acc_t, true, true>(wp, gp, base, K, s, zc, smag,
+                                                                    ukey, cl_channels, cl_pixels);
+          } else if (dither) {
+            op[c] = w_grad_row<scalar_t, grad_t, acc_t, true, false>(wp, gp, base, K, s, zc, smag,
+                                                                     ukey, 0, 1);
+          } else {
+            op[c] = w_grad_row<scalar_t, grad_t, acc_t, false, false>(wp, gp, base, K, s, zc, smag,
+                                                                      ukey, 0, 1);
+          }
         }
-      }
-    });
+      });
+    };
+    if (g.scalar_type() == w.scalar_type()) {
+      run(g.data_ptr<scalar_t>());
+    } else {
+      run(g.data_ptr<acc_t>());
+    }
   });
   return out;
 }

@@ -10,8 +10,15 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
+
+// The entry points trust nothing the Python wrappers checked already (last line of defence):
+// every tensor must be a CPU tensor, since its data pointer is read as host memory.
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+}
 
 template <bool XNOR>
 inline uint64_t combine(uint64_t a, uint64_t b) {
@@ -78,10 +85,18 @@ void gemm_rows(const uint32_t* A, const uint32_t* B, int32_t* C, int64_t m0, int
 }
 
 torch::Tensor packed_gemm(torch::Tensor a, torch::Tensor b, int64_t k, bool xnor) {
+  check_cpu(a, "packed_gemm: a");
+  check_cpu(b, "packed_gemm: b");
   TORCH_CHECK(a.dtype() == torch::kInt32 && b.dtype() == torch::kInt32, "packed_gemm: int32 words expected");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "packed_gemm: (M, W) and (N, W) expected");
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "packed_gemm: contiguous inputs expected");
   const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
+  // k sizes the XNOR result (k - 2*popcount) and is stored in int32 like the result itself: it
+  // must fit the words given and the int32 range, never be truncated.
+  TORCH_CHECK_VALUE(k >= 0 && k <= 32 * W && (k + 31) / 32 == W, "packed_gemm: k=", k, " does not match ", W,
+                    " words per row");
+  TORCH_CHECK_VALUE(k <= std::numeric_limits<int32_t>::max(), "packed_gemm: k=", k,
+                    " exceeds the int32 range of the result");
   auto c = torch::empty({M, N}, a.options());
   const uint32_t* A = reinterpret_cast<const uint32_t*>(a.data_ptr<int32_t>());
   const uint32_t* B = reinterpret_cast<const uint32_t*>(b.data_ptr<int32_t>());
@@ -111,7 +126,12 @@ torch::Tensor packed_gemm(torch::Tensor a, torch::Tensor b, int64_t k, bool xnor
 // row (column O = sum(j) per position); cst: float64 (O, L). One image's kj block (L*(O+1)
 // words) stays in cache while its O output planes are written.
 torch::Tensor conv_epilogue(torch::Tensor kj, torch::Tensor cst, torch::Tensor ss, torch::Tensor msa) {
-  TORCH_CHECK(kj.dtype() == torch::kInt32 && kj.dim() == 3 && kj.is_contiguous(), "conv_epilogue: kj");
+  check_cpu(kj, "conv_epilogue: kj");
+  check_cpu(cst, "conv_epilogue: cst");
+  check_cpu(ss, "conv_epilogue: ss");
+  check_cpu(msa, "conv_epilogue: msa");
+  TORCH_CHECK(kj.dtype() == torch::kInt32 && kj.dim() == 3 && kj.is_contiguous() && kj.size(2) >= 1,
+              "conv_epilogue: kj");
   const int64_t N = kj.size(0), L = kj.size(1), O = kj.size(2) - 1;
   TORCH_CHECK(cst.dtype() == torch::kFloat64 && cst.is_contiguous() && cst.numel() == O * L, "conv_epilogue: cst");
   TORCH_CHECK(ss.dtype() == torch::kFloat64 && msa.dtype() == torch::kFloat64 && ss.numel() == O && msa.numel() == O,
@@ -146,6 +166,11 @@ torch::Tensor conv_epilogue(torch::Tensor kj, torch::Tensor cst, torch::Tensor s
 // Fused float64 epilogue of binary_linear: out[m, o] = kj[m, o]*ss[o] + cst[o] + jsum[m]*msa[o].
 torch::Tensor linear_epilogue(torch::Tensor kj, torch::Tensor jsum, torch::Tensor ss, torch::Tensor msa,
                               torch::Tensor cst) {
+  check_cpu(kj, "linear_epilogue: kj");
+  check_cpu(jsum, "linear_epilogue: jsum");
+  check_cpu(ss, "linear_epilogue: ss");
+  check_cpu(msa, "linear_epilogue: msa");
+  check_cpu(cst, "linear_epilogue: cst");
   TORCH_CHECK(kj.dtype() == torch::kInt32 && kj.dim() == 2 && kj.is_contiguous(), "linear_epilogue: kj");
   const int64_t M = kj.size(0), O = kj.size(1);
   TORCH_CHECK(jsum.dtype() == torch::kInt32 && jsum.numel() == M, "linear_epilogue: jsum");

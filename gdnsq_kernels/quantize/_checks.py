@@ -16,6 +16,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def kernel_grad_dtype(grad_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel reads an upstream gradient in: ``x_dtype`` when the gradient has it,
+    else the compute dtype, where the reference takes it (a float32 gradient of a bfloat16 input
+    is not rounded to bfloat16 before the parameter sums)."""
+    return x_dtype if grad_dtype == x_dtype else compute_dtype(x_dtype)
+
+
 def check_input(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -74,7 +81,8 @@ def check_grad(grad, like: torch.Tensor, name: str) -> None:
 
 
 def check_seed(seed) -> None:
-    """An int, or a one-element int64/int32 tensor (its value is not read: no sync)."""
+    """An int, or a one-element int64/int32 tensor (its value is not read: no sync). Every
+    backend, the reference included, takes each of them (only the low 32 bits matter)."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype not in (torch.int64, torch.int32) or seed.numel() != 1:
             raise TypeError(f"seed must be an int or a one-element int64 tensor, got a {seed.dtype} "

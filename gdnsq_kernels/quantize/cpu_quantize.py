@@ -105,8 +105,8 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
                         need_grad_x=True, need_grad_params=True):
     xd = x.detach()
     fmt = torch.channels_last if is_channels_last(xd) else torch.contiguous_format
-    # grad_y in x's layout (a copy only when its layout differs from x's)
-    g = grad_y.detach().to(x.dtype).contiguous(memory_format=fmt)
+    # grad_y in x's layout (a copy only when its layout or dtype differs)
+    g = grad_y.detach().to(_checks.kernel_grad_dtype(grad_y.dtype, x.dtype)).contiguous(memory_format=fmt)
     dx = torch.empty_like(xd, memory_format=fmt) if need_grad_x else None
     xf, cl = _flat(xd)
     gf = nhwc_view(g) if cl[0] else g
@@ -147,7 +147,7 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     ct = _checks.compute_dtype(w.dtype)
     wd = w.detach()
     fmt = torch.channels_last if is_channels_last(wd) else torch.contiguous_format
-    g = grad_w_hat.detach().to(w.dtype).contiguous(memory_format=fmt)
+    g = grad_w_hat.detach().to(_checks.kernel_grad_dtype(grad_w_hat.dtype, w.dtype)).contiguous(memory_format=fmt)
     wf, cl = _flat(wd)
     gf = nhwc_view(g) if cl[0] else g
     sums = EXTENSION.module.w_backward(gf.reshape(c_out, -1), wf.reshape(c_out, -1),

@@ -51,6 +51,12 @@ def _act_params(x, log2_step, log2_range, offset):
     return ct, s, q, lo, hi
 
 
+def _seed_int(seed) -> int:
+    """The seed as a Python int: a one-element int64/int32 tensor (``check_seed`` accepts one)
+    is read on the host, an int is itself."""
+    return int(seed.reshape(-1)[0].item()) if isinstance(seed, torch.Tensor) else seed
+
+
 def activation_forward(x, log2_step, log2_range, offset):
     """Quantized activation ``y`` (x's shape and dtype). No autograd, no dither."""
     _checks.check_activation_args(x, log2_step, log2_range, offset)
@@ -91,7 +97,7 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     e = torch.round(v) - v
     t = e - above.to(ct)
     if dither:
-        t = t + s * _dither(x.shape, seed, dtype=ct, device=x.device)
+        t = t + s * _dither(x.shape, _seed_int(seed), dtype=ct, device=x.device)
     zero = torch.zeros_like(g)
     grad_step = LN2 * s * (g * t).sum()
     grad_range = LN2 * q * torch.where(above, g, zero).sum()
@@ -155,7 +161,7 @@ def weight_backward(grad_w_hat, w, log2_step, zero_point, seed, dither,
     v = (w2 - zero_point.to(ct)[:, None]) / s
     t = torch.round(v) - v
     if dither:
-        t = t + s * _dither(w.shape, seed, dtype=ct, device=w.device).reshape(c_out, _checks.row_len(w))
+        t = t + s * _dither(w.shape, _seed_int(seed), dtype=ct, device=w.device).reshape(c_out, _checks.row_len(w))
     per_channel = (g * t).sum(dim=1)  # (C_out,)
     if is_per_channel(log2_step, c_out):
         grad = LN2 * s.reshape(-1) * per_channel

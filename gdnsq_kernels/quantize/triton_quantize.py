@@ -15,7 +15,10 @@
 * Activation backward in one launch: each program writes ``dx`` for its block and three
   partial sums to a small ``(programs, 3)`` buffer, then takes a ticket (one atomic add); the
   program with the last ticket reduces the whole buffer in a fixed order (deterministic: the
-  same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``.
+  same sums whichever program finishes last) and applies ``ln2*s`` / ``ln2*Q``. The partials,
+  the outputs and the ticket counter share one zeroed allocation per launch (``_act_workspace``),
+  so a launch that never finished (an interrupt, an error) leaves nothing that a later launch
+  reads.
 * channels_last activations are read in their memory order (no copy); the dither index is
   the NCHW index, recomputed in the kernel.
 * Weights: one program per output channel loops over the channel's row (min, then quantize;
@@ -106,6 +109,17 @@ def _round_half_even(v, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _to_bf16_rne(v):
+    """float32 -> bfloat16 rounded half to even on the bits (Tensor.to's rounding). The GPU's
+    cast rounds the same way; the interpreter's truncates, which would make a float32 gradient
+    of a bfloat16 input differ from the reference under TRITON_INTERPRET=1."""
+    u = v.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(v != v, (u >> 16) | 0x40, r)  # NaN stays a (quiet) NaN
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _div(a, b, CT: tl.constexpr):
     # div_rn (correctly rounded; plain `/` may be approximate on the GPU) exists for fp32 only;
     # fp64 division is always correctly rounded.
@@ -186,7 +200,11 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, 
     above = x > hi
     if NEED_DX:
         inside = (x >= lo) & (x <= hi)  # False for NaN: no gradient through a NaN input
-        tl.store(dx_ptr + offs, tl.where(inside, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
+        dx = tl.where(inside, g, 0.0)  # g read in its own dtype: may be wider than x's
+        if dx_ptr.dtype.element_ty == tl.bfloat16:
+            tl.store(dx_ptr + offs, _to_bf16_rne(dx), mask=mask)
+        else:
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if NEED_PARAMS:
         below = x < lo
         xc = tl.where(below, lo, x)
@@ -220,7 +238,6 @@ def _act_bwd_kernel(g_ptr, x_ptr, dx_ptr, part_ptr, ticket_ptr, out_ptr, s_ptr, 
             tl.store(out_ptr + 0, ln2 * s * tl.sum(acc0, axis=0))
             tl.store(out_ptr + 1, ln2 * q * tl.sum(acc1, axis=0))
             tl.store(out_ptr + 2, tl.sum(acc2, axis=0))
-            tl.store(ticket_ptr, 0)  # ready for the next launch on this stream
 
 
 @triton.jit
@@ -330,18 +347,18 @@ def _act_layout(x):
     return contiguous(x), None
 
 
-_tickets = {}
+def _act_workspace(n_prog, dtype, device):
+    """(partials (n_prog, 3), out (3,), ticket (1,) int32): views of one zeroed allocation.
 
-
-def _ticket(device):
-    """A zeroed int32 counter per (device, stream); the last program of each launch resets it,
-    and launches on one stream run in order, so it is zero again for the next one."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    t = _tickets.get(key)
-    if t is None:
-        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return t
+    Allocated per launch (one small fill): the ticket counter starts at 0 for every launch
+    whatever became of earlier ones, so a launch that stopped part-way cannot make a later one
+    reduce too early or never. The ticket takes the last element (4 or 8 bytes, zero bits = 0).
+    """
+    work = torch.zeros(n_prog * 3 + 3 + 1, dtype=dtype, device=device)
+    part = work[:n_prog * 3].view(n_prog, 3)
+    out = work[n_prog * 3:n_prog * 3 + 3]
+    ticket = work[-1:].view(torch.int32)[:1]
+    return part, out, ticket
 
 
 def activation_forward(x, log2_step, log2_range, offset):
@@ -374,9 +391,7 @@ def activation_backward(grad_y, x, log2_step, log2_range, offset, seed, dither,
     s, q, off = _act_params(x, log2_step, log2_range, offset)
     dx = torch.empty_like(xc) if need_grad_x else xc  # dummy pointer when not written
     if need_grad_params:
-        part = torch.empty((n_prog, 3), dtype=acc_dtype, device=x.device)
-        out = torch.empty(3, dtype=acc_dtype, device=x.device)
-        ticket = _ticket(x.device)
+        part, out, ticket = _act_workspace(n_prog, acc_dtype, x.device)
     else:
         part = out = ticket = g  # dummy pointers, never touched
     C, H, Wd = chw if chw is not None else (1, 1, 1)
