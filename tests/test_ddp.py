@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import _trainer_tiny as tiny
 from gdnsq.train import distributed as gdist
-from gdnsq.train.trainer import LAST, METRICS, load_checkpoint
+from gdnsq.train.checkpoint import LAST, METRICS, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
