@@ -16,7 +16,6 @@ Default placement (METHOD Part A item 4, Part B §5):
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Iterable, Mapping
 from numbers import Real
 
@@ -28,19 +27,25 @@ from .quantizers import ESTIMATORS, _check_bits
 _TEACHER_ATTR = "_gdnsq_teacher"
 
 
-def _apply(self, fn, recurse=True):
-    """``nn.Module._apply`` of a student that also applies ``fn`` to its teacher.
+class _ApplyWithTeacher:
+    """A student's ``_apply`` (set on the instance by :func:`quantize_model`) that also applies
+    ``fn`` to the student's teacher.
 
-    Set on the student instance by :func:`quantize_model` (named ``_apply``, so a pickled student
-    reloads with the class method). Every device or dtype move of a module (``.to()``,
-    ``.cuda()``, ``.double()``, ``.to(memory_format=...)``; also of a module that holds the
-    student) goes through ``_apply``, so the teacher follows the student without being one of
-    its submodules.
+    Every device or dtype move of a module (``.to()``, ``.cuda()``, ``.double()``,
+    ``.to(memory_format=...)``; also of a module that holds the student) goes through
+    ``_apply``, so the teacher follows the student without being one of its submodules. An
+    object, not a bound method, so that copies and pickles of the student keep it.
     """
-    teacher = self.__dict__.get(_TEACHER_ATTR)
-    if teacher is not None:
-        teacher._apply(fn, recurse)
-    return type(self)._apply(self, fn, recurse)
+
+    def __init__(self, student: nn.Module):
+        self.student = student
+
+    def __call__(self, fn, recurse=True):
+        student = self.student
+        teacher = student.__dict__.get(_TEACHER_ATTR)
+        if teacher is not None:
+            teacher._apply(fn, recurse)
+        return type(student)._apply(student, fn, recurse)
 
 
 def _names(arg, what: str) -> list[str]:
@@ -188,7 +193,7 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
         # would enter the student's state_dict and parameters): a plain attribute, moved with
         # the student by the instance's _apply.
         object.__setattr__(student, _TEACHER_ATTR, fp_copy)
-        object.__setattr__(student, "_apply", types.MethodType(_apply, student))
+        object.__setattr__(student, "_apply", _ApplyWithTeacher(student))
     return student
 
 

@@ -176,7 +176,7 @@ class GDNSQObjective(nn.Module):
     Read them with :func:`read_parts` (one device-to-host transfer) when logging.
 
     State: the running mean ``mu = loss_sum / count`` of ``D`` over the training-mode calls,
-    in the buffers ``loss_sum`` (float64) and ``count`` (int64), so ``state_dict()`` /
+    in the buffers ``loss_sum`` ((1,) float64) and ``count`` ((1,) int64), so ``state_dict()`` /
     ``load_state_dict()`` carry it and a module that holds the objective (a LightningModule)
     checkpoints it with its own state. The student is referenced, not registered: the
     objective's ``state_dict`` holds only these two buffers. The buffers follow the loss's
@@ -203,13 +203,14 @@ class GDNSQObjective(nn.Module):
         self.reduce_fn: Optional[Callable] = mean_over_ranks
         param = next(student.parameters(), None)
         device = param.device if param is not None else None
-        self.register_buffer("loss_sum", torch.zeros((), dtype=torch.float64, device=device))
-        self.register_buffer("count", torch.ones((), dtype=torch.int64, device=device))
+        # Shape (1,), not 0-d: torch.compile drops in-place updates of 0-d float64 buffers.
+        self.register_buffer("loss_sum", torch.zeros(1, dtype=torch.float64, device=device))
+        self.register_buffer("count", torch.ones(1, dtype=torch.int64, device=device))
 
     @property
     def mu(self) -> torch.Tensor:
         """Running mean of D over the previous training steps (0-d float64; 0 before any)."""
-        return self.loss_sum / self.count
+        return (self.loss_sum / self.count).reshape(())
 
     def _follow(self, device: torch.device) -> None:
         if self.loss_sum.device != device:
@@ -253,7 +254,7 @@ class GDNSQObjective(nn.Module):
         if self.reduce_fn is not None:
             dv = self.reduce_fn(dv)
         self._follow(dv.device)
-        self.loss_sum.add_(dv.to(self.loss_sum.dtype))
+        self.loss_sum.add_(dv.reshape(1).to(self.loss_sum.dtype))
         self.count.add_(1)
 
     def add_penalty(self, d: torch.Tensor, t) -> tuple:
@@ -273,8 +274,8 @@ class GDNSQObjective(nn.Module):
         missing = {"loss_sum", "count"} - set(state_dict)
         if missing:
             raise ValueError(f"state must contain 'loss_sum' and 'count' (missing {sorted(missing)})")
-        state = {"loss_sum": torch.as_tensor(state_dict["loss_sum"], dtype=torch.float64),
-                 "count": torch.as_tensor(state_dict["count"], dtype=torch.int64)}
+        state = {"loss_sum": torch.as_tensor(state_dict["loss_sum"], dtype=torch.float64).reshape(1),
+                 "count": torch.as_tensor(state_dict["count"], dtype=torch.int64).reshape(1)}
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
