@@ -107,7 +107,8 @@ def fast_config(**overrides):
     short warm-up, fast t growth, LR halving every ~2 epochs after convergence."""
     from gdnsq.train.presets import get_preset
     values = dict(lr=0.2, quantizer_lr_scale=1.0, warmup_steps=5, t_scale=5.0, anneal=0.95, val_every=1, patience=3,
-                  max_epochs=8, log_every=2, progress=False, device="cpu", seed=0)
+                  max_epochs=8, log_every=2, progress=False, device="cpu", seed=0,
+                  precision="fp32")  # the same numbers on every CPU ("auto" picks bf16 on some)
     values.update(overrides)
     return get_preset("cpu-fast", **values)
 

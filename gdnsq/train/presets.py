@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ESTIMATORS = ("ste", "aewgs")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def half_life_to_anneal(half_life_epochs: float, batches_per_epoch: int) -> float:
@@ -67,7 +67,9 @@ class TrainConfig:
             before the convergence test.
         progress: show the progress bar on stderr (rank 0 only).
     Speed:
-        precision: "fp32", or "bf16": the teacher and student forward and the loss of each
+        precision: "auto" (default: bf16 where the hardware runs it natively, else fp32; see
+            :mod:`gdnsq.train.precision`), "fp32", or "bf16": the teacher and student forward
+            and the loss of each
             training step run under ``torch.autocast(dtype=torch.bfloat16)`` opened per step (the
             quantizers still compute in float32, METHOD Part A item 8; validation, test and
             export stay float32).
@@ -95,7 +97,7 @@ class TrainConfig:
     num_workers: int = 0
     probe_batches: int = 1
     progress: bool = True
-    precision: str = "fp32"
+    precision: str = "auto"
     channels_last: bool = False
     extra: dict = field(default_factory=dict)
 

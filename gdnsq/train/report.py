@@ -109,7 +109,8 @@ def build_report(student: nn.Module, selected, *, realised: dict, run: dict, tes
         selected: the :class:`~gdnsq.train.selection.Selected` checkpoint.
         realised: {layer: {"weight", "act"}} realised bits to report (of the selected weights).
         run: the run's own figures: first_converged_epoch, epochs_run, global_steps,
-            stop_reason, wall_seconds, world_size, config, command.
+            stop_reason, wall_seconds, world_size, precision ({"requested", "used", "reason"}),
+            config, command.
         test: the test evaluation (``Trainer.evaluate``) or None before ``test()``.
     Non-finite values are None (as report.json writes them).
     """
@@ -141,6 +142,7 @@ def build_report(student: nn.Module, selected, *, realised: dict, run: dict, tes
         "stop_reason": run["stop_reason"],
         "wall_seconds": round(run["wall_seconds"], 3),
         "world_size": run["world_size"],
+        "precision": run["precision"],
         "config": run["config"],
         "command": run["command"],
     })

@@ -54,6 +54,7 @@ from .checkpoint import (BEST, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LAST, METR
 from .evaluation import evaluate, split_batch
 from .loop import train_epoch
 from .plot import plot_bit_history, plot_curves
+from .precision import resolve_precision
 from .presets import TrainConfig, get_preset
 from .progress import close_with, progress_bar
 from .report import MetricsLog, build_report, per_layer_bits, realised_bits, target_bits, write_report
@@ -140,6 +141,9 @@ class Trainer:
         self.random = RandomStreams(config.seed, self.rank, [("train", train_loader), ("val", val_loader)])
 
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        # "auto" becomes fp32 or bf16 here; a resumed run keeps the precision it started with
+        # (see _resume), so that it stays bit-identical to an uninterrupted one.
+        self.precision, self.precision_reason = resolve_precision(config.precision, self.device)
         self.student = student.to(self.device, memory_format=self.memory_format)
         self.teacher = teacher.to(self.device, memory_format=self.memory_format)
         self.teacher.eval()
@@ -394,7 +398,7 @@ class Trainer:
 
     def _autocast(self):
         """A fresh autocast context for one training step (a no-op context for fp32)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -403,6 +407,7 @@ class Trainer:
             "converged": self.converged, "first_converged_epoch": self.first_converged_epoch,
             **self.selection.state_dict(),
             "stop_reason": self.stop_reason, "wall_seconds": self._wall_seconds(),
+            "precision": self.precision, "precision_reason": self.precision_reason,
             "history": self.history, "last_val": self.last_val,
         }
 
@@ -462,6 +467,12 @@ class Trainer:
         self.global_step = ckpt["global_step"]
         self.selection.load_state_dict(st)
         self.stop_reason = st["stop_reason"]
+        started = st.get("precision")
+        if self.cfg.precision == "auto" and started is not None and started != self.precision:
+            warnings.warn(f"Trainer resume: the run started in {started} (precision='auto' resolved "
+                          f"then: {st.get('precision_reason')}); it continues in {started}, although "
+                          f"here 'auto' would choose {self.precision} ({self.precision_reason})")
+            self.precision, self.precision_reason = started, st.get("precision_reason")
         self.wall_seconds_before = st["wall_seconds"]
         self.history = st["history"]
         self.last_val = st["last_val"]
@@ -513,6 +524,8 @@ class Trainer:
         run = {"first_converged_epoch": self.first_converged_epoch, "epochs_run": self.epoch,
                "global_steps": self.global_step, "stop_reason": self.stop_reason,
                "wall_seconds": self._wall_seconds(), "world_size": self.world_size,
+               "precision": {"requested": self.cfg.precision, "used": self.precision,
+                             "reason": self.precision_reason},
                "config": self.cfg.to_dict(), "command": self.command}
         return build_report(self.student, selected, realised=realised, run=run, test=test)
 
