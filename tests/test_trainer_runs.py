@@ -114,3 +114,44 @@ def test_a_trainer_keeps_to_its_own_random_streams(tmp_path):
     b = load_checkpoint(str(tmp_path / "b" / LAST))
     assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_the_bf16_measurement_leaves_the_global_generator_alone():
+    from gdnsq.train.precision import measure_bf16_speedup
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    measure_bf16_speedup(repeats=1)  # what precision="auto" runs where the CPU flags are unknown
+    assert torch.equal(torch.rand(2), expected)
+
+
+def _as_version_1(ckpt):
+    """The same checkpoint as gdnsq 0.1 wrote it: a schedule without optimizer or hold, the
+    objective's running mean as plain numbers, the optimizer groups tagged with lr_scale."""
+    sch = ckpt["schedule"]
+    groups = ckpt["optimizer"]["param_groups"]
+    base = groups[0]["initial_lr"]
+    for g in groups:
+        g["lr_scale"] = g.pop("initial_lr") / base
+        g.pop("name")
+    ckpt["schedule"] = {"n": sch["last_epoch"], "t": sch["t"], "rho": sch["rho"], "converged": sch["annealing"],
+                        "lr0": sch["lr0"], "warmup_steps": sch["warmup_steps"], "t_scale": sch["t_scale"],
+                        "anneal": sch["anneal"]}
+    ckpt["objective"] = {"loss_sum": float(ckpt["objective"]["loss_sum"]), "count": int(ckpt["objective"]["count"])}
+    ckpt["version"] = 1
+    return ckpt
+
+
+def test_a_version_1_checkpoint_resumes_like_the_current_one(tmp_path):
+    _trainer(tmp_path / "new", max_epochs=3).fit()
+    ckpt = load_checkpoint(str(tmp_path / "new" / LAST))
+    os.makedirs(tmp_path / "old")
+    save_checkpoint(_as_version_1(ckpt), str(tmp_path / "old" / LAST))
+    new, old = _trainer(tmp_path / "new", max_epochs=4), _trainer(tmp_path / "old", max_epochs=4)
+    for key in ("lr", "t", "rho", "checks", "first_converged", "converged", "annealing", "held"):
+        assert getattr(old.schedule, key) == getattr(new.schedule, key), key
+    assert [g["lr"] for g in old.optimizer.param_groups] == [g["lr"] for g in new.optimizer.param_groups]
+    assert torch.equal(old.objective.mu, new.objective.mu)
+    new.fit()
+    old.fit()
+    assert all(torch.equal(v, old.student.state_dict()[k]) for k, v in new.student.state_dict().items())
