@@ -2,8 +2,9 @@
 
 Method API (see docs/method.md and docs/trainer.md):
     quantize_model, teacher_of, calibrate, QConv2d, QLinear, WeightQuantizer,
-    ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective, GDNSQSchedule,
-    Trainer, TrainConfig, get_preset, set_exact_inference; submodules data, models, deploy, cli
+    ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective, read_parts,
+    GDNSQSchedule, param_groups, ConvergenceTracker, Trainer, TrainConfig, get_preset,
+    set_exact_inference; submodules stats, data, models, deploy, cli
 """
 # The one place the version is written (setup.py reads this line as text).
 __version__ = "0.1.0"
@@ -12,8 +13,9 @@ from .quantizers import ActivationQuantizer, WeightQuantizer
 from .layers import QConv2d, QLinear
 from .convert import quantize_model, teacher_of
 from .calibrate import calibrate
-from .losses import BitWidthPenalty, GDNSQObjective, jeffreys_divergence
-from .schedule import GDNSQSchedule
+from .losses import BitWidthPenalty, GDNSQObjective, jeffreys_divergence, read_parts
+from .schedule import GDNSQSchedule, param_groups
+from .convergence import ConvergenceStatus, ConvergenceTracker
 from . import stats
 
 from .train.trainer import Trainer
@@ -22,6 +24,7 @@ from .layers import set_exact_inference
 
 __all__ = [
     "quantize_model", "teacher_of", "calibrate", "QConv2d", "QLinear", "WeightQuantizer",
-    "ActivationQuantizer", "jeffreys_divergence", "BitWidthPenalty", "GDNSQObjective",
-    "GDNSQSchedule", "stats", "Trainer", "TrainConfig", "get_preset", "set_exact_inference",
+    "ActivationQuantizer", "jeffreys_divergence", "BitWidthPenalty", "GDNSQObjective", "read_parts",
+    "GDNSQSchedule", "param_groups", "ConvergenceTracker", "ConvergenceStatus", "stats", "Trainer",
+    "TrainConfig", "get_preset", "set_exact_inference",
 ]

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from .batches import ForwardFn, check_forward_fn, to_device
 from .layers import QConv2d, QLinear
 from .quantizers import WEIGHT_LOG2_STEP_INIT
 
@@ -27,7 +28,7 @@ def _batch_input(batch):
 
 @torch.no_grad()
 def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: int | None = None,
-              device=None) -> dict:
+              device=None, forward_fn: ForwardFn | None = None) -> dict:
     """Set every weight and activation quantizer of ``student`` to ``bits`` bits.
 
     Weights (per channel): ``log2_step_c = max(-12, log2((max_c - min_c)/(2**bits - 1)))``.
@@ -41,10 +42,14 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
 
     Args:
         student: model from :func:`gdnsq.quantize_model`.
-        loader: iterable of input tensors or (input, target) pairs.
+        loader: iterable of batches: input tensors, (input, target) pairs, dicts with an
+            ``"input"`` key, or dicts of model keyword arguments (a Hugging Face batch:
+            ``student(**batch)``); any other batch with ``forward_fn``.
         bits: starting precision in bits (> 0).
         num_batches: stop after this many batches (default: the whole loader).
-        device: where to put the inputs (default: the student's parameter device).
+        device: where to put the batch's tensors (default: the student's parameter device).
+        forward_fn: ``forward_fn(student, batch)`` runs the student on one batch, for any
+            model signature (default :func:`gdnsq.batches.default_forward`).
 
     Returns:
         {layer name: {"min": float, "max": float, "signed": bool, "pruned": bool}} for the
@@ -54,6 +59,7 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
         raise ValueError(f"bits must be a positive number, got {bits!r}")
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    forward_fn = check_forward_fn(forward_fn)
     levels = 2.0 ** bits - 1.0
     layers = [(n, m) for n, m in student.named_modules() if isinstance(m, (QConv2d, QLinear))]
     if not layers:
@@ -97,7 +103,7 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
             student.eval()
             seen = 0
             for batch in loader:
-                student(_batch_input(batch).to(device))
+                forward_fn(student, to_device(batch, device))
                 seen += 1
                 if num_batches is not None and seen >= num_batches:
                     break

@@ -27,6 +27,27 @@ from .quantizers import ESTIMATORS, _check_bits
 _TEACHER_ATTR = "_gdnsq_teacher"
 
 
+class _ApplyWithTeacher:
+    """A student's ``_apply`` (set on the instance by :func:`quantize_model`) that also applies
+    ``fn`` to the student's teacher.
+
+    Every device or dtype move of a module (``.to()``, ``.cuda()``, ``.double()``,
+    ``.to(memory_format=...)``; also of a module that holds the student) goes through
+    ``_apply``, so the teacher follows the student without being one of its submodules. An
+    object, not a bound method, so that copies and pickles of the student keep it.
+    """
+
+    def __init__(self, student: nn.Module):
+        self.student = student
+
+    def __call__(self, fn, recurse=True):
+        student = self.student
+        teacher = student.__dict__.get(_TEACHER_ATTR)
+        if teacher is not None:
+            teacher._apply(fn, recurse)
+        return type(student)._apply(student, fn, recurse)
+
+
 def _names(arg, what: str) -> list[str]:
     if arg is None:
         return []
@@ -87,7 +108,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, include=None,
                    keep_first: bool = True, keep_last: bool = True, skip_1x1: bool = True,
                    signed="auto", estimator: str = "ste", per_channel: bool = True,
-                   dither: bool = True, inplace: bool = False) -> nn.Module:
+                   dither: bool = True, inplace: bool = False, teacher: bool = True) -> nn.Module:
     """Convert an FP model into a GDNSQ student; a frozen FP teacher is kept (see ``teacher_of``).
 
     Args:
@@ -110,6 +131,10 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
         per_channel: per-output-channel weight steps (default) or one per tensor.
         dither: use the dithered step gradient (METHOD Part A item 1).
         inplace: convert ``model`` itself instead of a deep copy.
+        teacher: keep a frozen FP copy of ``model`` for distillation (:func:`teacher_of`). It
+            moves with the student (``.to()``, ``.cuda()``, dtype casts) and stays out of the
+            student's ``state_dict()`` and ``parameters()``. False: no copy (training against
+            labels, or a teacher of one's own).
 
     Returns:
         The student: same module tree with the chosen layers replaced by QConv2d / QLinear
@@ -122,11 +147,15 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if not (signed is True or signed is False or (isinstance(signed, str) and signed == "auto")):
         raise ValueError(f"signed must be 'auto', True or False, got {signed!r}")
+    if not isinstance(teacher, bool):
+        raise TypeError(f"teacher must be True or False, got {type(teacher).__name__}")
     exclude, include = _names(exclude, "exclude"), _names(include, "include")
 
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    teacher.requires_grad_(False)
+    fp_copy = None
+    if teacher:
+        fp_copy = copy.deepcopy(model)
+        fp_copy.eval()
+        fp_copy.requires_grad_(False)
     student = model if inplace else copy.deepcopy(model)
 
     modules = dict(student.named_modules())
@@ -159,17 +188,33 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
                            estimator=estimator, per_channel=per_channel, dither=dither)
         _set_submodule(student, name, q)
 
-    # Not a registered submodule: the teacher stays out of the student's state_dict/parameters.
-    object.__setattr__(student, _TEACHER_ATTR, teacher)
+    if fp_copy is not None:
+        # Not a submodule (a container such as nn.Sequential would run it, and the teacher
+        # would enter the student's state_dict and parameters): a plain attribute, moved with
+        # the student by the instance's _apply.
+        object.__setattr__(student, _TEACHER_ATTR, fp_copy)
+        object.__setattr__(student, "_apply", _ApplyWithTeacher(student))
     return student
 
 
 def teacher_of(student: nn.Module) -> nn.Module:
     """The frozen FP copy taken by ``quantize_model`` (eval mode, requires_grad False).
 
-    It is a plain attribute, not a submodule: ``student.to(device)`` does not move it.
+    It moves with the student (``student.to(device)`` moves it too) and is in neither the
+    student's ``state_dict()`` nor its ``parameters()``.
     """
     teacher = student.__dict__.get(_TEACHER_ATTR)
     if teacher is None:
-        raise ValueError("student has no teacher: it was not made by gdnsq.quantize_model")
+        raise ValueError("student has no teacher: it was not made by gdnsq.quantize_model, or made with "
+                         "teacher=False")
     return teacher
+
+
+def copy_without_teacher(student: nn.Module) -> nn.Module:
+    """A deep copy of ``student`` without its teacher (the teacher is not copied)."""
+    teacher = student.__dict__.get(_TEACHER_ATTR)
+    memo = {id(teacher): None} if teacher is not None else {}
+    model = copy.deepcopy(student, memo)
+    model.__dict__.pop(_TEACHER_ATTR, None)
+    model.__dict__.pop("_apply", None)
+    return model

@@ -1,10 +1,12 @@
-"""GDNSQ objective: Jeffreys distillation plus the exterior-point bit-width penalty
-(METHOD Part B §3.2, §3.4).
+"""GDNSQ objective: a base loss plus the exterior-point bit-width penalty (METHOD Part B §3.2,
+§3.4).
 
 ``L = D + t * mu * (omega_w * L_w + omega_a * L_a)`` with
 
-* ``D`` the Jeffreys divergence between student and teacher logits (or cross-entropy with the
-  labels when no teacher logits are given);
+* ``D`` the base loss: by default the Jeffreys divergence between student and teacher logits
+  (token-level for (B, T, V) logits, with an optional mask), or the cross-entropy with the
+  labels when no teacher logits are given; any other loss through a callable or as a
+  precomputed 0-d tensor;
 * ``L_w = mean_i max(0, b_w,i - (B_w,i - eps))`` over every output channel of every quantized
   layer, ``L_a`` the same over every non-pruned activation quantizer (p = 1, unweighted means
   over all constraints, active or not), targets ``B`` from each quantizer's ``target_bits``;
@@ -12,40 +14,77 @@
   the active-constraint counts (no gradient);
 * ``mu`` the running mean of ``D`` over the previous training steps (sum 0, count 1 at the start,
   so ``mu = 0`` at step 0; updated only while the student is in training mode).
+
+Nothing here reads a tensor back to the host: counts, weights and ``mu`` stay tensors on the
+loss's device, so a call never waits for the device and traces whole under
+``torch.compile(fullgraph=True)``. :func:`read_parts` reads a call's parts for logging, in
+one transfer.
 """
 from __future__ import annotations
+
+from numbers import Real
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._dist import mean_over_ranks
 from .stats import quantized_layers
 
 
-def jeffreys_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(p_T || p_S) + KL(p_S || p_T)`` at temperature 1, summed over classes, mean over the batch.
+def jeffreys_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``KL(p_T || p_S) + KL(p_S || p_T)`` at temperature 1, summed over the last (class) axis,
+    averaged over the positions.
 
     Args:
-        student_logits, teacher_logits: (N, K) logits (any float dtype; math in float32).
+        student_logits, teacher_logits: logits of the same shape, classes last: (N, K) for a
+            classifier, (B, T, V) for a sequence model (token-level divergence), any float
+            dtype (math in float32, float64 kept).
+        mask: None (every position counts), or a bool / 0-1 tensor of the logits' shape
+            without the class axis ((N,) or (B, T)): only positions where it is nonzero count,
+            e.g. a tokenizer's ``attention_mask``. A mask with no nonzero entry gives 0.
     Returns:
-        0-d float32 tensor (float64 for float64 logits), nats per sample.
+        0-d tensor, nats per position (per sample for (N, K) logits: ``batchmean``).
     """
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"student_logits and teacher_logits must both be (N, K), got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() < 2:
+        raise ValueError(f"student_logits and teacher_logits must have one shape (..., classes) with at "
+                         f"least 2 dims, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     ct = torch.promote_types(student_logits.dtype, torch.float32)  # float32 (float64 kept)
-    ls = F.log_softmax(student_logits.to(ct), dim=1)
-    lt = F.log_softmax(teacher_logits.to(ct), dim=1)
+    ls = F.log_softmax(student_logits.to(ct), dim=-1)
+    lt = F.log_softmax(teacher_logits.to(ct), dim=-1)
     # KL(T||S) + KL(S||T) = sum (p_T - p_S) (log p_T - log p_S)
-    return ((lt.exp() - ls.exp()) * (lt - ls)).sum() / student_logits.shape[0]
+    per_position = ((lt.exp() - ls.exp()) * (lt - ls)).sum(-1)
+    if mask is None:
+        return per_position.sum() / per_position.numel()
+    if tuple(mask.shape) != tuple(per_position.shape):
+        raise ValueError(f"mask must have the logits' shape without the class axis, "
+                         f"{tuple(per_position.shape)}, got {tuple(mask.shape)}")
+    weight = (mask != 0).to(ct)
+    return (per_position * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                          mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the positions (labels == -100 and mask == 0 are left out)."""
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if mask is not None:
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask must have the labels' shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        flat_labels = torch.where(mask.reshape(-1) != 0, flat_labels, torch.full_like(flat_labels, -100))
+    return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
 
 
 class BitWidthPenalty:
     """Exterior-point hinge penalty on the continuous bit-widths of a student.
 
-    ``penalty(student)`` returns a dict: ``loss_w``, ``loss_a`` (0-d tensors, differentiable in
-    the weights and the log2 parameters), ``omega_w``, ``omega_a`` (floats), ``active_w``,
-    ``active_a`` (ints: constraints with a positive hinge), ``count_w``, ``count_a`` (ints).
+    ``penalty(student)`` returns a dict of tensors: ``loss_w``, ``loss_a`` (0-d, differentiable
+    in the weights and the log2 parameters), ``omega_w``, ``omega_a`` (0-d, no gradient),
+    ``active_w``, ``active_a`` (0-d int64: constraints with a positive hinge), ``count_w``,
+    ``count_a`` (0-d int64: constraints). Pruned activation quantizers (``pruned`` buffer) are
+    left out through a mask, so the call never reads a flag back from the device.
     """
 
     def __init__(self, epsilon: float = 1e-3, p: float = 1.0):
@@ -57,8 +96,9 @@ class BitWidthPenalty:
         self.p = float(p)
 
     def constraint_bits(self, student: nn.Module):
-        """(weight bits (N_w,), weight targets (N_w,), act bits (N_a,), act targets (N_a,))."""
-        wb, wt, ab, at = [], [], [], []
+        """(weight bits (N_w,), weight targets (N_w,), act bits (N_a,), act targets (N_a,),
+        act kept (N_a,) bool: False for a pruned quantizer)."""
+        wb, wt, ab, at, keep = [], [], [], [], []
         for _, layer in quantized_layers(student):
             wq = layer.weight_quantizer
             if wq.log2_step.requires_grad:
@@ -66,83 +106,191 @@ class BitWidthPenalty:
                 wb.append(b)
                 wt.append(wq.target_bits.to(b.dtype).expand(b.shape[0]))
             aq = layer.act_quantizer
-            if aq is not None and aq.enabled and not bool(aq.pruned):
+            if aq is not None and aq.enabled:
                 b = aq.continuous_bits().reshape(1)
                 ab.append(b)
                 at.append(aq.target_bits.to(b.dtype).reshape(1))
+                keep.append(~aq.pruned.reshape(1).to(torch.bool))
         dev = next(student.parameters()).device
 
-        def cat(xs):
-            return torch.cat(xs) if xs else torch.zeros(0, device=dev)
-        return cat(wb), cat(wt), cat(ab), cat(at)
+        def cat(xs, dtype=None):
+            return torch.cat(xs) if xs else torch.zeros(0, device=dev, dtype=dtype)
+        return cat(wb), cat(wt), cat(ab), cat(at), cat(keep, torch.bool)
 
     def __call__(self, student: nn.Module) -> dict:
-        wb, wt, ab, at = self.constraint_bits(student)
+        wb, wt, ab, at, keep = self.constraint_bits(student)
         hw = torch.clamp_min(wb - (wt - self.epsilon), 0.0)
         ha = torch.clamp_min(ab - (at - self.epsilon), 0.0)
         if self.p != 1.0:
             hw, ha = hw ** self.p, ha ** self.p
+        ha = torch.where(keep, ha, torch.zeros_like(ha))
         zero = torch.zeros((), device=wb.device)
+        count_w = torch.full((), hw.numel(), dtype=torch.int64, device=wb.device)
+        count_a = keep.sum()
         loss_w = hw.mean() if hw.numel() else zero
-        loss_a = ha.mean() if ha.numel() else zero
-        n_w, n_a = int((hw > 0).sum()), int((ha > 0).sum())
+        loss_a = ha.sum() / count_a.clamp_min(1).to(ha.dtype) if ha.numel() else zero
+        n_w = (hw > 0).sum()
+        n_a = (ha > 0).sum()
+        # The side weights in float64, then cast to the penalty's dtype (as Python floats were).
         eps = self.epsilon
-        denom = n_w + n_a + eps
+        nw64, na64 = n_w.detach().to(torch.float64), n_a.detach().to(torch.float64)
+        denom = nw64 + na64 + eps
         return {"loss_w": loss_w, "loss_a": loss_a,
-                "omega_w": (n_w + eps) / denom, "omega_a": (n_a + eps) / denom,
-                "active_w": n_w, "active_a": n_a, "count_w": int(hw.numel()), "count_a": int(ha.numel())}
+                "omega_w": ((nw64 + eps) / denom).to(loss_w.dtype),
+                "omega_a": ((na64 + eps) / denom).to(loss_a.dtype),
+                "active_w": n_w, "active_a": n_a, "count_w": count_w, "count_a": count_a}
 
 
-class GDNSQObjective:
-    """``loss, parts = objective(student_logits, teacher_logits, t, labels=None)``.
+def _checked_t(t):
+    """``t`` as a number or a 0-d tensor."""
+    if torch.is_tensor(t):
+        if t.numel() != 1:
+            raise ValueError(f"t must be a number or a one-element tensor, got shape {tuple(t.shape)}")
+        return t.reshape(())
+    if isinstance(t, bool) or not isinstance(t, Real):
+        raise TypeError(f"t must be a number or a one-element tensor, got {type(t).__name__}")
+    return t
 
-    ``D`` is :func:`jeffreys_divergence` (labels unused); with ``teacher_logits=None`` it is the
-    cross-entropy with ``labels`` instead. ``parts`` holds floats: loss, distill, penalty_w,
-    penalty_a, omega_w, omega_a, active_w, active_a, mu, t.
 
-    ``reduce_fn`` (set by the trainer under DDP): callable mapping the detached 0-d ``D`` to its
-    mean across ranks, applied before ``mu`` is updated, so every rank holds the same ``mu``.
+class GDNSQObjective(nn.Module):
+    """The GDNSQ loss of a student: a base loss ``D`` plus ``t * mu * (omega_w L_w + omega_a L_a)``.
+
+    Three ways to call it; each returns ``(loss, parts)``, ``loss`` a 0-d tensor to backward:
+
+    * ``objective(student_logits, teacher_logits, t, mask=None)``: ``D`` is
+      :func:`jeffreys_divergence` ((N, K) or token-level (B, T, V) logits; ``mask`` (N,) or
+      (B, T) selects the positions, e.g. an ``attention_mask``);
+      ``objective(student_logits, None, t, labels=y, mask=None)``: ``D`` is the cross-entropy
+      with ``labels`` ((N,) or (B, T) class indices; -100 and masked positions are ignored).
+      With ``base_loss=fn`` given at construction, ``D = fn(student_logits, teacher_logits,
+      labels)`` instead (any callable returning a 0-d tensor; either argument may be None).
+    * ``objective.add_penalty(d, t)``: ``D`` is a loss the caller computed already (0-d tensor:
+      a Hugging Face model's ``outputs.loss``, a task loss, a distillation loss of one's own).
+    * ``objective.penalty_term(t)``: ``(t * mu * (omega_w L_w + omega_a L_a), parts)`` alone,
+      without touching ``mu`` (to add to a loss elsewhere; ``objective.update_mu(d)`` then
+      records that step's base loss).
+
+    ``t`` is the schedule's penalty weight (:attr:`gdnsq.GDNSQSchedule.t`), a number or a
+    one-element tensor. ``parts`` holds detached 0-d tensors (a number for a number ``t``):
+    loss, distill (= D), penalty_w, penalty_a, omega_w, omega_a, active_w, active_a, mu, t.
+    Read them with :func:`read_parts` (one device-to-host transfer) when logging.
+
+    State: the running mean ``mu = loss_sum / count`` of ``D`` over the training-mode calls,
+    in the buffers ``loss_sum`` ((1,) float64) and ``count`` ((1,) int64), so ``state_dict()`` /
+    ``load_state_dict()`` carry it and a module that holds the objective (a LightningModule)
+    checkpoints it with its own state. The student is referenced, not registered: the
+    objective's ``state_dict`` holds only these two buffers. The buffers follow the loss's
+    device on the first call after a move.
+
+    ``reduce_fn``: applied to the detached ``D`` before it enters ``mu``. The default averages
+    it over the ranks of an initialised process group (identity otherwise), so every rank holds
+    the same ``mu`` under DDP; every rank must then call the objective on every training step.
+    None uses each rank's own ``D``.
     """
 
-    def __init__(self, student: nn.Module, epsilon: float = 1e-3, p: float = 1.0):
-        self.student = student
+    def __init__(self, student: nn.Module, epsilon: float = 1e-3, p: float = 1.0, *,
+                 base_loss: Optional[Callable] = None):
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        if base_loss is not None and not callable(base_loss):
+            raise TypeError(f"base_loss must be a callable (student_logits, teacher_logits, labels) -> 0-d "
+                            f"tensor, or None, got {type(base_loss).__name__}")
+        # A plain attribute: the student is not a submodule of its objective.
+        object.__setattr__(self, "student", student)
         self.penalty = BitWidthPenalty(epsilon=epsilon, p=p)
-        self.loss_sum = 0.0
-        self.count = 1
-        self.reduce_fn = None
+        self.base_loss = base_loss
+        self.reduce_fn: Optional[Callable] = mean_over_ranks
+        param = next(student.parameters(), None)
+        device = param.device if param is not None else None
+        # Shape (1,), not 0-d: torch.compile drops in-place updates of 0-d float64 buffers.
+        self.register_buffer("loss_sum", torch.zeros(1, dtype=torch.float64, device=device))
+        self.register_buffer("count", torch.ones(1, dtype=torch.int64, device=device))
 
     @property
-    def mu(self) -> float:
-        """Running mean of D over the previous training steps (0 before any)."""
-        return self.loss_sum / self.count
+    def mu(self) -> torch.Tensor:
+        """Running mean of D over the previous training steps (0-d float64; 0 before any)."""
+        return (self.loss_sum / self.count).reshape(())
 
-    def __call__(self, student_logits, teacher_logits, t: float, labels=None):
-        if teacher_logits is not None:
-            d = jeffreys_divergence(student_logits, teacher_logits)
+    def _follow(self, device: torch.device) -> None:
+        if self.loss_sum.device != device:
+            self.loss_sum = self.loss_sum.to(device)
+            self.count = self.count.to(device)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
+                t=0.0, *, labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        if self.base_loss is not None:
+            if mask is not None:
+                raise ValueError("mask applies to the built-in base losses; apply it inside base_loss")
+            d = self.base_loss(student_logits, teacher_logits, labels)
+        elif teacher_logits is not None:
+            d = jeffreys_divergence(student_logits, teacher_logits, mask)
         elif labels is not None:
-            d = F.cross_entropy(student_logits.float(), labels)
+            d = _masked_cross_entropy(student_logits, labels, mask)
         else:
             raise ValueError("teacher_logits and labels are both None: one is needed for the base loss")
-        t = float(t)
-        mu = self.mu
+        return self.add_penalty(d, t)
+
+    def penalty_term(self, t) -> tuple:
+        """``(t * mu * (omega_w * L_w + omega_a * L_a), parts)`` without updating ``mu``."""
+        t = _checked_t(t)
         pen = self.penalty(self.student)
-        loss = d + (t * mu) * (pen["omega_w"] * pen["loss_w"] + pen["omega_a"] * pen["loss_a"])
-        if self.student.training:
-            dv = d.detach()
-            if self.reduce_fn is not None:
-                dv = self.reduce_fn(dv)
-            self.loss_sum += float(dv)
-            self.count += 1
-        parts = {"loss": float(loss.detach()), "distill": float(d.detach()),
-                 "penalty_w": float(pen["loss_w"].detach()), "penalty_a": float(pen["loss_a"].detach()),
+        self._follow(pen["loss_w"].device)
+        mu = self.mu
+        # t*mu in float64 (as Python floats were), cast to the penalty's dtype before scaling it.
+        term = (t * mu).to(pen["loss_w"].dtype) * (pen["omega_w"] * pen["loss_w"] + pen["omega_a"] * pen["loss_a"])
+        parts = {"penalty_w": pen["loss_w"].detach(), "penalty_a": pen["loss_a"].detach(),
                  "omega_w": pen["omega_w"], "omega_a": pen["omega_a"],
-                 "active_w": pen["active_w"], "active_a": pen["active_a"], "mu": mu, "t": t}
-        return loss, parts
+                 "active_w": pen["active_w"], "active_a": pen["active_a"], "mu": mu,
+                 "t": t.detach() if torch.is_tensor(t) else t}
+        return term, parts
 
-    def state_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum, "count": self.count}
+    def update_mu(self, d: torch.Tensor) -> None:
+        """Add one step's base loss ``d`` (0-d) to the running mean, after ``reduce_fn``;
+        nothing happens while the student is in eval mode."""
+        if not self.student.training:
+            return
+        dv = d.detach()
+        if self.reduce_fn is not None:
+            dv = self.reduce_fn(dv)
+        self._follow(dv.device)
+        self.loss_sum.add_(dv.reshape(1).to(self.loss_sum.dtype))
+        self.count.add_(1)
 
-    def load_state_dict(self, state: dict) -> None:
-        if "loss_sum" not in state or "count" not in state:
-            raise ValueError("state must contain 'loss_sum' and 'count'")
-        self.loss_sum, self.count = float(state["loss_sum"]), int(state["count"])
+    def add_penalty(self, d: torch.Tensor, t) -> tuple:
+        """``(d + penalty_term(t), parts)`` for a base loss ``d`` (0-d tensor) computed by the
+        caller; ``d`` enters ``mu`` (training mode only), after the penalty used the old ``mu``."""
+        if not torch.is_tensor(d) or d.numel() != 1:
+            raise TypeError(f"the base loss must be a one-element tensor, got "
+                            f"{tuple(d.shape) if torch.is_tensor(d) else type(d).__name__}")
+        d = d.reshape(())
+        term, parts = self.penalty_term(t)
+        loss = d + term
+        self.update_mu(d)
+        return loss, {"loss": loss.detach(), "distill": d.detach(), **parts}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load ``{"loss_sum", "count"}``: tensors, or the plain numbers older gdnsq wrote."""
+        missing = {"loss_sum", "count"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state must contain 'loss_sum' and 'count' (missing {sorted(missing)})")
+        state = {"loss_sum": torch.as_tensor(state_dict["loss_sum"], dtype=torch.float64).reshape(1),
+                 "count": torch.as_tensor(state_dict["count"], dtype=torch.int64).reshape(1)}
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    def extra_repr(self) -> str:
+        return f"epsilon={self.penalty.epsilon:g}, p={self.penalty.p:g}, base_loss={self.base_loss!r}"
+
+
+def read_parts(parts: dict) -> dict:
+    """``parts`` of one objective call as Python numbers (ints for the counts ``active_*``),
+    read from the device in one transfer. Call it only where the values are logged."""
+    tensors = {k: v for k, v in parts.items() if torch.is_tensor(v)}
+    out = {k: float(v) for k, v in parts.items() if not torch.is_tensor(v)}
+    if tensors:
+        devices = {v.device for v in tensors.values()}
+        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        values = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in tensors.values()]).tolist()
+        for (k, v), value in zip(tensors.items(), values):
+            out[k] = value if v.is_floating_point() else int(value)
+    return {k: out[k] for k in parts}

@@ -1,17 +1,28 @@
-"""GDNSQ schedule: learning rate and penalty weight t per batch (METHOD Part B §3.3, §4.4).
+"""GDNSQ schedule: learning rate per batch and penalty weight t (METHOD Part B §3.3, §4.4), as a
+``torch.optim.lr_scheduler.LRScheduler``, and the parameter groups it drives.
 
-With ``n`` the number of optimizer steps taken so far (0 on the first batch):
+With ``n`` the number of optimizer steps taken so far (0 on the first batch) and ``base_g`` the
+initial LR of parameter group ``g``:
 
-* LR: ``0`` at n = 0 (the first step does nothing), ``lr0 * n / warmup_steps`` for
-  ``n <= warmup_steps``, then ``lr0 * rho``; ``rho`` starts at 1 and is multiplied by
-  ``anneal`` on every step after warm-up once the model is converged (``set_converged(True)``,
-  called at train-epoch ends). Losing convergence freezes rho; there is no re-warm.
-* Penalty weight: ``t = 0`` during warm-up, then ``t += t_scale * lr0`` on every step after it
-  (the initial LR, not the current one), so ``t = t_scale * lr0 * (n - warmup_steps)``.
+* LR of group ``g``: ``0`` at n = 0 (the first step does nothing), ``base_g * n / warmup_steps``
+  for ``n <= warmup_steps``, then ``base_g * rho``; ``rho`` starts at 1 and is multiplied by
+  ``anneal`` on every step after warm-up while the schedule anneals. It anneals once a
+  convergence check (``set_converged(True)``, one per epoch end) passes and ``hold_epochs``
+  checks have passed since the first one that did. A failed check freezes rho; there is no
+  re-warm.
+* Penalty weight: ``t = 0`` during warm-up, then ``t = t_scale * lr0 * (n - warmup_steps)``
+  (grows by ``t_scale * lr0`` per step, ``lr0`` the initial LR, not the current one).
 """
 from __future__ import annotations
 
 from numbers import Real
+from typing import Optional
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from .quantizers import ActivationQuantizer, WeightQuantizer
 
 
 def _pos(value, name, allow_zero=False):
@@ -22,78 +33,166 @@ def _pos(value, name, allow_zero=False):
     return value
 
 
-class GDNSQSchedule:
-    """LR warm-up / constant-until-converged / per-batch exponential annealing, and t.
+def _count(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def param_groups(student: nn.Module, lr: float, quantizer_lr_scale: float = 1.0) -> list:
+    """Optimizer parameter groups of a GDNSQ student: its own parameters at ``lr`` and the
+    quantizer parameters (log2 steps, log2 ranges, offsets) at ``lr * quantizer_lr_scale``.
+
+    Returns ``[{"params": [...], "lr": lr, "name": "model"}, {"params": [...], "lr": lr *
+    quantizer_lr_scale, "name": "quantizer"}]`` without empty groups and without parameters
+    that do not require grad (pruned quantizers, a frozen offset), for any torch optimizer:
+    ``torch.optim.RAdam(gdnsq.param_groups(student, 2e-3, 4.0), weight_decay=0.0)``.
+
+    The paper uses one LR (scale 1). RAdam moves each log2 parameter by about its LR per step
+    once the penalty dominates, so the bit-widths fall at a rate set by the quantizer LR, while
+    the weights of a pretrained model want a smaller LR; a scale > 1 separates the two.
+    """
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+    lr = float(_pos(lr, "lr"))
+    scale = float(_pos(quantizer_lr_scale, "quantizer_lr_scale"))
+    quantizer_ids = set()
+    for module in student.modules():
+        if isinstance(module, (WeightQuantizer, ActivationQuantizer)):
+            quantizer_ids.update(id(p) for p in module.parameters())
+    model_params, quantizer_params = [], []
+    for p in student.parameters():
+        if p.requires_grad:
+            (quantizer_params if id(p) in quantizer_ids else model_params).append(p)
+    groups = [{"params": model_params, "lr": lr, "name": "model"},
+              {"params": quantizer_params, "lr": lr * scale, "name": "quantizer"}]
+    return [g for g in groups if g["params"]]
+
+
+class GDNSQSchedule(LRScheduler):
+    """LR warm-up / constant until converged (plus a hold) / per-batch annealing, and ``t``.
 
     Args:
-        lr0: base learning rate (0.002 for CIFAR in the paper).
-        warmup_steps: batches of linear warm-up (1000 CIFAR, 100 ImageNet).
-        t_scale: t increment per batch after warm-up, in units of lr0 (2.0).
-        anneal: per-batch LR factor once converged (0.9985 CIFAR, 0.9995 ImageNet).
+        optimizer: any torch optimizer; each group keeps its own initial LR as its peak
+            (:func:`param_groups` gives the quantizer group a larger one).
+        warmup_steps: batches of linear warm-up (1000 CIFAR, 100 ImageNet); ``t = 0`` meanwhile.
+        t_scale: t increment per batch after warm-up, in units of ``lr0`` (2.0).
+        anneal: per-batch LR factor while annealing (0.9985 CIFAR, 0.9995 ImageNet).
+        hold_epochs: convergence checks (:meth:`set_converged` calls, one per epoch) after the
+            first passing one before annealing starts (0: anneal from it on, the paper's rule).
+        lr0: the LR that ``t_scale`` is in units of; default the first group's initial LR
+            (the model group of :func:`param_groups`).
 
-    Use: before each optimizer step set the LR to ``schedule.lr`` (``apply(optimizer)``) and
-    pass ``schedule.t`` to the objective; call ``schedule.step()`` after the step.
+    Use: construct it after the optimizer (it sets every group's LR to 0 for the first
+    batch), pass ``schedule.t`` to the objective, call ``schedule.step()`` after each
+    ``optimizer.step()`` and ``set_converged(...)`` at epoch ends
+    (:class:`gdnsq.ConvergenceTracker` does). ``state_dict()`` / ``load_state_dict()`` carry
+    the step count, rho, t and the hold; loading also writes the current LRs into the groups.
     """
 
-    def __init__(self, lr0: float, warmup_steps: int, t_scale: float = 2.0, anneal: float = 0.9985):
-        self.lr0 = float(_pos(lr0, "lr0"))
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+    def __init__(self, optimizer, warmup_steps: int, *, t_scale: float = 2.0, anneal: float = 0.9985,
+                 hold_epochs: int = 0, lr0: Optional[float] = None):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.warmup_steps = _count(warmup_steps, "warmup_steps")
         self.t_scale = float(_pos(t_scale, "t_scale", allow_zero=True))
         anneal = _pos(anneal, "anneal")
         if anneal > 1:
             raise ValueError(f"anneal must be in (0, 1], got {anneal}")
         self.anneal = float(anneal)
-        self.n = 0
-        self.t = 0.0
+        self.hold_epochs = _count(hold_epochs, "hold_epochs")
+        first = optimizer.param_groups[0]
+        self.lr0 = float(_pos(first.get("initial_lr", first["lr"]) if lr0 is None else lr0, "lr0"))
         self.rho = 1.0
-        self.converged = False
+        self.checks = 0                # set_converged calls so far
+        self.first_converged: Optional[int] = None  # 1-based index of the first passing check
+        self.converged = False         # the last check's result
+        self.annealing = False
+        super().__init__(optimizer)    # takes the initial LRs, then steps to n = 0 (LR 0)
+
+    # -- the schedule ----------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        """Optimizer steps taken so far (the batch about to run is step ``n``)."""
+        return self.last_epoch
+
+    def _factor(self) -> float:
+        n = self.last_epoch
+        if n <= 0:
+            return 0.0
+        if n <= self.warmup_steps:
+            return n / self.warmup_steps
+        return self.rho
+
+    def get_lr(self) -> list:
+        """The LR of every group for the current batch."""
+        factor = self._factor()
+        return [base * factor for base in self.base_lrs]
 
     @property
     def lr(self) -> float:
-        """Learning rate for the current batch."""
-        if self.n == 0:
-            return 0.0
-        if self.n <= self.warmup_steps:
-            return self.lr0 * self.n / self.warmup_steps
-        return self.lr0 * self.rho
+        """LR of the first group (the model group) for the current batch."""
+        return float(self.base_lrs[0]) * self._factor()
 
-    def apply(self, optimizer) -> float:
-        """Write ``lr`` into every param group of ``optimizer``; returns it."""
-        lr = self.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+    @property
+    def t(self) -> float:
+        """Penalty weight for the current batch."""
+        return self.t_scale * self.lr0 * max(0, self.last_epoch - self.warmup_steps)
 
-    def step(self) -> None:
-        """Advance by one optimizer step (batch)."""
-        self.n += 1
-        if self.n > self.warmup_steps:
-            self.t += self.t_scale * self.lr0
-            if self.converged:
-                self.rho *= self.anneal
+    @property
+    def held(self) -> bool:
+        """The hold after the first passing convergence check is over."""
+        return self.first_converged is not None and self.checks - self.first_converged >= self.hold_epochs
+
+    def step(self, epoch=None) -> None:
+        """Advance by one optimizer step (batch); call it after ``optimizer.step()``."""
+        if epoch is not None:
+            raise TypeError("GDNSQSchedule.step() counts optimizer steps itself; it takes no epoch")
+        if self.last_epoch >= 0 and self.last_epoch + 1 > self.warmup_steps and self.annealing:
+            self.rho *= self.anneal
+        super().step()
 
     def set_converged(self, flag: bool) -> None:
-        """Record the convergence test's result (at train-epoch ends)."""
+        """Record one convergence check (at an epoch end): annealing runs from the next step
+        while ``flag`` is true and the hold is over."""
+        self.checks += 1
         self.converged = bool(flag)
+        if self.converged and self.first_converged is None:
+            self.first_converged = self.checks
+        self.annealing = self.converged and self.held
 
+    # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"n": self.n, "t": self.t, "rho": self.rho, "converged": self.converged,
-                "lr0": self.lr0, "warmup_steps": self.warmup_steps, "t_scale": self.t_scale,
-                "anneal": self.anneal}
+        """Plain Python values (loads with ``torch.load(weights_only=True)``); ``t`` and
+        ``lr`` are included for readers and recomputed on load."""
+        return {**super().state_dict(), "t": self.t, "lr": self.lr}
 
-    def load_state_dict(self, state: dict) -> None:
-        missing = {"n", "t", "rho", "converged"} - set(state)
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict` (or the optimizer-less schedule state of gdnsq <= 0.1,
+        whose hold the caller restores) and write the current LRs into the groups."""
+        state = dict(state_dict)
+        if "last_epoch" not in state:
+            state = self._from_legacy(state)
+        state.pop("t", None)
+        state.pop("lr", None)
+        self.__dict__.update(state)
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
+
+    def _from_legacy(self, state: dict) -> dict:
+        missing = {"n", "rho", "converged"} - set(state)
         if missing:
-            raise ValueError(f"state is missing {sorted(missing)}")
-        self.n, self.t, self.rho = int(state["n"]), float(state["t"]), float(state["rho"])
-        self.converged = bool(state["converged"])
+            raise ValueError(f"schedule state is missing {sorted(missing)}")
+        new = {"last_epoch": int(state["n"]), "_step_count": int(state["n"]) + 1, "rho": float(state["rho"]),
+               "converged": bool(state["converged"]), "annealing": bool(state["converged"])}
         for key in ("lr0", "warmup_steps", "t_scale", "anneal"):
             if key in state:
-                setattr(self, key, type(getattr(self, key))(state[key]))
+                new[key] = type(getattr(self, key))(state[key])
+        return new
 
     def __repr__(self) -> str:
-        return (f"GDNSQSchedule(lr0={self.lr0:g}, warmup_steps={self.warmup_steps}, "
-                f"t_scale={self.t_scale:g}, anneal={self.anneal:g}; n={self.n}, lr={self.lr:g}, "
-                f"t={self.t:g}, converged={self.converged})")
+        return (f"GDNSQSchedule(warmup_steps={self.warmup_steps}, t_scale={self.t_scale:g}, anneal={self.anneal:g}, "
+                f"hold_epochs={self.hold_epochs}, lr0={self.lr0:g}; n={self.n}, lr={self.lr:g}, t={self.t:g}, "
+                f"converged={self.converged}, annealing={self.annealing})")

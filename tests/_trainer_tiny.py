@@ -135,7 +135,8 @@ def ddp_worker(rank: int, world_size: int, port: int, out_dir: str, epochs: int)
                     "schedule": trainer.schedule.state_dict(), "first_batch_sum": first_batch_sum,
                     "report": report, "steps": trainer.global_step},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        _equivalence_run(rank, out_dir)  # same process group: one spawn serves both tests
+        _equivalence_run(rank, out_dir)  # same process group: one spawn serves every test
+        _resume_run(rank, out_dir)
     finally:
         gdist.cleanup()
 
@@ -192,3 +193,37 @@ def _equivalence_run(rank: int, out_dir: str):
     trainer.fit()
     torch.save({"params": {n: p.detach().clone() for n, p in trainer.student.named_parameters()},
                 "steps": trainer.global_step}, os.path.join(out_dir, f"equiv_rank{rank}.pt"))
+
+
+def _resume_run(rank: int, out_dir: str):
+    """This rank's part of the DDP resume test: one epoch, then a resumed second one during which
+    every checkpoint read on rank 1 raises (as if its disk did not hold rank 0's files); and a
+    max-sync of rank-specific observed bits. Results go to ``out_dir/resume_rank<rank>.pt``."""
+    from gdnsq.convergence import sync_observed_bits
+    from gdnsq.stats import quantized_layers
+    from gdnsq.train import checkpoint, distributed as gdist
+    from gdnsq.train.trainer import Trainer
+    run_dir = os.path.join(out_dir, "resume")
+
+    def trainer(max_epochs):
+        student, teacher = student_teacher()
+        train = gdist.make_loader(TensorDataset(*make_data(256, 1)), 16, shuffle=True, seed=0)
+        val = gdist.make_loader(TensorDataset(*make_data(128, 2)), 32, shuffle=False)
+        return Trainer(student, teacher, train, val, config=fast_config(max_epochs=max_epochs), out_dir=run_dir)
+
+    trainer(1).fit()
+    if rank == 1:
+        def refuse(*args, **kwargs):
+            raise AssertionError("rank 1 read a trainer checkpoint itself")
+        checkpoint.load_checkpoint = refuse
+    resumed = trainer(2)
+    resumed_from = resumed.resumed_from
+    resumed.fit()
+    layers = [layer for _, layer in quantized_layers(resumed.student)]
+    for i, layer in enumerate(layers):
+        layer.act_quantizer.observed_bits.fill_(float(10 * rank + i))
+    sync_observed_bits(resumed.student)
+    torch.save({"resumed_from": resumed_from, "steps": resumed.global_step,
+                "student": resumed.student.state_dict(), "schedule": resumed.schedule.state_dict(),
+                "observed": [float(layer.act_quantizer.observed_bits) for layer in layers]},
+               os.path.join(out_dir, f"resume_rank{rank}.pt"))

@@ -4,7 +4,7 @@ the logical NCHW index whatever the layout), opcheck passes with channels_last i
 fake-tensor check compares the fake outputs' strides with the real ones), a compiled
 channels_last QAT step matches eager, and no activation-sized tensor is copied on the way.
 
-The oracle is ``gdnsq_kernels.reference`` applied to ``x.contiguous()``: plain torch, its own
+The oracle is ``gdnsq_kernels.quantize.reference`` applied to ``x.contiguous()``: plain torch, its own
 dither generator over row-major indices, no layout handling at all.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 import gdnsq  # noqa: F401  (registers gdnsq::qconv2d / qlinear)
 import gdnsq_kernels
 from gdnsq.convert import quantize_model
-from gdnsq_kernels import reference as ref
+from gdnsq_kernels.quantize import reference as ref
 from gdnsq_kernels._launch import record_launches
 from gdnsq_kernels.backend import triton_interpreter_enabled
 

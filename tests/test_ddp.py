@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import _trainer_tiny as tiny
 from gdnsq.train import distributed as gdist
-from gdnsq.train.trainer import LAST, METRICS, load_checkpoint
+from gdnsq.train.checkpoint import LAST, METRICS, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -111,3 +111,17 @@ def test_helpers_are_identity_without_process_group():
         gdist.make_loader(list(range(4)), 0, shuffle=True)
     loader = gdist.make_loader(list(range(10)), 4, shuffle=True, seed=3)
     assert sorted(x for b in loader for x in b.tolist()) == list(range(10))
+
+
+def test_resume_under_ddp_reads_the_checkpoint_on_rank_0_only(ddp_run):
+    """Rank 1's checkpoint reads raise in the resumed segment; it still resumes, from rank 0's
+    broadcast, and both ranks end identical. The convergence step's max-sync of the observed
+    activation bits gives every rank the maximum."""
+    r0 = torch.load(ddp_run / "resume_rank0.pt", weights_only=True)
+    r1 = torch.load(ddp_run / "resume_rank1.pt", weights_only=True)
+    assert r0["resumed_from"] == r1["resumed_from"] == 1
+    assert r0["steps"] == r1["steps"] == 2 * (256 // 2 // 16)
+    for k in r0["student"]:
+        assert torch.equal(r0["student"][k], r1["student"][k]), k
+    assert r0["schedule"] == r1["schedule"]
+    assert r0["observed"] == r1["observed"] == [10.0, 11.0]

@@ -8,7 +8,7 @@ source files of ``gdnsq`` and ``gdnsq_kernels`` (nothing is imported or run).
   imports none of ``gdnsq.train``, ``gdnsq.deploy``, ``gdnsq.cli``; ``gdnsq.train`` and
   ``gdnsq.deploy`` do not import ``gdnsq.cli`` (nor each other); nothing outside the CLI imports it;
 * the module-level imports form no cycle;
-* the compatibility modules only re-export, and the packages never import them;
+* the removed compatibility paths (gdnsq.trainer, ...) stay removed, and nothing imports them.
 * ``gdnsq_kernels.binary``'s ``__init__`` only re-exports its modules (one per op);
 * every ``torch.library`` registration (``custom_op``, ``register_fake``, ``register_autograd``,
   ``triton_op``, ``Library``) sits in ``gdnsq_kernels``: ``gdnsq`` only calls the ops.
@@ -28,14 +28,9 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("gdnsq", "gdnsq_kernels")
 
-# Old module paths kept for users, each a pure re-export of its new home (docs/DESIGN.md).
-COMPAT_MODULES = {
-    "gdnsq.trainer": "gdnsq.train.trainer",
-    "gdnsq.presets": "gdnsq.train.presets",
-    "gdnsq.distributed": "gdnsq.train.distributed",
-    "gdnsq_kernels.reference": "gdnsq_kernels.quantize.reference",
-    "gdnsq_kernels.binary_ops": "gdnsq_kernels.binary",
-}
+# Old module paths that only re-exported their new homes; removed at 0.x (docs/DESIGN.md).
+REMOVED_MODULES = ("gdnsq.trainer", "gdnsq.presets", "gdnsq.distributed", "gdnsq_kernels.reference",
+                   "gdnsq_kernels.binary_ops")
 # Shared by both op families; they must not depend on either family.
 KERNEL_HELPERS = ("gdnsq_kernels.backend", "gdnsq_kernels._launch", "gdnsq_kernels._build")
 
@@ -173,8 +168,8 @@ def forbidden_prefixes(module: str) -> Tuple[str, ...]:
             rules += ("gdnsq_kernels.quantize", "gdnsq_kernels.binary", "gdnsq_kernels.cpu_deploy")
         return rules
     rules = ("triton",)
-    if module == "gdnsq" or module in COMPAT_MODULES or _under(module, "gdnsq.cli"):
-        return rules  # the facade and the re-exports name the layers above; the CLI uses all
+    if module == "gdnsq" or _under(module, "gdnsq.cli"):
+        return rules  # the facade names the layers above; the CLI uses all
     if _under(module, "gdnsq.train"):
         return rules + ("gdnsq.cli", "gdnsq.deploy")
     if _under(module, "gdnsq.deploy"):
@@ -186,8 +181,6 @@ def layer_violations(graph: Dict[str, List[Tuple[str, int]]]) -> List[str]:
     bad = []
     for module, imports in sorted(graph.items()):
         for target, line in imports:
-            # the old names gdnsq.trainer / presets / distributed are re-exports of gdnsq.train
-            target = COMPAT_MODULES.get(target, target)
             for prefix in forbidden_prefixes(module):
                 if _under(target, prefix):
                     bad.append(f"{module} (line {line}) imports {target}")
@@ -233,19 +226,6 @@ def test_no_import_cycles(sources):
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
 
 
-@pytest.mark.parametrize("old, new", sorted(COMPAT_MODULES.items()))
-def test_compatibility_modules_only_reexport(sources, old, new):
-    source, _ = sources[old]
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # the docstring
-        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]:
-            continue
-        assert isinstance(node, ast.ImportFrom), f"{old}: line {node.lineno} is not an import"
-        resolved = resolve_imports(old, False, ast.unparse(node), set(sources), module_level=True)
-        assert {t for t, _ in resolved} == {new}, f"{old}: line {node.lineno} imports other than {new}"
-
-
 def test_binary_init_only_reexports_its_modules(sources):
     """The binary family's logic lives one op per module; its ``__init__`` names the public API."""
     source, is_pkg = sources["gdnsq_kernels.binary"]
@@ -266,10 +246,20 @@ def test_binary_init_only_reexports_its_modules(sources):
                                      "pack_linear_weight", "pack_conv_weight", "binary_linear", "binary_conv2d"])
 
 
-def test_the_package_does_not_use_the_compatibility_modules(sources):
-    graph = import_graph(sources, module_level=False)
-    users = [f"{m} (line {line}) imports {t}" for m, imports in sorted(graph.items()) if m not in COMPAT_MODULES
-             for t, line in imports if t in COMPAT_MODULES]
+def test_removed_compatibility_modules_stay_gone(sources):
+    assert not set(REMOVED_MODULES) & set(sources)
+    # Nothing in the packages, the tests or the benchmarks imports an old path.
+    known = set(sources) | set(REMOVED_MODULES)
+    users = []
+    for folder in ("gdnsq", "gdnsq_kernels", "tests", "benchmarks"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            module = ".".join(parts[:-1] if is_pkg else parts)
+            for target, line in resolve_imports(module, is_pkg, path.read_text(encoding="utf-8"), known,
+                                                module_level=False):
+                if target in REMOVED_MODULES:
+                    users.append(f"{path.relative_to(REPO)} (line {line}) imports {target}")
     assert users == []
 
 

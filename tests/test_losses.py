@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdnsq import BitWidthPenalty, GDNSQObjective, jeffreys_divergence, quantize_model
+from gdnsq import BitWidthPenalty, GDNSQObjective, jeffreys_divergence, quantize_model, read_parts
 from gdnsq.stats import quantized_layers
 
-from _method_models import TinyResNet, tiny_vgg
+from _method_models import TinyResNet, tiny_mlp, tiny_vgg
 
 
 def test_jeffreys_matches_two_kl_and_gradcheck():
@@ -117,29 +117,32 @@ def test_objective_running_mean_and_formula():
     ds = []
     for k, (s, t) in enumerate(logits):
         loss, parts = obj(s, t, 0.5)
+        parts = read_parts(parts)
         d = float(jeffreys_divergence(s, t))
         mu = sum(ds) / (1 + k)  # count starts at 1: mu = 0 at step 0
         assert parts["mu"] == pytest.approx(mu)
         pen = BitWidthPenalty()(st)
-        want = d + 0.5 * mu * (pen["omega_w"] * float(pen["loss_w"].detach())
-                               + pen["omega_a"] * float(pen["loss_a"].detach()))
+        want = d + 0.5 * mu * (float(pen["omega_w"]) * float(pen["loss_w"].detach())
+                               + float(pen["omega_a"]) * float(pen["loss_a"].detach()))
         assert float(loss.detach()) == pytest.approx(want) and parts["loss"] == pytest.approx(want)
         assert parts["distill"] == pytest.approx(d) and parts["t"] == 0.5
+        assert isinstance(parts["active_w"], int) and parts["active_w"] == int(pen["active_w"])
         ds.append(d)
     state = obj.state_dict()
-    assert state == {"loss_sum": pytest.approx(sum(ds)), "count": 4}
+    assert set(state) == {"loss_sum", "count"}  # the student is not part of its objective's state
+    assert float(state["loss_sum"]) == pytest.approx(sum(ds)) and int(state["count"]) == 4
     # eval mode does not update mu
     st.eval()
     obj(*logits[0], 1.0)
-    assert obj.state_dict()["count"] == 4
+    assert int(obj.state_dict()["count"]) == 4
     # restore into a fresh objective; reduce_fn is applied before the update
     st.train()
     obj2 = GDNSQObjective(st)
     obj2.load_state_dict(state)
-    assert obj2.mu == pytest.approx(obj.mu)
+    assert float(obj2.mu) == pytest.approx(float(obj.mu))
     obj2.reduce_fn = lambda d: d * 0 + 2.0
     obj2(*logits[0], 0.0)
-    assert obj2.state_dict()["loss_sum"] == pytest.approx(sum(ds) + 2.0)
+    assert float(obj2.state_dict()["loss_sum"]) == pytest.approx(sum(ds) + 2.0)
     with pytest.raises(ValueError, match="loss_sum"):
         obj2.load_state_dict({})
 
@@ -154,10 +157,134 @@ def test_objective_labels_and_gradient_reaches_quantizers():
     torch.testing.assert_close(loss, F.cross_entropy(out, y))
     with pytest.raises(ValueError, match="labels"):
         obj(out, None, 0.0)
-    obj.loss_sum, obj.count = 3.0, 2  # mu = 1.5
+    obj.load_state_dict({"loss_sum": 3.0, "count": 2})  # mu = 1.5 (plain numbers: gdnsq 0.1 checkpoints)
     loss, parts = obj(st(x), torch.randn(2, 10), 1.0)
     loss.backward()
     layer = st.layer1.conv1
     assert parts["penalty_w"] > 0 and parts["penalty_a"] > 0
     assert layer.act_quantizer.log2_range.grad is not None and float(layer.act_quantizer.log2_range.grad) > 0
     assert math.isfinite(float(layer.weight_quantizer.log2_step.grad.sum()))
+
+
+# --------------------------------------------------------------------------- any base loss, any loop
+
+def _mlp_student():
+    torch.manual_seed(3)
+    st = quantize_model(tiny_mlp(), 2, 2).train()
+    for _, layer in quantized_layers(st):
+        with torch.no_grad():
+            layer.act_quantizer.log2_step.fill_(-4.0)
+            layer.act_quantizer.log2_range.fill_(1.0)
+    return st
+
+
+def test_token_level_jeffreys_with_mask_matches_kl_over_the_kept_tokens():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    keep = mask.bool()
+    ks, kt = F.log_softmax(s[keep], -1), F.log_softmax(t[keep], -1)  # (7 kept tokens, V)
+    ref = (F.kl_div(ks, kt, reduction="batchmean", log_target=True)
+           + F.kl_div(kt, ks, reduction="batchmean", log_target=True))
+    torch.testing.assert_close(jeffreys_divergence(s, t, mask), ref)
+    flat = (F.kl_div(F.log_softmax(s.reshape(10, 7), -1), F.log_softmax(t.reshape(10, 7), -1), reduction="batchmean",
+                     log_target=True)
+            + F.kl_div(F.log_softmax(t.reshape(10, 7), -1), F.log_softmax(s.reshape(10, 7), -1), reduction="batchmean",
+                       log_target=True))
+    torch.testing.assert_close(jeffreys_divergence(s, t), flat)  # no mask: every token
+    assert float(jeffreys_divergence(s.detach(), t, torch.zeros(2, 5))) == 0.0  # nothing kept
+    with pytest.raises(ValueError, match="mask"):
+        jeffreys_divergence(s, t, torch.ones(2, 7))
+    # the objective takes (B, T, V) logits with the mask
+    st = _mlp_student()
+    loss, parts = GDNSQObjective(st)(s, t, 0.0, mask=mask)
+    torch.testing.assert_close(loss.double(), ref)
+
+
+def test_cross_entropy_base_loss_for_sequences_leaves_out_ignored_tokens():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 6, generator=gen)
+    labels = torch.tensor([[1, 2, -100, 3], [0, 5, 5, 1]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    kept = [(b, i) for b in range(2) for i in range(4) if labels[b, i] != -100 and mask[b, i]]
+    ref = sum(-F.log_softmax(logits[b, i], -1)[labels[b, i]] for b, i in kept) / len(kept)
+    loss, _ = GDNSQObjective(_mlp_student())(logits, None, 0.0, labels=labels, mask=mask)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_any_base_loss_callable_precomputed_and_the_penalty_term_alone():
+    st = _mlp_student()
+    gen = torch.Generator().manual_seed(2)
+    logits, y = torch.randn(3, 5, generator=gen), torch.tensor([0, 4, 2])
+    t = 0.7
+    # the penalty term alone: t * mu * (w_w L_w + w_a L_a), mu left alone
+    plain = GDNSQObjective(st)
+    plain.load_state_dict({"loss_sum": 6.0, "count": 3})  # mu = 2
+    term, parts = plain.penalty_term(t)
+    pen = BitWidthPenalty()(st)
+    want = t * 2.0 * (float(pen["omega_w"]) * float(pen["loss_w"]) + float(pen["omega_a"]) * float(pen["loss_a"]))
+    assert float(term) == pytest.approx(want, rel=1e-6) and want > 0
+    assert int(plain.count) == 3 and read_parts(parts)["mu"] == 2.0
+    # a precomputed base loss: d + the term; d enters mu afterwards
+    d = F.cross_entropy(logits, y)
+    loss, parts = plain.add_penalty(d, t)
+    assert float(loss) == pytest.approx(float(d) + want, rel=1e-6)
+    assert float(plain.mu) == pytest.approx((6.0 + float(d)) / 4) and read_parts(parts)["distill"] == float(d)
+    # a callable base loss gets (student_logits, teacher_logits, labels)
+    seen = []
+
+    def base_loss(s, teacher, labels):
+        seen.append((teacher, labels))
+        return F.cross_entropy(s, labels, label_smoothing=0.1)
+
+    custom = GDNSQObjective(st, base_loss=base_loss)
+    custom.load_state_dict({"loss_sum": 6.0, "count": 3})
+    loss, _ = custom(logits, None, t, labels=y)
+    assert seen[0][0] is None and seen[0][1] is y
+    assert float(loss) == pytest.approx(float(F.cross_entropy(logits, y, label_smoothing=0.1)) + want, rel=1e-6)
+    with pytest.raises(TypeError, match="base_loss"):
+        GDNSQObjective(st, base_loss="ce")
+    with pytest.raises(TypeError, match="base loss"):
+        plain.add_penalty(1.0, t)
+    with pytest.raises(TypeError, match="t must be"):
+        plain.penalty_term("0.5")
+    # the student is referenced, not registered: the objective's state is mu's two buffers
+    assert set(custom.state_dict()) == {"loss_sum", "count"} and list(custom.parameters()) == []
+
+
+def _raise(*args, **kwargs):
+    raise AssertionError("the objective read a tensor back to the host")
+
+
+def test_objective_call_reads_nothing_from_the_device(monkeypatch):
+    st = _mlp_student()
+    st[3].act_quantizer.pruned.fill_(True)  # the pruned mask must not be read either
+    obj = GDNSQObjective(st)
+    gen = torch.Generator().manual_seed(4)
+    s, t, y = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen), torch.tensor([1, 2, 3])
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, _raise)
+    obj(s, t, 0.5)
+    obj(s, None, torch.tensor(0.5), labels=y)
+    obj.add_penalty(F.mse_loss(s, t), 0.5)
+    obj.penalty_term(0.5)
+    monkeypatch.undo()
+    assert int(obj.count) == 4  # three training-mode calls after the initial count of 1
+
+
+def test_objective_traces_whole_under_torch_compile():
+    st = _mlp_student()
+    st[3].act_quantizer.pruned.fill_(True)
+    compiled_obj, eager_obj = GDNSQObjective(st), GDNSQObjective(st)
+    step = torch.compile(lambda s, t: compiled_obj(s, t, 0.5), fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        s, t = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+        loss, parts = step(s, t)
+        want, want_parts = eager_obj(s, t, 0.5)
+        torch.testing.assert_close(loss, want)
+        assert read_parts(parts) == pytest.approx(read_parts(want_parts))
+    # the running mean was updated inside the graph
+    torch.testing.assert_close(compiled_obj.state_dict()["loss_sum"], eager_obj.state_dict()["loss_sum"])
+    assert int(compiled_obj.count) == 3

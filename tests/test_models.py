@@ -132,7 +132,7 @@ def test_checkpoint_with_python_objects_is_refused_without_running_them(tmp_path
 
 
 def test_read_checkpoint_verifies_trainer_checkpoints(tmp_path):
-    from gdnsq.train.trainer import CHECKPOINT_FORMAT, save_checkpoint
+    from gdnsq.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 
     sd = get_model("resnet20").state_dict()
     path = tmp_path / "checkpoint_best.pt"

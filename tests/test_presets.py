@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from gdnsq.train.presets import PRESETS, TrainConfig, get_preset
 from gdnsq.schedule import GDNSQSchedule
@@ -14,6 +15,10 @@ def test_paper_preset_matches_method_part_b_section_8():
     assert cfg.estimator is None and cfg.epsilon == 1e-3  # None: keep the converted model's (STE)
 
 
+def _optimizer(lr):
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+
+
 def test_cpu_fast_preset_schedule():
     cfg = get_preset("cpu-fast")
     assert cfg.batch_size == 128 and cfg.val_every == 1 and cfg.patience == 3 and 6 <= cfg.max_epochs <= 10
@@ -21,7 +26,7 @@ def test_cpu_fast_preset_schedule():
     batches_per_epoch = -(-45000 // cfg.batch_size)
     assert batches_per_epoch == 352
     # After convergence the LR halves about once per epoch.
-    sched = GDNSQSchedule(cfg.lr, cfg.warmup_steps, t_scale=cfg.t_scale, anneal=cfg.anneal)
+    sched = GDNSQSchedule(_optimizer(cfg.lr), cfg.warmup_steps, t_scale=cfg.t_scale, anneal=cfg.anneal)
     for _ in range(cfg.warmup_steps + 1):
         sched.step()
     lr_before = sched.lr
@@ -31,7 +36,7 @@ def test_cpu_fast_preset_schedule():
     assert sched.lr / lr_before == pytest.approx(0.5, abs=0.01)
     # t grows t_scale*lr per batch: large within the first epoch (the paper needs ~20 epochs
     # of 50 batches to reach t = 4).
-    sched = GDNSQSchedule(cfg.lr, cfg.warmup_steps, t_scale=cfg.t_scale, anneal=cfg.anneal)
+    sched = GDNSQSchedule(_optimizer(cfg.lr), cfg.warmup_steps, t_scale=cfg.t_scale, anneal=cfg.anneal)
     for _ in range(batches_per_epoch):
         sched.step()
     assert sched.t == pytest.approx(cfg.t_scale * cfg.lr * (batches_per_epoch - cfg.warmup_steps))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import _trainer_tiny as tiny
-from gdnsq.train.trainer import (LAST, METRICS, CHECKPOINT_VERSION, Trainer, atomic_torch_save, load_checkpoint,
-                           save_checkpoint)
+from gdnsq._atomic import atomic_torch_save
+from gdnsq.train.checkpoint import LAST, METRICS, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from gdnsq.train.trainer import Trainer
 
 # Fields that measure time, the only ones allowed to differ between the two runs' metrics.
 TIME_KEYS = {"epoch_seconds", "wall_seconds"}

@@ -10,7 +10,8 @@ import torch
 import _trainer_tiny as tiny
 from gdnsq import cli
 from gdnsq.train.presets import PRESETS, TrainConfig, get_preset, half_life_to_anneal
-from gdnsq.train.trainer import LAST, METRICS, Trainer, load_checkpoint
+from gdnsq.train.checkpoint import LAST, METRICS, load_checkpoint
+from gdnsq.train.trainer import Trainer
 
 
 # the torch backend on one thread: the training tests run fast and alike on any machine

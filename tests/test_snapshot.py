@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gdnsq.train.snapshot import read_snapshot, restore_snapshot, write_snapshot
-from gdnsq.train.trainer import BEST, LAST, load_checkpoint
+from gdnsq.train.checkpoint import BEST, LAST, load_checkpoint
 
 from test_cli import _one_line_error, _run, tiny_data  # noqa: F401  (fixture)
 from test_cli_teacher import _argv, _fp

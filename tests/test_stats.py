@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdnsq import GDNSQObjective, GDNSQSchedule, calibrate, quantize_model, stats, teacher_of
+from gdnsq import (ConvergenceTracker, GDNSQObjective, GDNSQSchedule, calibrate, param_groups, quantize_model, stats,
+                   teacher_of)
 
 
 def _mlp():
@@ -74,7 +75,8 @@ def one_thread():
 
 
 def test_hand_written_gdnsq_loop_reaches_w2a2(one_thread):
-    """convert -> calibrate -> objective + schedule: bits fall from 10 to the W2A2 target."""
+    """convert -> calibrate -> objective + schedule + convergence step (the public pieces of
+    docs/method.md): bits fall from 10 to the W2A2 target."""
     torch.manual_seed(0)
     x = torch.randn(256, 6)
     y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
@@ -90,25 +92,22 @@ def test_hand_written_gdnsq_loop_reaches_w2a2(one_thread):
     calibrate(student, [x[:128], x[128:]])
     assert stats.mean_bits(student)["act"] == pytest.approx(10.0, abs=1e-4)
     objective = GDNSQObjective(student)
-    schedule = GDNSQSchedule(lr0=0.05, warmup_steps=10, t_scale=20.0, anneal=0.98)
-    optimizer = torch.optim.RAdam(student.parameters(), lr=0.0)
+    optimizer = torch.optim.RAdam(param_groups(student, lr=0.05))
+    schedule = GDNSQSchedule(optimizer, warmup_steps=10, t_scale=20.0, anneal=0.98)
+    convergence = ConvergenceTracker(student, schedule)
     for step in range(400):
         student.train()
         idx = torch.randint(0, 256, (64,))
         with torch.no_grad():
             t_logits = teacher(x[idx])
-        schedule.apply(optimizer)
         loss, parts = objective(student(x[idx]), t_logits, schedule.t)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 20 == 19:  # "epoch end": an eval pass, then the convergence test
-            student.eval()
-            with torch.no_grad():
-                student(x)
-            schedule.set_converged(stats.is_converged(student))
-            if schedule.converged and step > 200:
+        if step % 20 == 19:  # "epoch end": the convergence step probes on a batch, then tests
+            status = convergence.step(x)
+            if status.converged and step > 200:
                 break
     student.eval()
     with torch.no_grad():

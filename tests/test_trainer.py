@@ -15,7 +15,8 @@ from PIL import Image
 
 import _trainer_tiny as tiny
 from gdnsq.train.report import report_markdown
-from gdnsq.train.trainer import BEST, LAST, METRICS, Trainer, load_checkpoint
+from gdnsq.train.checkpoint import BEST, LAST, METRICS, load_checkpoint
+from gdnsq.train.trainer import Trainer
 
 
 # the torch backend on one thread: the training tests run fast and alike on any machine

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from gdnsq_kernels import _launch
-from gdnsq_kernels import reference as ref
+from gdnsq_kernels.quantize import reference as ref
 from gdnsq_kernels.backend import triton_interpreter_enabled
 
 pytestmark = pytest.mark.skipif(not triton_interpreter_enabled(), reason="needs the Triton interpreter")

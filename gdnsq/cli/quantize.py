@@ -139,7 +139,8 @@ def cmd_quantize(args) -> dict:
     from .. import convert
     from ..train import distributed as gdist, presets
     from ..calibrate import calibrate
-    from ..train.trainer import Trainer, load_checkpoint
+    from ..train.checkpoint import load_checkpoint
+    from ..train.trainer import Trainer
 
     # Everything the user named is checked before any work (data, teacher, training).
     out = check_run_folder("--out", args.out)

@@ -9,13 +9,13 @@ and is not exact, and the bit-exact part (integer codes) is what the deployment 
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
 import torch
 from torch import nn
 
+from ..convert import copy_without_teacher
 from .layers import PATHS, DeployedConv2d, DeployedLinear, _DeployedBase, activation_codes, pack_codes
 
 # a value far above any activation: its code is the top code of the quantizer (clamp top)
@@ -141,12 +141,9 @@ def freeze(qmodel: nn.Module, strict: bool = False, example_input: torch.Tensor 
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
     if path != "auto" and path not in PATHS:
         raise ValueError(f"path must be 'auto' or one of {PATHS}, got {path!r}")
-    # The FP teacher that quantize_model keeps as a plain attribute is not part of the
-    # deployment: keep it out of the copy instead of duplicating it.
-    teacher = qmodel.__dict__.get("_gdnsq_teacher")
-    memo = {id(teacher): None} if teacher is not None else {}
-    model = copy.deepcopy(qmodel, memo).eval()
-    model.__dict__.pop("_gdnsq_teacher", None)
+    # The FP teacher that quantize_model keeps is not part of the deployment: keep it out of
+    # the copy instead of duplicating it.
+    model = copy_without_teacher(qmodel).eval()
     targets = [(n, m) for n, m in model.named_modules() if n and is_quantized_layer(m)]
     if not targets:
         warnings.warn("freeze: the model has no quantized layer; returning an eval-mode copy", stacklevel=2)

@@ -114,7 +114,7 @@ def _bits_for(max_code: int) -> int:
 def activation_codes(x: torch.Tensor, log2_step, log2_range, offset) -> torch.Tensor:
     """int32 codes ``j`` of ``x`` under the activation quantizer (same math as training).
 
-    Delegates to ``gdnsq_kernels.reference.activation_codes`` so that the deployed codes are
+    Delegates to ``gdnsq_kernels.quantize.reference.activation_codes`` so that the deployed codes are
     the ones the fake-quant model rounds to, bit for bit.
     """
     from gdnsq_kernels.quantize.reference import activation_codes as ref_codes
@@ -280,7 +280,7 @@ class _DeployedBase(DropsDerivedOnLoad):
         """float32 codes ``round((clamp(x, lo, hi) - lo) / s)`` of a float32 ``x``.
 
         The same float32 operations, in the same order, as
-        ``gdnsq_kernels.reference.activation_codes`` (so the same integers; tested), kept in
+        ``gdnsq_kernels.quantize.reference.activation_codes`` (so the same integers; tested), kept in
         float32 because every GEMM path consumes them as floats or bits.
         """
         key = ("act", x.device)

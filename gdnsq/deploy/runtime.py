@@ -11,7 +11,7 @@ model's own ``forward`` uses. Every basic block (``conv1 -> bn1 -> ReLU -> conv2
 
 * entry / block-to-block: the per-tensor activation code is monotone in its input, so it is
   ``#{l : x >= t_l}`` for float32 thresholds ``t_l`` = the smallest float whose code is >= l,
-  found by bisection over the float32 order through ``gdnsq_kernels.reference.activation_codes``;
+  found by bisection over the float32 order through ``gdnsq_kernels.quantize.reference.activation_codes``;
 * inside a block: ``code(relu(bn1(y)))`` is monotone in conv1's output ``y`` per channel
   (increasing or decreasing with the BN scale's sign), so it is folded into per-channel
   thresholds the same way, by bisection through the model's own ``bn1`` module, ``F.relu`` and

@@ -16,11 +16,13 @@ How every rank takes identical steps (used by :class:`gdnsq.Trainer`):
   all-reduces average the gradients over ranks while the backward runs, so the identical
   optimizer on every rank makes the identical update;
 * the objective's running mean of the distillation loss is updated with the rank average
-  (``objective.reduce_fn = all_reduce_mean``), so the penalty coefficient is the same;
+  (its default ``reduce_fn``), so the penalty coefficient is the same;
 * AEWGS's per-channel statistics are averaged by the quantizers through :func:`all_reduce_mean`;
 * at epoch ends the floating-point buffers (BatchNorm running statistics) are averaged, and
-  the activation quantizers' observed bits are max-reduced, so the convergence decision is the
-  same on every rank.
+  the activation quantizers' observed bits are max-reduced (:class:`gdnsq.ConvergenceTracker`),
+  so the convergence decision is the same on every rank;
+* on resume rank 0 alone reads the checkpoint and broadcasts it (:func:`broadcast_object`),
+  so ranks agree also where their disks differ.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .._dist import all_reduce, comm_device, is_distributed
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,6 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: Optional[str]
-
-
-def is_distributed() -> bool:
-    """True when a default process group with more than one rank is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -113,52 +112,31 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _reduce(value, op: str):
+    """``value`` (tensor or number) reduced over ranks; a number comes back as a float."""
+    if torch.is_tensor(value):
+        return all_reduce(value, op)
+    if not is_distributed():
+        return value
+    return float(all_reduce(torch.tensor(float(value), dtype=torch.float64), op).item())
+
+
 def all_reduce_mean(value):
     """Average ``value`` over ranks. Tensors are reduced in float32-or-wider and returned as a
     new tensor of the input dtype; Python numbers come back as float. Identity when not
-    distributed. Used as ``objective.reduce_fn`` and for AEWGS's per-channel statistics."""
-    if not is_distributed():
-        return value
-    is_tensor = torch.is_tensor(value)
-    t = value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
-    orig_dtype = t.dtype
-    if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    t = t.to(_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t = t / dist.get_world_size()
-    if is_tensor:
-        return t.to(device=value.device, dtype=orig_dtype)
-    return float(t.item())
-
-
-def _all_reduce(value, op):
-    """``value`` (tensor or number) reduced with ``op`` over ranks; identity when not distributed."""
-    if not is_distributed():
-        return value
-    is_tensor = torch.is_tensor(value)
-    t = value.detach().clone() if is_tensor else torch.tensor(float(value), dtype=torch.float64)
-    dev = t.device
-    t = t.to(_comm_device())
-    dist.all_reduce(t, op=op)
-    return t.to(dev) if is_tensor else float(t.item())
+    distributed. Used for AEWGS's per-channel statistics (the objective's default
+    ``reduce_fn`` is the same reduction)."""
+    return _reduce(value, "mean")
 
 
 def all_reduce_sum(value):
     """Sum ``value`` (tensor or number) over ranks; identity when not distributed."""
-    return _all_reduce(value, dist.ReduceOp.SUM)
+    return _reduce(value, "sum")
 
 
 def all_reduce_max(value):
     """Maximum of ``value`` (tensor or number) over ranks; identity when not distributed."""
-    return _all_reduce(value, dist.ReduceOp.MAX)
-
-
-def _comm_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones through staging).
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return _reduce(value, "max")
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
@@ -167,7 +145,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            buf = t.detach().to(_comm_device()).contiguous()
+            buf = t.detach().to(comm_device()).contiguous()
             dist.broadcast(buf, src=src)
             if buf.data_ptr() != t.data_ptr():
                 t.copy_(buf.to(t.device))

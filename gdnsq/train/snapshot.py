@@ -22,20 +22,19 @@ from typing import Optional
 
 from .._atomic import atomic_write_bytes, atomic_write_text
 from .._sealed import read_sealed, write_sealed
+from .checkpoint import BEST, CHECKPOINT_FORMAT, LAST, METRICS, READABLE_VERSIONS, load_checkpoint, save_checkpoint
 
 __all__ = ["SNAPSHOT_FORMAT", "write_snapshot", "read_snapshot", "restore_snapshot", "snapshot_epoch"]
 
 SNAPSHOT_FORMAT = "gdnsq.run.snapshot"  # a file-format tag written into snapshots: never renamed
 SNAPSHOT_VERSION = 1
-_LAST, _BEST, _METRICS, _RUN = "checkpoint_last.pt", "checkpoint_best.pt", "metrics.jsonl", "run.json"
+_LAST, _BEST, _METRICS, _RUN = LAST, BEST, METRICS, "run.json"
 
 
 def write_snapshot(run_dir, path) -> dict:
     """Write the snapshot of ``run_dir`` to ``path`` (atomically, sealed). Returns a summary
     ``{"epoch": last completed epoch, "best_epoch": epoch of checkpoint_best.pt or None,
     "bytes": file size}``. Raises FileNotFoundError when the folder holds no checkpoint."""
-    from .trainer import load_checkpoint
-
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / _LAST).is_file():
         raise FileNotFoundError(f"snapshot: {run_dir} holds no {_LAST} (not a started run folder)")
@@ -68,17 +67,15 @@ def read_snapshot(path) -> dict:
         raise ValueError(f"{path}: snapshot field 'best' is not a checkpoint")
     if snap.get("run") is not None and not isinstance(snap["run"], str):
         raise ValueError(f"{path}: snapshot field 'run' is not text")
-    from .trainer import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-
     for key in ("last", "best"):
         ckpt = snap[key]
         if ckpt is None:
             continue
-        if (ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != CHECKPOINT_VERSION
+        if (ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") not in READABLE_VERSIONS
                 or ckpt.get("complete") is not True or ckpt.get("kind") != key
                 or not isinstance(ckpt.get("epoch"), int)):
-            raise ValueError(f"{path}: snapshot field {key!r} is not a complete version-"
-                             f"{CHECKPOINT_VERSION} '{key}' trainer checkpoint")
+            raise ValueError(f"{path}: snapshot field {key!r} is not a complete '{key}' trainer checkpoint "
+                             f"of a version this gdnsq reads ({list(READABLE_VERSIONS)})")
     return snap
 
 
@@ -93,8 +90,6 @@ def restore_snapshot(path, run_dir) -> Optional[int]:
 
     The whole snapshot is read and verified before any file is written, and each file is written
     atomically, so a damaged snapshot never leaves a half-restored folder."""
-    from .trainer import load_checkpoint, save_checkpoint
-
     snap = read_snapshot(path)
     run_dir = pathlib.Path(run_dir)
     if (run_dir / _LAST).is_file():
