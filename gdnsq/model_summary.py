@@ -68,29 +68,18 @@ class ModelSummary:
     input_shapes: list
     layers: list = field(default_factory=list)
 
-    @property
-    def params(self) -> int:
-        return sum(r.params for r in self.layers)
+    def _total(self, column: str) -> int:
+        return sum(getattr(r, column) for r in self.layers)
 
-    @property
-    def macs(self) -> int:
-        return sum(r.macs for r in self.layers)
-
-    @property
-    def bytes(self) -> int:
-        """Model size at the realised bits (what a frozen model stores)."""
-        return sum(r.bytes for r in self.layers)
-
-    @property
-    def fp32_bytes(self) -> int:
-        return sum(r.fp32_bytes for r in self.layers)
-
-    @property
-    def bops(self) -> int:
-        return sum(r.bops for r in self.layers)
+    params = property(lambda self: self._total("params"), doc="parameters of all rows")
+    macs = property(lambda self: self._total("macs"), doc="MACs on the example input")
+    bytes = property(lambda self: self._total("bytes"), doc="model size at the realised bits")
+    fp32_bytes = property(lambda self: self._total("fp32_bytes"), doc="model size in float32")
+    bops = property(lambda self: self._total("bops"), doc="bit-operations at the realised bits")
 
     @property
     def fp32_bops(self) -> int:
+        """Bit-operations of the same MACs at 32 x 32 bits."""
         return self.macs * 32 * 32
 
     def to_dict(self) -> dict:

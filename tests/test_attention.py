@@ -10,7 +10,7 @@ from torch import nn
 
 import gdnsq
 from gdnsq import QLinear, QMultiheadAttention
-from gdnsq.deploy import freeze
+from gdnsq.deploy import freeze, load, save
 
 E, H = 8, 2
 ALL = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -199,7 +199,7 @@ class CrossAttention(nn.Module):
         return self.head(out.mean(1))
 
 
-def test_cross_attention_freezes_to_the_exact_fake_quant_model():
+def test_cross_attention_freezes_to_the_exact_fake_quant_model(tmp_path):
     student = gdnsq.quantize_model(CrossAttention(), 3, 3)
     assert isinstance(student.attn, QMultiheadAttention)
     data = [torch.randn(4, 6, 11) for _ in range(2)]
@@ -213,6 +213,11 @@ def test_cross_attention_freezes_to_the_exact_fake_quant_model():
     with torch.no_grad():
         for x in data:
             torch.testing.assert_close(frozen(x), student(x), rtol=1e-6, atol=1e-6)
+    # saved and loaded into a converted skeleton (the FP one has no projection modules)
+    save(frozen, tmp_path / "cross.gdnsq")
+    loaded = load(tmp_path / "cross.gdnsq", model=gdnsq.quantize_model(CrossAttention(), 3, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data[0]), frozen(data[0]), rtol=0, atol=0)
 
 
 def test_errors():
