@@ -25,8 +25,8 @@ When the whole model cannot be traced (data-dependent Python control flow in ``f
 the residual rule is found block by block (each child module traced on its own, down to the
 ones that trace), and a 1x1 conv that no successful trace reaches is a projection when a part of
 its name contains ``downsample`` or ``shortcut``; the input and classifier rules fall back to
-registration order: the first candidate (with its sibling q/k/v projections when it is one) and
-the last ``nn.Linear``.
+registration order: the first candidate (with its sibling q/k/v projections when it is one;
+none when an ``nn.Embedding`` is registered before it) and the last ``nn.Linear``.
 """
 from __future__ import annotations
 
@@ -279,6 +279,17 @@ def _first_under(prefix: str, candidates: list[Candidate]) -> list[str]:
     return [first.name]
 
 
+def _embedding_first(model: nn.Module, candidates: list[Candidate]) -> bool:
+    """True when an nn.Embedding is registered before the first candidate (a token model)."""
+    first_owner = candidates[0].owner
+    for name, module in model.named_modules():
+        if name == first_owner:
+            return False
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            return True
+    return False
+
+
 def _last_linear_under(prefix: str, candidates: list[Candidate]) -> list[str]:
     """The last Linear under ``prefix`` (an attention module's out_proj counts)."""
     under = [c for c in candidates if _under(prefix, c) and c.kind != "conv2d"
@@ -321,7 +332,7 @@ def default_fp_layers(model: nn.Module, candidates: list[Candidate] | None = Non
 
     if keep_first:
         if whole is None:
-            first = _first_under("", candidates)
+            first = [] if _embedding_first(model, candidates) else _first_under("", candidates)
         else:
             g = blocks[0]
             first = []

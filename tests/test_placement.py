@@ -171,9 +171,21 @@ class TokenModel(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
 
-def test_token_model_and_attention_names_in_overrides():
-    student = gdnsq.quantize_model(TokenModel(), 2, 2)
+class UntraceableTokenModel(TokenModel):
+    def forward(self, tokens):
+        if tokens.max() >= 20:  # not symbolically traceable: the registration-order fallback
+            raise ValueError("token out of range")
+        return super().forward(tokens)
+
+
+@pytest.mark.parametrize("model", [TokenModel, UntraceableTokenModel])
+def test_token_model_keeps_no_projection_fp_for_the_input(model):
+    student = gdnsq.quantize_model(model(), 2, 2)
     assert _quantized(student) == {f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert _rule(student, "head") == RULE_CLASSIFIER
+
+
+def test_attention_names_in_overrides():
     s2 = gdnsq.quantize_model(TokenModel(), {"attn.q_proj": 4, "*": 2}, 3,
                               exclude=["attn.out_proj"], include=["head"])
     assert _quantized(s2) == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "head"}
