@@ -24,6 +24,7 @@ from .layers import set_exact_inference
 
 __all__ = [
     "quantize_model", "teacher_of", "calibrate", "summary", "QConv2d", "QLinear",
-    "QMultiheadAttention", "WeightQuantizer", "ActivationQuantizer", "jeffreys_divergence", "BitWidthPenalty", "GDNSQObjective",
-    "GDNSQSchedule", "stats", "Trainer", "TrainConfig", "get_preset", "set_exact_inference",
+    "QMultiheadAttention", "WeightQuantizer", "ActivationQuantizer", "jeffreys_divergence",
+    "BitWidthPenalty", "GDNSQObjective", "GDNSQSchedule", "stats", "Trainer", "TrainConfig",
+    "get_preset", "set_exact_inference",
 ]

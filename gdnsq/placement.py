@@ -156,7 +156,7 @@ class _Graph:
     """
 
     def __init__(self, graph: fx.Graph, prefix: str, model: nn.Module, candidates: list[Candidate]):
-        self.graph, self.prefix = graph, prefix
+        self.graph = graph
         owners = {c.owner for c in candidates}
         self.layers: dict[fx.Node, str] = {}
         for node in graph.nodes:
@@ -297,10 +297,61 @@ def _last_linear_under(prefix: str, candidates: list[Candidate]) -> list[str]:
     return [under[-1].name] if under else []
 
 
+def _residual_projections(model: nn.Module, blocks: list[_Graph], candidates: list[Candidate]) -> set[str]:
+    """From the traced blocks, plus the name-based fallback for the 1x1 convs no trace reached."""
+    found = {name for g in blocks for name in g.residual_projections(model)}
+    covered = {name for g in blocks for name in g.layers.values()}
+    for c in candidates:
+        if c.kind != "conv2d" or c.owner in covered:
+            continue
+        if tuple(model.get_submodule(c.owner).kernel_size) != (1, 1):
+            continue
+        if any(word in part.lower() for part in c.name.split(".") for word in _SHORTCUT_WORDS):
+            found.add(c.name)
+    return found
+
+
+def _input_layers(model: nn.Module, graph: _Graph | None, candidates: list[Candidate]) -> list[str]:
+    """Candidates that see a model input (registration-order fallback without a graph)."""
+    if graph is None:
+        return [] if _embedding_first(model, candidates) else _first_under("", candidates)
+    owners = {c.owner for c in candidates}
+    found = []
+    for node, positions in graph.input_nodes():
+        name = graph.layers[node]
+        module = model.get_submodule(name)
+        if isinstance(module, nn.MultiheadAttention):
+            found += [_join(name, _INPUT_PROJECTIONS[i]) for i in positions]
+        elif name in owners:
+            found.append(name)
+        elif not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            found += _first_under(name, candidates)  # an opaque module that holds layers
+    return found
+
+
+def _classifiers(model: nn.Module, graph: _Graph | None, candidates: list[Candidate]) -> list[str]:
+    """Linear candidates that produce the model output (the last nn.Linear without a graph)."""
+    if graph is None:
+        return _last_linear_under("", [c for c in candidates if c.kind == "linear"])
+    owners = {c.owner for c in candidates}
+    found = []
+    for node in graph.output_layers():
+        name = graph.layers[node]
+        module = model.get_submodule(name)
+        if isinstance(module, nn.MultiheadAttention):
+            found.append(_join(name, "out_proj"))
+        elif isinstance(module, nn.Linear) and name in owners:
+            found.append(name)
+        elif name not in owners and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            found += _last_linear_under(name, candidates)  # an opaque module that holds layers
+    return found
+
+
 def default_fp_layers(model: nn.Module, candidates: list[Candidate] | None = None, *,
                       keep_first: bool = True, keep_last: bool = True,
                       keep_projections: bool = True) -> dict[str, str]:
-    """``{candidate name: rule}`` of the candidates the default rules keep FP.
+    """``{candidate name: rule}`` of the candidates the default rules keep FP, in candidate order
+    (a layer both input layer and classifier, as in a one-layer model, is listed as classifier).
 
     Args:
         model: the FP model (not yet converted).
@@ -310,60 +361,16 @@ def default_fp_layers(model: nn.Module, candidates: list[Candidate] | None = Non
     """
     if candidates is None:
         candidates = find_candidates(model)
-    by_name = {c.name for c in candidates}
-    owners = {c.owner for c in candidates}
-    rules: dict[str, str] = {}
     if not candidates or not (keep_first or keep_last or keep_projections):
-        return rules
-    whole = _trace(model)
-    blocks = ([_Graph(whole, "", model, candidates)] if whole is not None
-              else _trace_blocks(model, model, "", candidates))
-
+        return {}
+    traced = _trace(model)
+    graph = None if traced is None else _Graph(traced, "", model, candidates)
+    rules: dict[str, str] = {}
     if keep_projections:
-        covered = {name for g in blocks for name in g.layers.values()}
-        for g in blocks:
-            for name in g.residual_projections(model):
-                rules[name] = RULE_PROJECTION
-        for c in candidates:  # name-based fallback for the convs no trace reached
-            module = model.get_submodule(c.owner)
-            if (c.kind == "conv2d" and c.owner not in covered and tuple(module.kernel_size) == (1, 1)
-                    and any(w in part.lower() for part in c.name.split(".") for w in _SHORTCUT_WORDS)):
-                rules[c.name] = RULE_PROJECTION
-
+        blocks = [graph] if graph is not None else _trace_blocks(model, model, "", candidates)
+        rules.update(dict.fromkeys(_residual_projections(model, blocks, candidates), RULE_PROJECTION))
     if keep_first:
-        if whole is None:
-            first = [] if _embedding_first(model, candidates) else _first_under("", candidates)
-        else:
-            g = blocks[0]
-            first = []
-            for node, positions in g.input_nodes():
-                name = g.layers[node]
-                if isinstance(model.get_submodule(name), nn.MultiheadAttention):
-                    first += [_join(name, _INPUT_PROJECTIONS[i]) for i in positions]
-                elif name in owners:
-                    first.append(name)
-                elif not isinstance(model.get_submodule(name), (nn.Embedding, nn.EmbeddingBag)):
-                    first += _first_under(name, candidates)
-        for name in first:
-            if name in by_name:
-                rules[name] = RULE_INPUT
-
+        rules.update(dict.fromkeys(_input_layers(model, graph, candidates), RULE_INPUT))
     if keep_last:
-        if whole is None:
-            last = _last_linear_under("", [c for c in candidates if c.kind == "linear"])
-        else:
-            g = blocks[0]
-            last = []
-            for node in g.output_layers():
-                name = g.layers[node]
-                module = model.get_submodule(name)
-                if isinstance(module, nn.MultiheadAttention):
-                    last.append(_join(name, "out_proj"))
-                elif isinstance(module, nn.Linear) and name in owners:
-                    last.append(name)
-                elif name not in owners and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-                    last += _last_linear_under(name, candidates)
-        for name in last:
-            if name in by_name:
-                rules[name] = RULE_CLASSIFIER
+        rules.update(dict.fromkeys(_classifiers(model, graph, candidates), RULE_CLASSIFIER))
     return {c.name: rules[c.name] for c in candidates if c.name in rules}

@@ -81,7 +81,8 @@ def _make_divisible(v, divisor=8):
 
 class Conv2dNormActivation(nn.Sequential):
     def __init__(self, cin, cout, kernel_size=3, stride=1, groups=1, activation=True):
-        layers = [nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+        padding = (kernel_size - 1) // 2
+        layers = [nn.Conv2d(cin, cout, kernel_size, stride, padding, groups=groups, bias=False),
                   nn.BatchNorm2d(cout)]
         if activation:
             layers.append(nn.ReLU6(inplace=True))

@@ -89,7 +89,8 @@ def _convert_train_freeze(fp, check, image_shape, steps=3):
         assert torch.isfinite(loss)
     # every quantizer trained
     for name, layer in quantized_layers(student):
-        assert not torch.equal(layer.weight_quantizer.log2_step, before[f"{name}.weight_quantizer.log2_step"]), name
+        step = layer.weight_quantizer.log2_step
+        assert not torch.equal(step, before[f"{name}.weight_quantizer.log2_step"]), name
     student.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a few steps leave the bits above the W2A2 targets

@@ -40,8 +40,10 @@ CASES = {
     "batch-first": (dict(batch_first=True), dict()),
     "kdim-vdim": (dict(kdim=5, vdim=3), dict()),
     "no-bias": (dict(bias=False), dict()),
-    "bias-kv-zero-attn": (dict(add_bias_kv=True, add_zero_attn=True), dict(key_padding_mask="bool", attn_mask="2d")),
-    "masks-per-head": (dict(batch_first=True), dict(key_padding_mask="float", attn_mask="3d", average_attn_weights=False)),
+    "bias-kv-zero-attn": (dict(add_bias_kv=True, add_zero_attn=True),
+                          dict(key_padding_mask="bool", attn_mask="2d")),
+    "masks-per-head": (dict(batch_first=True),
+                       dict(key_padding_mask="float", attn_mask="3d", average_attn_weights=False)),
     "no-weights-masks": (dict(), dict(need_weights=False, key_padding_mask="bool", attn_mask="2d")),
     "causal": (dict(batch_first=True), dict(need_weights=False, attn_mask="causal", is_causal=True)),
     "unbatched": (dict(), dict(unbatched=True, key_padding_mask="bool")),
@@ -58,7 +60,9 @@ def _inputs(mha, L=3, S=4, N=2, unbatched=False, key_padding_mask=None, attn_mas
     key, value = torch.randn(shape(S, kdim)), torch.randn(shape(S, vdim))
     kpm_shape = (S,) if unbatched else (N, S)
     if key_padding_mask == "bool":
-        call["key_padding_mask"] = torch.zeros(kpm_shape, dtype=torch.bool).index_fill_(-1, torch.tensor([1]), True)
+        mask = torch.zeros(kpm_shape, dtype=torch.bool)
+        mask[..., 1] = True
+        call["key_padding_mask"] = mask
     elif key_padding_mask == "float":
         call["key_padding_mask"] = torch.randn(kpm_shape)
     if attn_mask == "2d":
@@ -99,8 +103,9 @@ def test_fp_projections_share_parameters_and_split_the_packed_one():
     packed = _mha()
     q2 = QMultiheadAttention.from_float(packed)
     for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-        torch.testing.assert_close(getattr(q2, name).weight, packed.in_proj_weight[i * E:(i + 1) * E], rtol=0, atol=0)
-        torch.testing.assert_close(getattr(q2, name).bias, packed.in_proj_bias[i * E:(i + 1) * E], rtol=0, atol=0)
+        rows = slice(i * E, (i + 1) * E)
+        assert torch.equal(getattr(q2, name).weight, packed.in_proj_weight[rows])
+        assert torch.equal(getattr(q2, name).bias, packed.in_proj_bias[rows])
 
 
 @contextlib.contextmanager
