@@ -135,6 +135,17 @@ def headline(model: str, report: dict) -> str:
             f"rerun with a larger budget to continue")
 
 
+def print_summary(student, loader, quiet: bool) -> None:
+    """The placement and bits table (``gdnsq.summary``) on stderr, for one image of ``loader``;
+    nothing when ``quiet`` (``--json``)."""
+    if quiet:
+        return
+    from ..model_summary import summary
+
+    images = next(iter(loader))[0]
+    _log(str(summary(student, images[:1])))
+
+
 def cmd_quantize(args) -> dict:
     from .. import convert
     from ..train import distributed as gdist, presets
@@ -262,17 +273,6 @@ def cmd_quantize(args) -> dict:
                  f"rerun the same command to continue")
         return {"result": summary, "human": human}
     return {"result": summary, "human": f"{headline(args.model, report)}; report: {report_md}"}
-
-
-def print_summary(student, loader, quiet: bool) -> None:
-    """The placement and bits table (``gdnsq.summary``) on stderr, for one image of ``loader``;
-    nothing when ``quiet`` (``--json``)."""
-    if quiet:
-        return
-    from ..model_summary import summary
-
-    images = next(iter(loader))[0]
-    _log(str(summary(student, images[:1])))
 
 
 def _selection_of(report: dict) -> str:
