@@ -1,9 +1,9 @@
 """gdnsq: GDNSQ quantization-aware fine-tuning down to W1A1, and deployment of the result.
 
 Method API (see docs/method.md and docs/trainer.md):
-    quantize_model, teacher_of, calibrate, QConv2d, QLinear, WeightQuantizer,
-    ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective, read_parts,
-    GDNSQSchedule, param_groups, ConvergenceTracker, Trainer, TrainConfig, get_preset,
+    quantize_model, teacher_of, calibrate, summary, QConv2d, QLinear, QMultiheadAttention,
+    WeightQuantizer, ActivationQuantizer, jeffreys_divergence, BitWidthPenalty, GDNSQObjective,
+    read_parts, GDNSQSchedule, param_groups, ConvergenceTracker, Trainer, TrainConfig, get_preset,
     set_exact_inference; submodules stats, data, models, deploy, cli
 """
 # The one place the version is written (setup.py reads this line as text).
@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .layers import QConv2d, QLinear
+from .attention import QMultiheadAttention
 from .convert import quantize_model, teacher_of
+from .model_summary import summary
 from .calibrate import calibrate
 from .losses import BitWidthPenalty, GDNSQObjective, jeffreys_divergence, read_parts
 from .schedule import GDNSQSchedule, param_groups
@@ -23,8 +25,9 @@ from .train.presets import TrainConfig, get_preset
 from .layers import set_exact_inference
 
 __all__ = [
-    "quantize_model", "teacher_of", "calibrate", "QConv2d", "QLinear", "WeightQuantizer",
-    "ActivationQuantizer", "jeffreys_divergence", "BitWidthPenalty", "GDNSQObjective", "read_parts",
-    "GDNSQSchedule", "param_groups", "ConvergenceTracker", "ConvergenceStatus", "stats", "Trainer",
-    "TrainConfig", "get_preset", "set_exact_inference",
+    "quantize_model", "teacher_of", "calibrate", "summary", "QConv2d", "QLinear",
+    "QMultiheadAttention", "WeightQuantizer", "ActivationQuantizer", "jeffreys_divergence",
+    "BitWidthPenalty", "GDNSQObjective", "read_parts", "GDNSQSchedule", "param_groups",
+    "ConvergenceTracker", "ConvergenceStatus", "stats", "Trainer", "TrainConfig", "get_preset",
+    "set_exact_inference",
 ]

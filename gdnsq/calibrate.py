@@ -26,6 +26,18 @@ def _batch_input(batch):
     raise TypeError("loader must yield tensors or (input, target) tuples/lists")
 
 
+def _check_called(layers, called: set[str]) -> None:
+    """Refuse a quantized layer whose forward never ran: its quantizers could not be set, and
+    a layer the forward does not call is not quantized in the model either."""
+    for name, _ in layers:
+        if name not in called:
+            raise ValueError(
+                f"layer {name!r} was never called during calibration: its module is not used by "
+                f"forward (is its weight read directly, as nn.MultiheadAttention does with "
+                f"out_proj, or does it run only in training mode?); keep it FP with "
+                f"quantize_model(..., exclude=[{name!r}])")
+
+
 @torch.no_grad()
 def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: int | None = None,
               device=None, forward_fn: ForwardFn | None = None) -> dict:
@@ -80,6 +92,7 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
     act_layers = [(n, m) for n, m in layers if m.act_quantizer is not None and m.act_quantizer.enabled]
     stats = {n: [math.inf, -math.inf] for n, _ in act_layers}
     hooks = []
+    called: set[str] = set()  # names of the layers whose forward ran
 
     def make_hook(name):
         def hook(_module, inputs):
@@ -97,6 +110,8 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
         was_training = student.training
         for n, m in act_layers:
             hooks.append(m.register_forward_pre_hook(make_hook(n)))
+        for n, m in layers:
+            hooks.append(m.register_forward_pre_hook(lambda _m, _inputs, n=n: called.add(n)))
         for _, m in layers:
             m._fp_passthrough = True
         try:
@@ -109,6 +124,7 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
                     break
             if seen == 0:
                 raise ValueError("loader yielded no batches")
+            _check_called(layers, called)
         finally:
             for h in hooks:
                 h.remove()

@@ -1,17 +1,20 @@
 """Model conversion: ``quantize_model`` (FP model -> GDNSQ student) and ``teacher_of``.
 
-Default placement (METHOD Part A item 4, Part B §5):
+Default placement (METHOD Part A item 4, Part B §5; the rules are in :mod:`gdnsq.placement`):
 
-* every ``nn.Conv2d`` and ``nn.Linear`` is a candidate, in ``named_modules()`` order;
-* the first candidate (the layer that sees the network input: the first conv of a CNN, the
-  first linear of an MLP) and the last ``nn.Linear`` (the classifier) stay FP;
-* 1x1 convs stay FP (ResNet projection shortcuts);
+* every ``nn.Conv2d`` (grouped and depthwise too), ``nn.Linear`` and the four projections of
+  every ``nn.MultiheadAttention`` are candidates, in ``named_modules()`` order;
+* the layers that see the model input, the classifier and the 1x1 convs that are residual
+  projections (ResNet ``downsample``) stay FP, found from the model's traced graph;
 * every other candidate becomes :class:`~gdnsq.layers.QConv2d` / :class:`~gdnsq.layers.QLinear`:
-  per-channel weight quantizer plus one per-tensor activation quantizer on its input;
-* BatchNorm, ReLU, pooling and residual adds are untouched (FP, BN unfused, train mode).
+  per-channel weight quantizer plus one per-tensor activation quantizer on its input; an
+  attention module with a quantized projection becomes a
+  :class:`~gdnsq.attention.QMultiheadAttention`;
+* BatchNorm, LayerNorm, activations, pooling, residual adds and the attention's softmax are
+  untouched (FP, BN unfused, train mode).
 
-"First" and "last" follow registration order, which is execution order for the usual
-``nn.Sequential``/ResNet definitions; ``exclude`` / ``include`` override any rule.
+``exclude`` / ``include`` override any rule. Each candidate kept FP carries the rule that kept
+it in a ``_gdnsq_fp_rule`` attribute (``gdnsq.summary`` shows it).
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ from numbers import Real
 
 from torch import nn
 
+from . import placement
+from .attention import QMultiheadAttention, disable_fused_transformer_paths
 from .layers import QConv2d, QLinear
 from .quantizers import ESTIMATORS, _check_bits
 
 _TEACHER_ATTR = "_gdnsq_teacher"
+#: attribute of a candidate module kept FP: the rule that kept it (a placement.RULE_* string)
+FP_RULE_ATTR = "_gdnsq_fp_rule"
 
 
 class _ApplyWithTeacher:
@@ -62,14 +69,16 @@ def _names(arg, what: str) -> list[str]:
 
 
 def _expand(names: list[str], modules: dict[str, nn.Module], candidates: list[str], what: str) -> set[str]:
-    """Candidate layer names selected by ``names``: a layer itself, or every layer under a container."""
+    """Candidate layer names selected by ``names``: a layer itself (an attention projection
+    ``<mha>.q_proj`` included), or every layer under a container."""
     out: set[str] = set()
     for n in names:
-        if n not in modules:
+        if n not in modules and n not in candidates:
             raise ValueError(f"{what}: no module named {n!r} in the model")
         hits = [c for c in candidates if c == n or (n == "" or c.startswith(n + "."))]
         if not hits:
-            raise ValueError(f"{what}: module {n!r} is not (and contains no) nn.Conv2d / nn.Linear")
+            raise ValueError(f"{what}: module {n!r} is not (and contains no) nn.Conv2d / nn.Linear / "
+                             f"nn.MultiheadAttention")
         out.update(hits)
     return out
 
@@ -106,14 +115,14 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, include=None,
-                   keep_first: bool = True, keep_last: bool = True, skip_1x1: bool = True,
+                   keep_first: bool = True, keep_last: bool = True, keep_projections: bool = True,
                    signed="auto", estimator: str = "ste", per_channel: bool = True,
                    dither: bool = True, inplace: bool = False, teacher: bool = True) -> nn.Module:
     """Convert an FP model into a GDNSQ student; a frozen FP teacher is kept (see ``teacher_of``).
 
     Args:
-        model: any ``nn.Module`` built from ``nn.Conv2d`` / ``nn.Linear`` (plus anything else,
-            which is left alone).
+        model: any ``nn.Module`` built from ``nn.Conv2d`` / ``nn.Linear`` /
+            ``nn.MultiheadAttention`` (plus anything else, which is left alone).
         weight_bits: target weight bits, a number or a dict layer name -> bits (key "*" gives
             the default for layers not listed).
         act_bits: target activation bits, same forms; ``None`` (globally or per layer) leaves
@@ -121,9 +130,13 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
         exclude: names of layers (or containers: every layer under them) to keep FP, on top of
             the default rules. Unknown names raise ValueError.
         include: names of layers (or containers) to quantize even where a default rule would keep
-            them FP (first/last layer, 1x1 conv). Unknown names raise ValueError.
-        keep_first / keep_last: keep the first candidate layer and the last nn.Linear FP.
-        skip_1x1: keep convs with a 1x1 kernel FP.
+            them FP (input layer, classifier, residual projection). Unknown names raise
+            ValueError. An attention projection is named ``<mha>.q_proj`` / ``k_proj`` /
+            ``v_proj`` / ``out_proj``.
+        keep_first: keep the layers that see the model input FP.
+        keep_last: keep the classifier (the Linear layers that produce the output) FP.
+        keep_projections: keep the 1x1 convs that are residual projections FP (ResNet
+            ``downsample``; pointwise convs inside a block are quantized).
         signed: activation offset rule: "auto" (default; decided at calibration from the data:
             offset fixed at 0 when the calibration minimum of the input is >= 0, e.g. after a
             ReLU, learnable otherwise), True (always learnable) or False (always 0).
@@ -139,7 +152,9 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
     Returns:
         The student: same module tree with the chosen layers replaced by QConv2d / QLinear
         (state_dict keys of the original layers are kept: ``<name>.weight``, ``<name>.bias``,
-        plus ``<name>.weight_quantizer.*`` and ``<name>.act_quantizer.*``).
+        plus ``<name>.weight_quantizer.*`` and ``<name>.act_quantizer.*``), and each
+        ``nn.MultiheadAttention`` with a chosen projection replaced by a QMultiheadAttention
+        (keys ``<mha>.q_proj.weight`` ... instead of the packed ``<mha>.in_proj_weight``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -159,34 +174,38 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
     student = model if inplace else copy.deepcopy(model)
 
     modules = dict(student.named_modules())
-    if any(isinstance(m, (QConv2d, QLinear)) for m in modules.values()):
+    if any(isinstance(m, (QConv2d, QLinear, QMultiheadAttention)) for m in modules.values()):
         raise ValueError("model already contains QConv2d/QLinear layers (quantize_model applied twice?)")
-    candidates = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    excluded = _expand(exclude, modules, candidates, "exclude")
-    included = _expand(include, modules, candidates, "include")
+    candidates = placement.find_candidates(student)
+    names = [c.name for c in candidates]
+    excluded = _expand(exclude, modules, names, "exclude")
+    included = _expand(include, modules, names, "include")
     both = excluded & included
     if both:
         raise ValueError(f"layers both included and excluded: {sorted(both)}")
 
-    default_fp: set[str] = set()
-    if keep_first and candidates:
-        default_fp.add(candidates[0])
-    linears = [n for n in candidates if isinstance(modules[n], nn.Linear)]
-    if keep_last and linears:
-        default_fp.add(linears[-1])
-    if skip_1x1:
-        default_fp.update(n for n in candidates
-                          if isinstance(modules[n], nn.Conv2d) and tuple(modules[n].kernel_size) == (1, 1))
-    chosen = [n for n in candidates if n not in excluded and (n not in default_fp or n in included)]
+    default_fp = placement.default_fp_layers(student, candidates, keep_first=keep_first,
+                                             keep_last=keep_last, keep_projections=keep_projections)
+    chosen = [n for n in names if n not in excluded and (n not in default_fp or n in included)]
 
     w_bits = _per_layer(weight_bits, "weight_bits", chosen, allow_none=False)
     a_bits = _per_layer(act_bits, "act_bits", chosen, allow_none=True)
-    for name in chosen:
-        layer = modules[name]
-        cls = QConv2d if isinstance(layer, nn.Conv2d) else QLinear
-        q = cls.from_float(layer, weight_bits=w_bits[name], act_bits=a_bits[name], signed=signed,
-                           estimator=estimator, per_channel=per_channel, dither=dither)
-        _set_submodule(student, name, q)
+    layer_kwargs = {name: dict(weight_bits=w_bits[name], act_bits=a_bits[name], signed=signed,
+                               estimator=estimator, per_channel=per_channel, dither=dither)
+                    for name in chosen}
+    attention: dict[str, dict[str, dict]] = {}  # attention module -> {projection: QLinear kwargs}
+    for c in candidates:
+        if c.name not in layer_kwargs:
+            continue
+        if c.kind == "attention":
+            attention.setdefault(c.owner, {})[c.projection] = layer_kwargs[c.name]
+        else:
+            cls = QConv2d if c.kind == "conv2d" else QLinear
+            _set_submodule(student, c.name, cls.from_float(modules[c.name], **layer_kwargs[c.name]))
+    for owner, quantize in attention.items():
+        _set_submodule(student, owner, QMultiheadAttention.from_float(modules[owner], quantize))
+    disable_fused_transformer_paths(student)
+    _record_fp_rules(student, candidates, set(chosen), excluded, default_fp)
 
     if fp_copy is not None:
         # Not a submodule (a container such as nn.Sequential would run it, and the teacher
@@ -195,6 +214,28 @@ def quantize_model(model: nn.Module, weight_bits, act_bits, *, exclude=None, inc
         object.__setattr__(student, _TEACHER_ATTR, fp_copy)
         object.__setattr__(student, "_apply", _ApplyWithTeacher(student))
     return student
+
+
+def _record_fp_rules(student: nn.Module, candidates, chosen: set[str], excluded: set[str],
+                     default_fp: dict[str, str]) -> None:
+    """Set ``FP_RULE_ATTR`` on every candidate kept FP: the rule, or "excluded" (by the user).
+
+    A projection of an attention module that stayed ``nn.MultiheadAttention`` (none of its
+    projections quantized) has no module of its own: the attention module gets its rules.
+    """
+    kept_whole: dict[str, list[str]] = {}
+    for c in candidates:
+        if c.name in chosen:
+            continue
+        rule = placement.RULE_EXCLUDED if c.name in excluded else default_fp[c.name]
+        if c.kind == "attention" and isinstance(student.get_submodule(c.owner), nn.MultiheadAttention):
+            kept_whole.setdefault(c.owner, [])
+            if rule not in kept_whole[c.owner]:
+                kept_whole[c.owner].append(rule)
+        else:
+            setattr(student.get_submodule(c.name), FP_RULE_ATTR, rule)
+    for owner, rules in kept_whole.items():
+        setattr(student.get_submodule(owner), FP_RULE_ATTR, ", ".join(rules))
 
 
 def teacher_of(student: nn.Module) -> nn.Module:

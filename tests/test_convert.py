@@ -76,7 +76,7 @@ def test_overrides_mixed_targets_and_weights_only():
     # a container in exclude removes every layer under it
     s2 = quantize_model(TinyResNet(), 2, 2, exclude="layer2")
     assert [n for n, _ in quantized_layers(s2)] == ["layer1.conv1", "layer1.conv2"]
-    s3 = quantize_model(TinyResNet(), 2, 2, keep_first=False, keep_last=False, skip_1x1=False)
+    s3 = quantize_model(TinyResNet(), 2, 2, keep_first=False, keep_last=False, keep_projections=False)
     assert len(quantized_layers(s3)) == 7
 
 

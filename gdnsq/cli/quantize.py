@@ -21,7 +21,7 @@ from ._support import (CliError, RUN_FILE, act_bits_arg, add_subcommand, bits_ar
                        positive_int, resolve_device, usage_errors)
 from .train_fp import train_fp
 
-__all__ = ["cmd_quantize", "resolve_train_config", "headline", "add_parser"]
+__all__ = ["cmd_quantize", "resolve_train_config", "headline", "print_summary", "add_parser"]
 
 _anneal_factor = number_arg(float, "a per-batch factor in (0, 1]", lambda v: 0 < v <= 1)
 
@@ -135,6 +135,17 @@ def headline(model: str, report: dict) -> str:
             f"rerun with a larger budget to continue")
 
 
+def print_summary(student, loader, quiet: bool) -> None:
+    """The placement and bits table (``gdnsq.summary``) on stderr, for one image of ``loader``;
+    nothing when ``quiet`` (``--json``)."""
+    if quiet:
+        return
+    from ..model_summary import summary
+
+    images = next(iter(loader))[0]
+    _log(str(summary(student, images[:1])))
+
+
 def cmd_quantize(args) -> dict:
     from .. import convert
     from ..train import distributed as gdist, presets
@@ -229,6 +240,8 @@ def cmd_quantize(args) -> dict:
     if gdist.is_main():
         _log(f"calibrating on {calib.num_samples} held-out training images")
     calibrate(student.to(device), calib)
+    if gdist.is_main():
+        print_summary(student, calib, quiet=args.json)
     if init_from is not None:
         # A chained stage: start from a trained (higher-bit) student instead of the calibrated
         # FP weights; the targets are this run's and nothing has been observed yet, so the new
