@@ -135,18 +135,19 @@ def headline(model: str, report: dict) -> str:
             f"rerun with a larger budget to continue")
 
 
-def print_summary(student, loader, quiet: bool) -> None:
-    """The placement and bits table (``gdnsq.summary``) on stderr, for one image of ``loader``;
-    nothing when ``quiet`` (``--json``)."""
+def print_summary(student, example, quiet: bool) -> None:
+    """The placement and bits table (``gdnsq.summary``) of ``student`` on ``example`` (one
+    input, e.g. (1, 3, 32, 32)) on stderr; nothing when ``quiet`` (``--json``)."""
     if quiet:
         return
     from ..model_summary import summary
 
-    images = next(iter(loader))[0]
-    _log(str(summary(student, images[:1])))
+    _log(str(summary(student, example)))
 
 
 def cmd_quantize(args) -> dict:
+    import torch
+
     from .. import convert
     from ..train import distributed as gdist, presets
     from ..calibrate import calibrate
@@ -241,7 +242,9 @@ def cmd_quantize(args) -> dict:
         _log(f"calibrating on {calib.num_samples} held-out training images")
     calibrate(student.to(device), calib)
     if gdist.is_main():
-        print_summary(student, calib, quiet=args.json)
+        # the shape of one image is all the summary needs (iterating the loader would move it)
+        example = torch.zeros((1,) + tuple(calib.images.shape[1:]), device=device)
+        print_summary(student, example, quiet=args.json)
     if init_from is not None:
         # A chained stage: start from a trained (higher-bit) student instead of the calibrated
         # FP weights; the targets are this run's and nothing has been observed yet, so the new
