@@ -202,6 +202,7 @@ def _mixed_grad(shape, device):
 
 @pytest.mark.parametrize("device,backend", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # float16 dx is inf, as the reference's
 def test_activation_float32_grad_of_half_input(device, backend, dtype, poison_empty):
     x = (torch.randn(2, 3, 5, 7, device=device) * 1.5).to(dtype)
     a, gm, b = (_p(v, device) for v in ACT_PARAMS[1])
