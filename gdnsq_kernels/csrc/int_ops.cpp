@@ -20,7 +20,7 @@
 //
 // Builds (chosen at build time by the -m flags gdnsq_kernels/int_ops.py passes):
 //  * AVX-512 VNNI: vpdpbusd, 4 blocks of 16 output channels x up to 6 output pixels (or
-//    3 x 8, 2 x 12, 1 x 16) per register tile; VPOPCNTDQ popcount GEMM; vpmaddwd depthwise.
+//    3 x 8, 2 x 12, 1 x 16) per register tile; VPOPCNTDQ popcount GEMM; vpdpwssd depthwise.
 //  * AVX2 (also the avx512 build without VNNI): vpmaddubsw + vpmaddwd, 16 output channels x 4
 //    pixels per tile. vpmaddubsw saturates its int16 pair sums; they stay exact when every
 //    activation code is <= 127 (2 * 127 * 128 < 2^15), which the driver checks per call: with a
@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -85,7 +86,7 @@ struct ConvGeom {
 struct Source {
   const uint8_t* base;
   int64_t Hp, Wp, pix_stride, group_stride;
-  std::vector<uint8_t> storage;  // the padded copy, when one was made
+  std::unique_ptr<uint8_t[]> storage;  // the padded copy, when one was made
 };
 
 // Direct view of x when no tap can leave the image or its group; else the padded copy
@@ -107,22 +108,34 @@ Source make_source(const uint8_t* x, const ConvGeom& g, uint8_t pad_code) {
   s.Wp = g.W + 2 * g.pw;
   s.pix_stride = pix;
   s.group_stride = g.depthwise ? 0 : cgroup;
-  // pad_code everywhere first: the border; channels past a group's Cg meet zero weights
-  s.storage.assign(g.N * s.Hp * s.Wp * pix, pad_code);
-  uint8_t* dst = s.storage.data();
-  const int64_t gs = s.group_stride, C = g.C, Cg = g.Cg, G = g.depthwise ? 1 : g.G;
-  const int64_t copy_len = g.depthwise ? C : Cg;
-  at::parallel_for(0, g.N * g.H, 16, [&](int64_t r0, int64_t r1) {
+  s.storage.reset(new uint8_t[g.N * s.Hp * s.Wp * pix]);  // every byte is written below
+  uint8_t* dst = s.storage.get();
+  const int64_t C = g.C, row_bytes = s.Wp * pix;
+  const bool whole_rows = pix == C;  // no channel padding: an image row is one copy
+  at::parallel_for(0, g.N * s.Hp, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / g.H, ih = r % g.H;
-      for (int64_t iw = 0; iw < g.W; ++iw) {
-        const uint8_t* src = x + ((n * g.H + ih) * g.W + iw) * C;
-        uint8_t* d = dst + ((n * s.Hp + ih + g.ph) * s.Wp + iw + g.pw) * pix;
-        for (int64_t grp = 0; grp < G; ++grp) std::memcpy(d + grp * gs, src + grp * Cg, copy_len);
+      const int64_t n = r / s.Hp, ih = r % s.Hp - g.ph;
+      uint8_t* d = dst + r * row_bytes;
+      if (ih < 0 || ih >= g.H) {
+        std::memset(d, pad_code, row_bytes);
+        continue;
       }
+      const uint8_t* src = x + (n * g.H + ih) * g.W * C;
+      if (whole_rows) {
+        std::memset(d, pad_code, g.pw * pix);
+        std::memcpy(d + g.pw * pix, src, g.W * C);
+        std::memset(d + (g.pw + g.W) * pix, pad_code, g.pw * pix);
+        continue;
+      }
+      // channels past a group's Cg (they meet zero weights) and the border hold pad_code
+      std::memset(d, pad_code, row_bytes);
+      const int64_t groups = g.depthwise ? 1 : g.G, len = g.depthwise ? C : g.Cg;
+      for (int64_t iw = 0; iw < g.W; ++iw)
+        for (int64_t grp = 0; grp < groups; ++grp)
+          std::memcpy(d + (iw + g.pw) * pix + grp * s.group_stride, src + iw * C + grp * len, len);
     }
   });
-  s.base = s.storage.data();
+  s.base = dst;
   return s;
 }
 
@@ -134,11 +147,27 @@ std::vector<int64_t> tap_offsets(const ConvGeom& g, const Source& s) {
   return off;
 }
 
-// Address of the window of flat output pixel f = (n * Ho + oh) * Wo + ow.
-inline const uint8_t* window(const ConvGeom& g, const Source& s, int64_t f) {
+// Window addresses (+ `offset`) of the P output pixels f0 .. f0+P-1 in flat order
+// f = (n * Ho + oh) * Wo + ow; pixels past the first `rows` repeat the last one (a tail tile
+// computes them and does not store them). One division per tile, not per pixel.
+inline void windows(const ConvGeom& g, const Source& s, int64_t f0, int64_t rows, int P, int64_t offset,
+                    const uint8_t** a) {
   const int64_t hw = g.Ho * g.Wo;
-  const int64_t n = f / hw, oh = (f % hw) / g.Wo, ow = f % g.Wo;
-  return s.base + ((n * s.Hp + oh * g.sh) * s.Wp + ow * g.sw) * s.pix_stride;
+  int64_t n = f0 / hw, oh = (f0 % hw) / g.Wo, ow = f0 % g.Wo;
+  for (int p = 0; p < P; ++p) {
+    if (p >= rows) {
+      a[p] = a[rows - 1];
+      continue;
+    }
+    a[p] = s.base + ((n * s.Hp + oh * g.sh) * s.Wp + ow * g.sw) * s.pix_stride + offset;
+    if (++ow == g.Wo) {
+      ow = 0;
+      if (++oh == g.Ho) {
+        oh = 0;
+        ++n;
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------ dense tiles
@@ -348,9 +377,7 @@ void dense_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t 
       const int64_t grp = chunk / chunks_per_group, ob0 = (chunk % chunks_per_group) * chunk_cols;
       const int64_t f0 = tile * shape.pixels;
       const int64_t rows = std::min<int64_t>(shape.pixels, npix - f0);
-      // a tail tile repeats its last pixel (computed, not stored)
-      for (int p = 0; p < shape.pixels; ++p)
-        a[p] = window(g, src, f0 + std::min<int64_t>(p, rows - 1)) + grp * src.group_stride;
+      windows(g, src, f0, rows, shape.pixels, grp * src.group_stride, a);
       TileArgs t;
       t.tap_off = tap_off.data();
       t.T = g.T;
@@ -369,30 +396,31 @@ void dense_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t 
 
 // ------------------------------------------------------------------------------ depthwise
 
-// P adjacent output pixels (windows a[p]) x 16 channels from c0: sum over taps of x * w.
+// P output pixels (windows a[p]) x 16 channels from c0: sum over taps of x * w, w the weights
+// widened to int32 ([T][C16]).
 template <int P>
-inline void depthwise_tile(const uint8_t* const* a, const int64_t* tap_off, int64_t T, const int8_t* w,
+inline void depthwise_tile(const uint8_t* const* a, const int64_t* tap_off, int64_t T, const int32_t* w,
                            int64_t C16, int64_t c0, int32_t* out, int64_t ldo, int64_t rows, int64_t cols) {
 #if defined(GDNSQ_INT_VNNI)
   __m512i acc[P];
   for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_si512();
   for (int64_t tap = 0; tap < T; ++tap) {
-    // int32 lanes holding a sign-extended int8 weight and a zero-extended uint8 code: the high
-    // int16 halves of the code lanes are 0, so vpmaddwd gives code * weight exactly
-    const __m512i wv = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + tap * C16 + c0)));
+    // int32 lanes: a sign-extended weight, a zero-extended code (high int16 half 0), so
+    // vpdpwssd adds code * weight + 0 * (high half of the weight) exactly
+    const __m512i wv = _mm512_loadu_si512(w + tap * C16 + c0);
     for (int p = 0; p < P; ++p) {
       const __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a[p] + tap_off[tap] + c0)));
-      acc[p] = _mm512_add_epi32(acc[p], _mm512_madd_epi16(xv, wv));
+      acc[p] = _mm512_dpwssd_epi32(acc[p], xv, wv);
     }
   }
   for (int64_t p = 0; p < rows; ++p) _mm512_mask_storeu_epi32(out + p * ldo, first_lanes(cols), acc[p]);
 #else
   int32_t acc[P][16] = {};
   for (int64_t tap = 0; tap < T; ++tap) {
-    const int8_t* wt = w + tap * C16 + c0;
+    const int32_t* wt = w + tap * C16 + c0;
     for (int p = 0; p < P; ++p) {
       const uint8_t* xt = a[p] + tap_off[tap] + c0;
-      for (int c = 0; c < 16; ++c) acc[p][c] += int32_t(xt[c]) * int32_t(wt[c]);
+      for (int c = 0; c < 16; ++c) acc[p][c] += int32_t(xt[c]) * wt[c];
     }
   }
   for (int64_t p = 0; p < rows; ++p)
@@ -401,19 +429,20 @@ inline void depthwise_tile(const uint8_t* const* a, const int64_t* tap_off, int6
 }
 
 void depthwise_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t pad_code, int32_t* out) {
-  constexpr int P = 4;
+  constexpr int P = 8;
   const Source src = make_source(x, g, pad_code);
   const std::vector<int64_t> tap_off = tap_offsets(g, src);
   const int64_t C = g.C, C16 = (C + 15) / 16 * 16;
+  const std::vector<int32_t> w(wpk, wpk + g.T * C16);  // widened once per call (T * C16 values)
   const int64_t npix = g.N * g.Ho * g.Wo, tiles = (npix + P - 1) / P;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / (P * C16 * g.T));
   at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
     const uint8_t* a[P];
     for (int64_t tile = i0; tile < i1; ++tile) {
       const int64_t f0 = tile * P, rows = std::min<int64_t>(P, npix - f0);
-      for (int p = 0; p < P; ++p) a[p] = window(g, src, f0 + std::min<int64_t>(p, rows - 1));
+      windows(g, src, f0, rows, P, 0, a);
       for (int64_t c0 = 0; c0 < C; c0 += 16)
-        depthwise_tile<P>(a, tap_off.data(), g.T, wpk, C16, c0, out + f0 * C + c0, C, rows, C - c0);
+        depthwise_tile<P>(a, tap_off.data(), g.T, w.data(), C16, c0, out + f0 * C + c0, C, rows, C - c0);
     }
   });
 }
