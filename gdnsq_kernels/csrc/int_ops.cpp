@@ -22,9 +22,9 @@
 //  * AVX-512 VNNI: vpdpbusd, 4 blocks of 16 output channels x up to 6 output pixels (or
 //    3 x 8, 2 x 12, 1 x 16) per register tile; VPOPCNTDQ popcount GEMM; vpdpwssd depthwise.
 //  * AVX2 (also the avx512 build without VNNI): vpmaddubsw + vpmaddwd, 16 output channels x 4
-//    pixels per tile. vpmaddubsw saturates its int16 pair sums; they stay exact when every
-//    activation code is <= 127 (2 * 127 * 128 < 2^15), which the driver checks per call: with a
-//    larger code it runs the generic loops instead.
+//    pixels per tile; vpmaddwd depthwise. vpmaddubsw saturates its int16 pair sums; they stay
+//    exact when every activation code is <= 127 (2 * 127 * 128 < 2^15), which the driver checks
+//    per call: with a larger code the conv runs the generic loops instead.
 //  * generic (scalar build, and the fallback above): plain integer loops.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -414,6 +414,27 @@ inline void depthwise_tile(const uint8_t* const* a, const int64_t* tap_off, int6
     }
   }
   for (int64_t p = 0; p < rows; ++p) _mm512_mask_storeu_epi32(out + p * ldo, first_lanes(cols), acc[p]);
+#elif defined(GDNSQ_INT_AVX2)
+  __m256i acc[P][2];
+  for (int p = 0; p < P; ++p) acc[p][0] = acc[p][1] = _mm256_setzero_si256();
+  for (int64_t tap = 0; tap < T; ++tap) {
+    // the same lanes as above, 8 channels per register; vpmaddwd gives code * weight + 0
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + tap * C16 + c0));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + tap * C16 + c0 + 8));
+    for (int p = 0; p < P; ++p) {
+      const uint8_t* xt = a[p] + tap_off[tap] + c0;
+      const __m256i x0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xt)));
+      const __m256i x1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(xt + 8)));
+      acc[p][0] = _mm256_add_epi32(acc[p][0], _mm256_madd_epi16(x0, w0));
+      acc[p][1] = _mm256_add_epi32(acc[p][1], _mm256_madd_epi16(x1, w1));
+    }
+  }
+  alignas(32) int32_t buf[16];
+  for (int64_t p = 0; p < rows; ++p) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(buf), acc[p][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(buf + 8), acc[p][1]);
+    std::memcpy(out + p * ldo, buf, sizeof(int32_t) * std::min<int64_t>(16, cols));
+  }
 #else
   int32_t acc[P][16] = {};
   for (int64_t tap = 0; tap < T; ++tap) {
@@ -429,7 +450,11 @@ inline void depthwise_tile(const uint8_t* const* a, const int64_t* tap_off, int6
 }
 
 void depthwise_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t pad_code, int32_t* out) {
-  constexpr int P = 8;
+#if defined(GDNSQ_INT_VNNI)
+  constexpr int P = 8;  // 8 accumulators + 1 weight + 1 code register of 32
+#else
+  constexpr int P = 4;  // AVX2: 8 accumulators + 2 weights + codes of 16 registers
+#endif
   const Source src = make_source(x, g, pad_code);
   const std::vector<int64_t> tap_off = tap_offsets(g, src);
   const int64_t C = g.C, C16 = (C + 15) / 16 * 16;
