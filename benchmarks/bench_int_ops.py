@@ -166,13 +166,20 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
         lines += [f"The 1-minute load average was {min(loads):.1f}-{max(loads):.1f} during the run on "
                   f"{env['cpu_count']} cores: the pinned core was shared with other jobs, so absolute times are "
                   "inflated and noisy; the ratios compare providers measured interleaved in the same rounds.", ""]
-    lines += ["| shape | GMAC | int (ms) | FP32 NCHW (ms) | FP32 channels_last (ms) | popcount 1-bit (ms) | "
-              "vs FP32 | vs FP32 channels_last |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["FP32 GMAC/s shows where PyTorch's FP32 kernel itself is slow on this machine (a row far below "
+              "the others, e.g. a 9.4 MB weight that does not stay in cache, or the 3-channel NCHW stem): "
+              "such a ratio measures that FP32 slow path, not the integer kernel. Depthwise rows are "
+              "memory bound (GMAC/s is low for every provider).", "",
+              "| shape | GMAC | int (ms) | FP32 NCHW (ms) | FP32 channels_last (ms) | popcount 1-bit (ms) | "
+              "int GMAC/s | FP32 GMAC/s | vs FP32 | vs FP32 channels_last |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sel:
         t = r["ms"]
         integer, cl, pc = t["int"], t.get("fp32 channels_last"), t.get("popcount 1-bit")
+        best_fp32 = min(t["fp32"], cl or t["fp32"])
         lines.append(f"| {r['shape']} | {r['macs'] / 1e9:.3f} | {integer:.3f} | {t['fp32']:.3f} | "
-                     f"{f'{cl:.3f}' if cl else ''} | {f'{pc:.3f}' if pc else ''} | {t['fp32'] / integer:.2f}x | "
+                     f"{f'{cl:.3f}' if cl else ''} | {f'{pc:.3f}' if pc else ''} | {r['macs'] / integer / 1e6:.0f} | "
+                     f"{r['macs'] / best_fp32 / 1e6:.0f} | {t['fp32'] / integer:.2f}x | "
                      f"{f'{cl / integer:.2f}x' if cl else ''} |")
     with atomic_open(md, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -297,9 +297,7 @@ def int_conv2d(x: Tensor, w: Union[Tensor, IntConvWeight], stride=1, padding=0, 
 def int_linear(x: Tensor, w: Union[Tensor, IntConvWeight], *, isa: str | None = None) -> Tensor:
     """Exact integer GEMM ``x @ w.T``: ``x`` uint8 ``(..., K)`` contiguous, ``w`` int8 ``(N, K)``
     or an ``IntConvWeight`` from ``pack_int_linear_weight(w)``. Returns int32 ``(..., N)``."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a uint8 tensor (..., K), got {x!r:.60}")
-    _check_tensor(x, "x", torch.uint8, x.dim(), "(..., K) codes")
+    _check_tensor(x, "x", torch.uint8, max(1, getattr(x, "ndim", 1)), "(..., K) codes")
     _check_contiguous(x, "x", "(..., K)")
     if not isinstance(w, IntConvWeight):
         w = pack_int_linear_weight(w)
