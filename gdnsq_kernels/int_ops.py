@@ -1,0 +1,332 @@
+"""Exact integer kernels for deployed models: conv / GEMM on uint8 x int8 codes, popcount GEMM.
+
+The building blocks a deploy plan runs between its quantizers (``csrc/int_ops.cpp``):
+
+* ``int_conv2d(x, w, stride, padding, dilation, groups, pad_code)``: NHWC uint8 activation codes
+  ``(N, H, W, C_in)`` x int8 weight codes ``(C_out, kh, kw, C_in / groups)`` -> the exact int32
+  sums ``(N, Ho, Wo, C_out)``. Any kernel size, stride, padding (padded taps hold ``pad_code``,
+  the code of a zero activation: codes are offset) and dilation; grouped convs, and depthwise
+  (``groups == C_in == C_out``) with its own loop.
+* ``int_linear(x, w)``: ``(..., K)`` uint8 x ``(N, K)`` int8 -> int32 ``(..., N)``.
+* ``popcount_linear(x_bits, w_bits, k)``: 1-bit GEMM on int64 words, ``sum x & w`` over the
+  ``k`` valid bits, or the XNOR form ``sum (2x - 1)(2w - 1)``.
+
+Every output is exact (integer arithmetic only; the checks refuse a reduction long enough for an
+int32 sum to wrap), so every build and thread count gives the same tensor bit for bit. The
+oracle is ``gdnsq_kernels.int_reference`` (plain PyTorch, shares no code with this module).
+
+Weights are packed once into the kernels' layout (``pack_int_conv_weight``,
+``pack_int_linear_weight``, ``pack_popcount_weight``: plain torch reshapes, any ISA); a plain
+tensor passed as ``w`` is packed on every call, fine for tests, wasteful in a model.
+
+Builds: the instruction set is chosen at build time as for the fused runtime
+(``gdnsq_kernels.cpu_deploy``: ``avx512vnni``, ``avx512``, ``avx2``, ``scalar``;
+``GDNSQ_DEPLOY_ISA`` or ``isa=`` forces one). ``avx512vnni`` runs ``vpdpbusd`` and VPOPCNTDQ;
+``avx512`` VPOPCNTDQ and the AVX2 byte kernels; ``avx2`` ``vpmaddubsw`` + ``vpmaddwd`` (exact for
+codes <= 127, checked per call: larger codes run the plain loops) and scalar ``popcnt``;
+``scalar`` plain loops. Threads: ``at::parallel_for`` (``torch.set_num_threads``).
+
+Each op is a ``gdnsq::`` custom op with a fake implementation (``torch.compile`` / ``export``
+see one node): ``gdnsq::int_conv2d``, ``gdnsq::int_linear``, ``gdnsq::popcount_linear``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._build import Extension, build_spec
+from .cpu_deploy import _ISA_FLAGS, ISAS, default_isa, supported_isas
+
+__all__ = [
+    "IntConvWeight", "PopcountWeight", "pack_int_conv_weight", "pack_int_linear_weight", "pack_popcount_weight",
+    "int_conv2d", "int_linear", "popcount_linear", "load_extension", "MAX_EXACT_K",
+]
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "int_ops.cpp")
+_lock = threading.Lock()
+_exts: dict = {}        # isa -> loaded module (the per-call cache)
+_extensions: dict = {}  # isa -> Extension (build under the flock)
+
+#: The longest reduction (kh*kw*C_in/groups, or K) whose int32 sums cannot wrap:
+#: K * 255 * 128 <= 2^31 - 1.
+MAX_EXACT_K = (2**31 - 1) // (255 * 128)
+
+
+def load_extension(isa: str | None = None):
+    """Build (first call) or load the ``int_ops`` extension for ``isa`` (default: best
+    available), under the cross-process build lock of ``gdnsq_kernels._build``."""
+    loaded = _exts.get(isa)  # the per-call path: no lock, no checks
+    if loaded is not None:
+        return loaded
+    isa = _resolve_isa(isa)
+    with _lock:
+        if isa not in _extensions:
+            flags = ["-O3", "-fopenmp"] + _ISA_FLAGS[isa]
+            _extensions[isa] = Extension(f"the C++ integer ops ({isa})", "no fallback: the call raises",
+                                         lambda: build_spec(f"gdnsq_int_ops_{isa}", _SOURCE, flags))
+    module = _extensions[isa].load()
+    _exts[isa] = module
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _supported_isas() -> tuple:
+    return supported_isas()  # reads /proc/cpuinfo: once per process, not per call
+
+
+def _resolve_isa(isa) -> str:
+    isa = isa or default_isa()
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa not in _supported_isas():
+        raise ValueError(f"isa {isa!r} is not supported by this CPU (supported: {_supported_isas()})")
+    return isa
+
+
+# ----------------------------------------------------------------------------- weight packing
+
+
+@dataclass(frozen=True)
+class IntConvWeight:
+    """int8 weight codes in the kernels' layout.
+
+    ``packed``: int8, 1-D. Dense / grouped: ``[G][kh*kw][ceil(Cg/4)][ceil16(Og)][4]`` (16 output
+    channels x 4 input channels = one ``vpdpbusd`` operand; padding is 0). Depthwise:
+    ``[kh*kw][ceil16(C)]``. ``shape``: the logical weight shape ``(C_out, kh, kw, C_in/groups)``
+    (a linear weight ``(N, K)`` is ``(N, 1, 1, K)``); ``groups``: the conv's groups.
+    """
+
+    packed: Tensor
+    shape: Tuple[int, int, int, int]
+    groups: int
+
+    @property
+    def depthwise(self) -> bool:
+        return _is_depthwise(self.shape, self.groups)
+
+
+@dataclass(frozen=True)
+class PopcountWeight:
+    """1-bit weights in the popcount kernel's layout: ``packed`` int64 ``[W][ceil8(N)]`` (word i of
+    output column n, bits past ``k`` cleared), for ``n`` columns of ``k`` bits."""
+
+    packed: Tensor
+    n: int
+    k: int
+
+
+def _is_depthwise(shape, groups: int) -> bool:
+    return groups > 1 and shape[3] == 1 and shape[0] == groups
+
+
+def _ceil(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def _check_tensor(t, name: str, dtype: torch.dtype, dim: int, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} {what}, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor, got one on {t.device}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D {what}, got shape {tuple(t.shape)}")
+
+
+def pack_int_conv_weight(w: Tensor, groups: int = 1) -> IntConvWeight:
+    """Pack int8 weight codes ``w`` ``(C_out, kh, kw, C_in/groups)`` (OHWI, as NHWC activations
+    want them; an OIHW tensor is ``w.permute(0, 2, 3, 1)``) for ``int_conv2d``."""
+    _check_tensor(w, "w", torch.int8, 4, "(C_out, kh, kw, C_in/groups)")
+    groups = _positive_int(groups, "groups")
+    O, kh, kw, Cg = (int(v) for v in w.shape)
+    if min(O, kh, kw, Cg) == 0:
+        raise ValueError(f"w must have no zero-sized dimension, got shape {tuple(w.shape)}")
+    if O % groups:
+        raise ValueError(f"w's C_out={O} must be divisible by groups={groups}")
+    T = kh * kw
+    if _is_depthwise(w.shape, groups):
+        packed = torch.zeros(T, _ceil(O, 16), dtype=torch.int8)
+        packed[:, :O] = w.reshape(O, T).t()
+    else:
+        Og, Np, Cgp = O // groups, _ceil(O // groups, 16), _ceil(Cg, 4)
+        padded = torch.zeros(groups, Np, T, Cgp, dtype=torch.int8)
+        padded[:, :Og, :, :Cg] = w.reshape(groups, Og, T, Cg)
+        packed = padded.view(groups, Np, T, Cgp // 4, 4).permute(0, 2, 3, 1, 4)
+    return IntConvWeight(packed.contiguous().view(-1), (O, kh, kw, Cg), groups)
+
+
+def pack_int_linear_weight(w: Tensor) -> IntConvWeight:
+    """Pack int8 weight codes ``w`` ``(N, K)`` (``nn.Linear`` layout) for ``int_linear``."""
+    _check_tensor(w, "w", torch.int8, 2, "(N, K)")
+    return pack_int_conv_weight(w.reshape(w.shape[0], 1, 1, w.shape[1]))
+
+
+def pack_popcount_weight(w_bits: Tensor, k: int) -> PopcountWeight:
+    """Pack 1-bit weights ``w_bits`` int64 ``(N, ceil(k/64))`` (bit b of word i = element
+    ``64 i + b``, LSB first) for ``popcount_linear``; bits past ``k`` are cleared."""
+    _check_tensor(w_bits, "w_bits", torch.int64, 2, "(N, ceil(k/64))")
+    k = _positive_int(k, "k")
+    N, W = (int(v) for v in w_bits.shape)
+    if N == 0:
+        raise ValueError("w_bits must have at least one row (output column)")
+    if W != -(-k // 64):
+        raise ValueError(f"w_bits must have ceil(k/64)={-(-k // 64)} words per row for k={k}, got {W}")
+    packed = torch.zeros(W, _ceil(N, 8), dtype=torch.int64)
+    packed[:, :N] = w_bits.t()
+    rem = k - 64 * (W - 1)
+    if rem < 64:
+        packed[-1] &= (1 << rem) - 1
+    return PopcountWeight(packed.view(-1), N, k)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _positive_int(v, name: str, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _pair(v, name: str, minimum: int) -> List[int]:
+    pair = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and
+            all(isinstance(e, int) and not isinstance(e, bool) for e in pair)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(pair)}")
+    return [int(pair[0]), int(pair[1])]
+
+
+def _check_contiguous(t: Tensor, name: str, layout: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous {layout} (call .contiguous() on it), got strides {t.stride()}")
+
+
+def _check_reduction(k: int, what: str) -> None:
+    if k > MAX_EXACT_K:
+        raise ValueError(f"{what} = {k} is longer than {MAX_EXACT_K}: its int32 sums could wrap")
+
+
+def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("gdnsq::int_conv2d", mutates_args=())
+def _int_conv2d_op(x: Tensor, w_packed: Tensor, w_shape: List[int], stride: List[int], padding: List[int],
+                   dilation: List[int], groups: int, pad_code: int, isa: str) -> Tensor:
+    return load_extension(isa).conv2d(x, w_packed, w_shape, stride, padding, dilation, groups, pad_code)
+
+
+@_int_conv2d_op.register_fake
+def _(x, w_packed, w_shape, stride, padding, dilation, groups, pad_code, isa):
+    ho = _conv_out_size(x.shape[1], w_shape[1], stride[0], padding[0], dilation[0])
+    wo = _conv_out_size(x.shape[2], w_shape[2], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], ho, wo, w_shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("gdnsq::int_linear", mutates_args=())
+def _int_linear_op(x: Tensor, w_packed: Tensor, n: int, isa: str) -> Tensor:
+    return load_extension(isa).linear(x, w_packed, n)
+
+
+@_int_linear_op.register_fake
+def _(x, w_packed, n, isa):
+    return x.new_empty((x.shape[0], n), dtype=torch.int32)
+
+
+@torch.library.custom_op("gdnsq::popcount_linear", mutates_args=())
+def _popcount_linear_op(x_bits: Tensor, w_packed: Tensor, n: int, k: int, xnor: bool, isa: str) -> Tensor:
+    return load_extension(isa).popcount_linear(x_bits, w_packed, n, k, xnor)
+
+
+@_popcount_linear_op.register_fake
+def _(x_bits, w_packed, n, k, xnor, isa):
+    return x_bits.new_empty((x_bits.shape[0], n), dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def int_conv2d(x: Tensor, w: Union[Tensor, IntConvWeight], stride=1, padding=0, dilation=1, groups: int = 1,
+               pad_code: int = 0, *, isa: str | None = None) -> Tensor:
+    """Exact integer convolution of NHWC activation codes.
+
+    ``x``: uint8 ``(N, H, W, C_in)``, contiguous. ``w``: int8 codes ``(C_out, kh, kw, C_in/groups)``
+    or an ``IntConvWeight`` from ``pack_int_conv_weight(w, groups)``. ``stride`` / ``padding`` /
+    ``dilation``: int or (h, w). Padded taps hold ``pad_code`` (0..255). Returns int32
+    ``(N, Ho, Wo, C_out)``: ``out[n, y, x, o] = sum_{i, j, c} x_pad[n, y*sh + i*dh, x*sw + j*dw,
+    g*Cg + c] * w[o, i, j, c]`` with g = o's group, exactly.
+    """
+    _check_tensor(x, "x", torch.uint8, 4, "(N, H, W, C_in) codes")
+    _check_contiguous(x, "x", "NHWC (N, H, W, C_in)")
+    groups = _positive_int(groups, "groups")
+    if not isinstance(w, IntConvWeight):
+        w = pack_int_conv_weight(w, groups)
+    elif w.groups != groups:
+        raise ValueError(f"w was packed for groups={w.groups}, got groups={groups}")
+    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    pad_code = _positive_int(pad_code, "pad_code", 0)
+    if pad_code > 255:
+        raise ValueError(f"pad_code must be a uint8 code in [0, 255], got {pad_code}")
+    O, kh, kw, Cg = w.shape
+    C = x.shape[3]
+    if C != groups * Cg:
+        raise ValueError(f"x has C_in={C} channels but w expects groups*C_in/groups = {groups}*{Cg} = {groups * Cg}")
+    _check_reduction(kh * kw * Cg, "the reduction length kh*kw*C_in/groups")
+    sizes = [_conv_out_size(int(x.shape[1 + a]), (kh, kw)[a], stride[a], padding[a], dilation[a]) for a in (0, 1)]
+    if min(sizes) < 1:
+        raise ValueError(f"x's spatial size {tuple(x.shape[1:3])} with padding {tuple(padding)} is smaller than "
+                         f"the dilated kernel ({kh}, {kw}) x {tuple(dilation)}")
+    return _int_conv2d_op(x, w.packed, list(w.shape), stride, padding, dilation, groups, pad_code, _resolve_isa(isa))
+
+
+def int_linear(x: Tensor, w: Union[Tensor, IntConvWeight], *, isa: str | None = None) -> Tensor:
+    """Exact integer GEMM ``x @ w.T``: ``x`` uint8 ``(..., K)`` contiguous, ``w`` int8 ``(N, K)``
+    or an ``IntConvWeight`` from ``pack_int_linear_weight(w)``. Returns int32 ``(..., N)``."""
+    _check_tensor(x, "x", torch.uint8, max(1, getattr(x, "ndim", 1)), "(..., K) codes")
+    _check_contiguous(x, "x", "(..., K)")
+    if not isinstance(w, IntConvWeight):
+        w = pack_int_linear_weight(w)
+    N, kh, kw, K = w.shape
+    if (kh, kw) != (1, 1) or w.groups != 1:
+        raise ValueError(f"w must be packed with pack_int_linear_weight, got a conv weight of shape {w.shape}")
+    if x.shape[-1] != K:
+        raise ValueError(f"x must have K={K} features in its last dimension, got shape {tuple(x.shape)}")
+    _check_reduction(K, "K")
+    lead = tuple(x.shape[:-1])
+    out = _int_linear_op(x.reshape(-1, K), w.packed, N, _resolve_isa(isa))
+    return out.reshape(lead + (N,))
+
+
+def popcount_linear(x_bits: Tensor, w_bits: Union[Tensor, PopcountWeight], k: int, *, xnor: bool = False,
+                    isa: str | None = None) -> Tensor:
+    """1-bit GEMM: ``x_bits`` int64 ``(M, ceil(k/64))`` (bit b of word i = element ``64 i + b``),
+    ``w_bits`` int64 ``(N, ceil(k/64))`` or a ``PopcountWeight``. Returns int32 ``(M, N)``:
+    ``sum_b x_b * w_b`` (AND form) or, with ``xnor=True``, ``sum_b (2 x_b - 1)(2 w_b - 1)``, over
+    the ``k`` valid bits (bits past ``k`` are ignored)."""
+    _check_tensor(x_bits, "x_bits", torch.int64, 2, "(M, ceil(k/64)) words")
+    _check_contiguous(x_bits, "x_bits", "(M, W)")
+    k = _positive_int(k, "k")
+    if not isinstance(xnor, bool):
+        raise TypeError(f"xnor must be a bool, got {xnor!r}")
+    if not isinstance(w_bits, PopcountWeight):
+        w_bits = pack_popcount_weight(w_bits, k)
+    elif w_bits.k != k:
+        raise ValueError(f"w_bits was packed for k={w_bits.k}, got k={k}")
+    if x_bits.shape[1] != -(-k // 64):
+        raise ValueError(f"x_bits must have ceil(k/64)={-(-k // 64)} words per row for k={k}, "
+                         f"got shape {tuple(x_bits.shape)}")
+    return _popcount_linear_op(x_bits, w_bits.packed, w_bits.n, k, xnor, _resolve_isa(isa))
