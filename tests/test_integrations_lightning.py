@@ -41,7 +41,10 @@ def _fit(ns, folder, epochs, ckpt_path=None):
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(folder),
                         callbacks=[GDNSQLightningCallback(loop)])
-    trainer.fit(ns["Distill"](loop), data, ckpt_path=ckpt_path)
+    module = ns["Distill"](loop)
+    # Without the objective as a submodule, only the callback's checkpoint entry carries mu.
+    del module.objective
+    trainer.fit(module, data, ckpt_path=ckpt_path)
     return loop, trainer
 
 
