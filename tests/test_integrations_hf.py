@@ -12,17 +12,8 @@ pytest.importorskip("accelerate")  # transformers.Trainer needs it
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
     """The docs example, run as written inside a temporary folder."""
-    import os
     folder = tmp_path_factory.mktemp("hf")
-    old = os.getcwd()
-    os.chdir(folder)
-    torch.set_num_threads(1)
-    try:
-        namespace = {"__name__": "docs_example"}
-        exec(_doc_examples.python_blocks("Hugging Face `Trainer`")[0], namespace)
-    finally:
-        os.chdir(old)
-    return folder, namespace
+    return folder, _doc_examples.run_first_block("Hugging Face `Trainer`", folder)
 
 
 def test_bert_reaches_w4a4_through_hf_trainer(hf_run):

@@ -1,6 +1,5 @@
 """docs/integrations.md, Lightning: a small CNN down to W2A2 through ``GDNSQLightningCallback``,
 and a run resumed from a Lightning checkpoint that ends in the uninterrupted run's state."""
-import os
 
 import pytest
 import torch
@@ -14,15 +13,7 @@ pytest.importorskip("lightning")
 def lightning_run(tmp_path_factory):
     """The docs example, run as written inside a temporary folder."""
     folder = tmp_path_factory.mktemp("lightning")
-    old = os.getcwd()
-    os.chdir(folder)
-    torch.set_num_threads(1)
-    try:
-        namespace = {"__name__": "docs_example"}
-        exec(_doc_examples.python_blocks("Lightning")[0], namespace)
-    finally:
-        os.chdir(old)
-    return folder, namespace
+    return folder, _doc_examples.run_first_block("Lightning", folder)
 
 
 def test_cnn_reaches_w2a2_through_lightning(lightning_run):
