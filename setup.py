@@ -69,6 +69,12 @@ setup(
         # `gdnsq quantize --config FILE.yaml`
         "PyYAML>=5.1",
     ],
-    extras_require={"test": ["pytest>=7,<10", "pytest-benchmark>=4,<6"]},
+    # Optional integrations (docs/integrations.md); the tests install both to run the examples.
+    extras_require={
+        "hf": ["transformers>=4.40", "accelerate>=0.26"],
+        "lightning": ["lightning>=2.2"],
+        "test": ["pytest>=7,<10", "pytest-benchmark>=4,<6", "transformers>=4.40", "accelerate>=0.26",
+                 "lightning>=2.2"],
+    },
     entry_points={"console_scripts": ["gdnsq=gdnsq.cli:main"]},
 )

@@ -7,6 +7,8 @@ source files of ``gdnsq`` and ``gdnsq_kernels`` (nothing is imported or run).
 * the method layer (the modules at the top of ``gdnsq``, and ``gdnsq.data`` / ``gdnsq.models``)
   imports none of ``gdnsq.train``, ``gdnsq.deploy``, ``gdnsq.cli``; ``gdnsq.train`` and
   ``gdnsq.deploy`` do not import ``gdnsq.cli`` (nor each other); nothing outside the CLI imports it;
+* only ``gdnsq.integrations`` imports ``transformers`` / ``lightning`` / ``accelerate``, and
+  nothing else imports ``gdnsq.integrations``; it imports only the method layer;
 * the module-level imports form no cycle;
 * the removed compatibility paths (gdnsq.trainer, ...) stay removed, and nothing imports them.
 * ``gdnsq_kernels.binary``'s ``__init__`` only re-exports its modules (one per op);
@@ -168,6 +170,10 @@ def forbidden_prefixes(module: str) -> Tuple[str, ...]:
             rules += ("gdnsq_kernels.quantize", "gdnsq_kernels.binary", "gdnsq_kernels.cpu_deploy")
         return rules
     rules = ("triton",)
+    if not _under(module, "gdnsq.integrations"):
+        # The frameworks are optional extras: only their integration modules import them, and
+        # nothing imports those (``import gdnsq`` works without transformers / lightning).
+        rules += ("gdnsq.integrations", "transformers", "lightning", "accelerate")
     if module == "gdnsq" or _under(module, "gdnsq.cli"):
         return rules  # the facade names the layers above; the CLI uses all
     if _under(module, "gdnsq.train"):
