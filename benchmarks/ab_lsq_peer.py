@@ -45,7 +45,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gdnsq import data as gdata  # noqa: E402
-from gdnsq._atomic import atomic_write_text  # noqa: E402
+from gdnsq._atomic import atomic_append_text, atomic_write_text  # noqa: E402
 from gdnsq.models import get_model, load_fp_checkpoint  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -199,9 +199,7 @@ def run_gdnsq(args, recipe_flags) -> dict:
 def summarize(run_dirs) -> None:
     records = [json.loads((pathlib.Path(d) / RESULT_FILE).read_text()) for d in run_dirs]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "ab_lsq_peer.jsonl", "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    atomic_append_text(RESULTS / "ab_lsq_peer.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     every = [json.loads(line) for line in open(RESULTS / "ab_lsq_peer.jsonl", encoding="utf-8")]
     lines = ["# gdnsq vs a plain LSQ-style fine-tune (Brevitas), equal epochs",
              "", "Written by `python benchmarks/ab_lsq_peer.py --summarize ...` (see its docstring).", "",

@@ -38,6 +38,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from gdnsq._atomic import atomic_append_text  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_binary import time_group  # noqa: E402
@@ -214,9 +216,7 @@ def main(argv=None) -> int:
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "int_ops.jsonl"
-    with open(jsonl, "a", encoding="utf-8") as f:  # append-only log: one line per shape
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    atomic_append_text(jsonl, "".join(json.dumps(row) + "\n" for row in rows))  # one line per shape
     write_markdown(jsonl, out_dir / "int_ops.md")
     print(f"appended {len(rows)} rows to {jsonl}; wrote {out_dir / 'int_ops.md'}")
     return 0

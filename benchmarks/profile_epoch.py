@@ -40,7 +40,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gdnsq import data as gdata  # noqa: E402
-from gdnsq._atomic import atomic_write_text  # noqa: E402
+from gdnsq._atomic import atomic_append_text, atomic_write_text  # noqa: E402
 from gdnsq.calibrate import calibrate  # noqa: E402
 from gdnsq.convert import quantize_model, teacher_of  # noqa: E402
 from gdnsq.models import get_model, load_fp_checkpoint  # noqa: E402
@@ -216,9 +216,7 @@ def main(argv=None) -> int:
         print(json.dumps(r))
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / "epoch_profile.jsonl", "a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        atomic_append_text(RESULTS / "epoch_profile.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(RESULTS / "epoch_profile.md", markdown(rows))
         print(markdown(rows))
     return 0
