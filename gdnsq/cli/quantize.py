@@ -221,9 +221,11 @@ def cmd_quantize(args) -> dict:
     if gdist.is_main():
         atomic_write_text(out / RUN_FILE, json.dumps(run, indent=2) + "\n")
 
-    student = convert.quantize_model(model, args.weight_bits, args.act_bits)
-    teacher = convert.teacher_of(student)
-    if teacher_ckpt is not None:
+    # with --teacher the student's own FP copy is not needed, so none is made
+    student = convert.quantize_model(model, args.weight_bits, args.act_bits, teacher=teacher_ckpt is None)
+    if teacher_ckpt is None:
+        teacher = convert.teacher_of(student)
+    else:
         teacher, teacher_name = _load_teacher(teacher_ckpt, args.teacher_model, num_classes, norm)
         cfg.extra = dict(cfg.extra, distillation_teacher={"path": str(teacher_ckpt), "model": teacher_name})
         if gdist.is_main():
