@@ -40,7 +40,7 @@ def _check_called(layers, called: set[str]) -> None:
 
 @torch.no_grad()
 def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: int | None = None,
-              device=None, forward_fn: ForwardFn | None = None) -> dict:
+              device=None, forward_fn: ForwardFn | None = None, grid: str = "minmax") -> dict:
     """Set every weight and activation quantizer of ``student`` to ``bits`` bits.
 
     Weights (per channel): ``log2_step_c = max(-12, log2((max_c - min_c)/(2**bits - 1)))``.
@@ -49,7 +49,10 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
     ``lo`` = min (signed) or 0 (unsigned), ``log2_step = log2((max - lo)/(2**bits - 1))``,
     ``log2_range = log2_step + bits``, ``offset = lo``, so the clamp top equals ``max``.
     ``signed="auto"`` quantizers become unsigned (offset fixed at 0) when min >= 0, else signed.
-    A zero range (max == lo) prunes the quantizer: ``log2_step = log2_range = 0``, offset = lo,
+    With ``grid="mse"`` the activation clamp top is instead the one that minimises the mean
+    squared quantization error of the observed inputs at ``bits`` bits (a 100-point search over
+    ``lo + a * (max - lo)``, ``a`` in (0, 1]; the peers' start at low bits): worth it only when
+    ``bits`` is small, since at 10 bits min/max loses nothing. A zero range (max == lo) prunes the quantizer: ``log2_step = log2_range = 0``, offset = lo,
     all frozen and excluded from the penalty.
 
     Args:
@@ -62,6 +65,7 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
         device: where to put the batch's tensors (default: the student's parameter device).
         forward_fn: ``forward_fn(student, batch)`` runs the student on one batch, for any
             model signature (default :func:`gdnsq.batches.default_forward`).
+        grid: ``"minmax"`` (default) or ``"mse"``: how the activation clamp top is chosen.
 
     Returns:
         {layer name: {"min": float, "max": float, "signed": bool, "pruned": bool}} for the
@@ -71,6 +75,8 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
         raise ValueError(f"bits must be a positive number, got {bits!r}")
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     forward_fn = check_forward_fn(forward_fn)
     levels = 2.0 ** bits - 1.0
     layers = [(n, m) for n, m in student.named_modules() if isinstance(m, (QConv2d, QLinear))]
@@ -91,6 +97,7 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
     # Activations: min/max of each quantized layer's raw input over the loader.
     act_layers = [(n, m) for n, m in layers if m.act_quantizer is not None and m.act_quantizer.enabled]
     stats = {n: [math.inf, -math.inf] for n, _ in act_layers}
+    samples = {n: [] for n, _ in act_layers}  # grid="mse": a strided subset of each input
     hooks = []
     called: set[str] = set()  # names of the layers whose forward ran
 
@@ -101,6 +108,9 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
                 st = stats[name]
                 st[0] = min(st[0], float(x.min()))
                 st[1] = max(st[1], float(x.max()))
+                if grid == "mse":
+                    flat = x.reshape(-1)
+                    samples[name].append(flat[:: max(1, flat.numel() // MSE_SAMPLES_PER_BATCH)].float().cpu())
         return hook
 
     if act_layers:
@@ -145,6 +155,8 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
         aq.set_signed(bool(signed))
         lo = lo_obs if signed else 0.0
         span = hi_obs - lo
+        if grid == "mse" and span > 0.0:
+            span = mse_span(torch.cat(samples[name]), lo, span, levels)
         with torch.no_grad():
             if span > 0.0:
                 step = math.log2(span / levels)
@@ -160,6 +172,27 @@ def calibrate(student: nn.Module, loader, *, bits: float = 10.0, num_batches: in
         aq.observed_bits.fill_(math.inf)
         report[name] = {"min": lo_obs, "max": hi_obs, "signed": bool(signed), "pruned": span <= 0.0}
     return report
+
+
+GRIDS = ("minmax", "mse")
+MSE_SAMPLES_PER_BATCH = 16384  # inputs kept per layer and batch for the grid="mse" search
+
+
+def mse_span(x: torch.Tensor, lo: float, span: float, levels: float, points: int = 100) -> float:
+    """The clamp span ``a * span`` (``a`` in ``1/points .. 1``) whose grid ``lo + s*k``,
+    ``s = a*span/levels``, ``k = 0..levels``, quantizes the sample ``x`` (1-D float) with the
+    smallest mean squared error (round to nearest after clamping, as the quantizer's forward);
+    ties go to the larger span."""
+    x = x.double()
+    best_err, best = math.inf, span
+    for i in range(points, 0, -1):
+        cand = span * i / points
+        step = cand / levels
+        q = torch.round((x.clamp(lo, lo + cand) - lo) / step) * step + lo
+        err = float(((x - q) ** 2).mean())
+        if err < best_err:
+            best_err, best = err, cand
+    return best
 
 
 class _PooledChannelStats:

@@ -30,7 +30,8 @@ _SCHEDULE_FLAGS = (("epochs", "max_epochs"), ("max_minutes", "max_minutes"), ("b
                    ("estimator", "estimator"), ("lr", "lr"), ("quantizer_lr_scale", "quantizer_lr_scale"),
                    ("t_scale", "t_scale"), ("warmup_steps", "warmup_steps"), ("anneal", "anneal"),
                    ("hold_epochs", "hold_epochs"), ("patience", "patience"), ("val_every", "val_every"),
-                   ("precision", "precision"), ("channels_last", "channels_last"), ("seed", "seed"))
+                   ("precision", "precision"), ("channels_last", "channels_last"), ("seed", "seed"),
+                   ("start_bits", "start_bits"), ("start_grid", "start_grid"))
 
 
 def argv_of(args) -> List[str]:
@@ -242,7 +243,7 @@ def cmd_quantize(args) -> dict:
                                   normalization=norm, device=device)
     if gdist.is_main():
         _log(f"calibrating on {calib.num_samples} held-out training images")
-    calibrate(student.to(device), calib)
+    calibrate(student.to(device), calib, bits=cfg.start_bits, grid=cfg.start_grid)
     if gdist.is_main():
         # the shape of one image is all the summary needs (iterating the loader would move it)
         example = torch.zeros((1,) + tuple(calib.images.shape[1:]), device=device)
@@ -398,6 +399,12 @@ def add_parser(subparsers) -> None:
                             "natively, else fp32; bf16: autocast per step, quantizers stay fp32)")
     sched.add_argument("--channels-last", action="store_const", const=True, default=None,
                        help="NHWC memory format for the models and batches")
+    sched.add_argument("--start-bits", type=positive_float, default=None,
+                       help="bit-width every quantizer starts at (default 10, the paper's; a lower "
+                            "start shortens the descent of a short run)")
+    sched.add_argument("--start-grid", choices=["minmax", "mse"], default=None,
+                       help="activation clamp at the start: min/max of the calibration inputs "
+                            "(default) or the MSE-optimal clamp at --start-bits")
     q.add_argument("--resume-from", default=None, metavar="FILE",
                    help="a `gdnsq snapshot` of this run (e.g. committed from another machine): "
                         "restored into --out unless --out holds the same or a later epoch")

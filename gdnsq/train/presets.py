@@ -51,6 +51,12 @@ class TrainConfig:
         patience: early stopping after this many validations without an improvement of more
             than ``min_delta`` percentage points, counted only after the first convergence.
         min_delta: minimum val top-1 improvement (percentage points) that resets patience.
+    Start (applied by ``gdnsq quantize``'s calibration, :func:`gdnsq.calibrate`):
+        start_bits: bit-width every quantizer starts at (paper: 10). A short run starts lower
+            (e.g. 4) so that the descent to the target takes a fraction of an epoch.
+        start_grid: "minmax" (the clamps span the calibration inputs) or "mse" (the activation
+            clamp that minimises the squared quantization error at ``start_bits``).
+
     Other:
         batch_size: images per optimizer step per rank; used by loader helpers (the trainer
             itself takes ready-made loaders and only records this value).
@@ -99,6 +105,8 @@ class TrainConfig:
     progress: bool = True
     precision: str = "auto"
     channels_last: bool = False
+    start_bits: float = 10.0
+    start_grid: str = "minmax"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -130,6 +138,9 @@ class TrainConfig:
         positive("hold_epochs", integer=True, allow_zero=True)
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        positive("start_bits")
+        if self.start_grid not in ("minmax", "mse"):
+            raise ValueError(f"TrainConfig.start_grid: expected 'minmax' or 'mse', got {self.start_grid!r}")
         if not isinstance(self.channels_last, bool):
             raise TypeError(f"TrainConfig.channels_last: expected a bool, got {self.channels_last!r}")
         if isinstance(self.anneal, bool) or not isinstance(self.anneal, (int, float)) or not 0 < self.anneal <= 1:
