@@ -71,3 +71,16 @@ def test_train_config_start_fields():
         TrainConfig(start_grid="x")
     with pytest.raises(ValueError, match="start_bits"):
         TrainConfig(start_bits=0)
+
+
+def test_cli_start_flags_reach_the_config():
+    from gdnsq import cli
+
+    args = cli.build_parser().parse_args(["quantize", "--weight-bits", "2", "--act-bits", "2", "--out", "x",
+                                          "--start-bits", "4", "--start-grid", "mse"])
+    cfg, src = cli.quantize.resolve_train_config(args)
+    assert cfg.start_bits == 4.0 and cfg.start_grid == "mse"
+    assert src["flags"]["start_bits"] == 4.0
+    args = cli.build_parser().parse_args(["quantize", "--weight-bits", "2", "--act-bits", "2", "--out", "x"])
+    cfg, _ = cli.quantize.resolve_train_config(args)
+    assert cfg.start_bits == 10.0 and cfg.start_grid == "minmax"
