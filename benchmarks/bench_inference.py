@@ -68,9 +68,7 @@ for _p in (ROOT, ROOT / "benchmarks"):
 
 import gdnsq  # noqa: E402
 from gdnsq._atomic import atomic_append_text, atomic_write_text  # noqa: E402
-from gdnsq.calibrate import calibrate  # noqa: E402
 from gdnsq.cli.benchmark import measure_latency, plan_info, system_info  # noqa: E402
-from gdnsq.convert import quantize_model  # noqa: E402
 from gdnsq.deploy import freeze, layer_table, load, save  # noqa: E402
 
 import _arch_full  # noqa: E402
@@ -97,17 +95,11 @@ def fp32_bytes(model) -> int:
                for t in model.state_dict().values())
 
 
-@torch.no_grad()
 def student(fp, arch: str, shape, bits: int, device, scale: str):
     """Calibrated fake-quant model of ``fp`` with every quantizer at exactly ``bits`` bits."""
-    from check_deploy_equality import set_bits
+    from check_deploy_equality import calibrated_student
 
-    n = CALIB_BATCH[arch] if scale == "full" else 4
-    calib = torch.randn(n, *shape, device=device)
-    q = quantize_model(fp, bits, bits, teacher=False).to(device)
-    calibrate(q, [calib], device=device)
-    set_bits(q, calib, bits)
-    return q.eval()
+    return calibrated_student(fp, shape, bits, device, CALIB_BATCH[arch] if scale == "full" else 4)
 
 
 @torch.no_grad()
