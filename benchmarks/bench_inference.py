@@ -37,7 +37,8 @@ device, with a "targets" table (deployed vs FP32 eager at 1 thread: ResNet-18 W1
 batch 1 and >= 2.5x at batch 256; 2 threads >= 1.7x the 1-thread throughput at batch 16;
 ResNet-18 W1A1 artifact <= 1/20 of FP32), each met or missed with its ratio.
 
-The lead's command on a quiet core (about 15 min on one core)::
+The lead's command on a quiet core (about 15-25 min on one core with today's per-layer paths;
+BERT at batch 16 dominates)::
 
     taskset -c 1 python benchmarks/bench_inference.py
 
