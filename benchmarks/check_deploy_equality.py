@@ -25,6 +25,31 @@ paths and the time of each pass.
 
     python benchmarks/check_deploy_equality.py                 # ~5 min on 2 CPU cores
     python benchmarks/check_deploy_equality.py --limit 1000    # quick look
+
+Other modes (each writes its own --out):
+
+* ``--run RUN_DIR ...``: trained ``gdnsq quantize`` run folders (their selected checkpoint, bits
+  from run.json) instead of the calibrated --bits models (results/deploy_equality_trained.json).
+* ``--artifacts [FILE ...]``: deployed files; without FILE every committed student
+  ``results/*/model.gdnsq``. Each is loaded with ``gdnsq.deploy.load`` and run through its
+  normal forward (the default fast path), against the exact fake-quant model rebuilt from the
+  same file (:func:`fake_quant_from_artifact`: the file's float tensors, each deployed layer as a
+  QConv2d/QLinear whose latent weight is its dequantized weight ``min + step * k``, weight step
+  ``2**log2_step`` equal to the stored step bit for bit, activation quantizer parameters as
+  stored; such a layer quantizes to exactly the stored codes), on the CIFAR-10 test set
+  (--limit for a part): differing top-1 predictions, max relative logit error, both top-1s and
+  the top-1 of the run's report.json (results/deploy_equality_artifacts.json).
+* ``--archs [resnet18 mobilenet_v2 bert]``: the architectures of benchmarks/_arch_full.py
+  (ResNet-18 and MobileNetV2 at 224x224, the BERT-base-sized encoder; ``--scale small`` for
+  tiny versions), calibrated on random data and set to each --bits, on one random batch of
+  --arch-batch inputs: the deployed model (freeze -> save -> load, default path) at each
+  --threads value against ``gdnsq.set_exact_inference(True)`` fake-quant (differing predictions,
+  max relative logit error) (results/deploy_equality_archs.json).
+
+    python benchmarks/check_deploy_equality.py --artifacts                 # all committed students
+    python benchmarks/check_deploy_equality.py --artifacts --limit 500     # quick look
+    python benchmarks/check_deploy_equality.py --archs                     # ~10 min on one core
+    python benchmarks/check_deploy_equality.py --archs --scale small --arch-batch 2   # seconds
 """
 from __future__ import annotations
 
@@ -48,11 +73,13 @@ from gdnsq import data as gdata  # noqa: E402
 from gdnsq._atomic import atomic_write_text  # noqa: E402
 from gdnsq.calibrate import calibrate  # noqa: E402
 from gdnsq.convert import quantize_model  # noqa: E402
-from gdnsq.deploy import deployed_layers, freeze, layer_table  # noqa: E402
-from gdnsq.layers import set_exact_inference  # noqa: E402
+from gdnsq.deploy import deployed_layers, freeze, layer_table, read_artifact  # noqa: E402
+from gdnsq.layers import QConv2d, QLinear, set_exact_inference  # noqa: E402
 from gdnsq.models import get_model, load_fp_checkpoint  # noqa: E402
 
-DEFAULT_CKPT = ROOT.parent / "shared" / "models" / "resnet20_cifar10_akamaster.th"
+_CKPT = pathlib.Path("shared") / "models" / "resnet20_cifar10_akamaster.th"
+# a worktree sits one folder deeper than the main checkout: ../shared, else ../../shared
+DEFAULT_CKPT = next((p for p in (ROOT.parent / _CKPT, ROOT.parent.parent / _CKPT) if p.is_file()), ROOT.parent / _CKPT)
 
 
 def quantized(model):
@@ -195,6 +222,220 @@ def run_bits(bits, fp, norm, calib_loader, test_loader, device, limit, calib_bat
     return res
 
 
+@torch.no_grad()
+def calibrated_student(fp, example_shape, bits: int, device, calib_n: int, seed: int = 0):
+    """``quantize_model(fp, bits, bits)`` (default placement, no teacher copy), calibrated on
+    ``calib_n`` random normal inputs of ``example_shape`` and set to exactly 2**bits levels
+    (:func:`set_bits` on the same batch); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    calib = torch.randn(calib_n, *example_shape, generator=g).to(device)
+    q = quantize_model(fp, bits, bits, teacher=False).to(device)
+    calibrate(q, [calib], device=device)
+    set_bits(q, calib, bits)
+    return q.eval()
+
+
+def _log2_exact(step: torch.Tensor) -> torch.Tensor:
+    """float32 ``L`` with ``torch.exp2(L) == step`` bit for bit (the stored step is
+    ``exp2(log2_step)`` of some float32 ``log2_step``; ``log2(step)`` can be an ulp off it)."""
+    step = step.float()
+    lg = torch.log2(step)
+    for _ in range(64):
+        s = torch.exp2(lg)
+        if bool((s == step).all()):
+            return lg
+        lg = torch.where(s < step, torch.nextafter(lg, torch.full_like(lg, math.inf)),
+                         torch.where(s > step, torch.nextafter(lg, torch.full_like(lg, -math.inf)), lg))
+    raise ValueError("a stored weight step is not exp2 of any float32 (not written by gdnsq.deploy.freeze)")
+
+
+@torch.no_grad()
+def fake_quant_from_artifact(path):
+    """The fake-quant model a deployed file stands for, rebuilt from the file alone.
+
+    The architecture comes from the file (``gdnsq.models``); float tensors (FP layers, BatchNorm)
+    are loaded as stored; each deployed layer becomes a QConv2d/QLinear whose latent weight is
+    ``min + step * k`` (float32, the stored codes k; every channel holds a code 0, so its minimum
+    is the stored zero point and it quantizes back to exactly k), with ``log2_step`` such that
+    ``2**log2_step`` is the stored step, and the stored activation quantizer parameters. Nothing
+    of ``gdnsq.deploy`` runs but the file reader and the code unpacking. Returns
+    ``(model, metadata)``."""
+    from gdnsq.deploy.layers import unpack_codes
+
+    meta, tensors = read_artifact(path)
+    arch = meta["architecture"]
+    if arch is None:
+        raise ValueError(f"{path}: the artifact names no architecture")
+    model = get_model(arch["name"], **arch.get("kwargs", {})).eval()
+    deployed = {e["name"]: e["config"] for e in meta["layers"]}
+    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in deployed}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {f"{n}.{t}" for n in deployed for t in ("weight", "bias")}:
+        raise ValueError(f"{path}: tensors do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, c in deployed.items():
+        float_layer = model.get_submodule(name)
+        cls = QConv2d if c["kind"] == "conv2d" else QLinear
+        layer = cls.from_float(float_layer, weight_bits=c["weight_bits"], act_bits=c["act_bits"], signed=True)
+        k = unpack_codes(tensors[f"{name}.weight_packed"], c["weight_bits"], c["weight_shape"]).float()
+        view = (-1,) + (1,) * (k.dim() - 1)
+        step, zero = tensors[f"{name}.weight_step"].float(), tensors[f"{name}.weight_min"].float()
+        layer.weight.data = k * step.view(view) + zero.view(view)  # as DeployedConv2d.dequantized_weight
+        layer.weight_quantizer.log2_step.data = _log2_exact(step)
+        if c["bias"]:
+            layer.bias.data = tensors[f"{name}.bias"].float().clone()
+        if c["act_bits"] is not None:
+            aq = layer.act_quantizer
+            aq.log2_step.data = tensors[f"{name}.act_log2_step"].float().reshape(aq.log2_step.shape).clone()
+            aq.log2_range.data = tensors[f"{name}.act_log2_range"].float().reshape(aq.log2_range.shape).clone()
+            aq.offset.data = tensors[f"{name}.act_offset"].float().reshape(aq.offset.shape).clone()
+        # the rebuilt layer's codes are the stored ones (checked: a wrong step would change them)
+        codes, _ = layer.weight_quantizer.codes(layer.weight)
+        if not torch.equal(codes.float(), k):
+            raise ValueError(f"{path}: layer {name}: the rebuilt fake-quant layer does not reproduce the codes")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.eval())
+    return model.eval(), meta
+
+
+def _compare(out, ref):
+    """(images whose top-1 differs, per-image max |out - ref| / max |ref|)."""
+    rel = (out - ref).abs().flatten(1).amax(1) / ref.abs().flatten(1).amax(1).clamp_min(1e-30)
+    return int((out.argmax(-1) != ref.argmax(-1)).sum()), rel
+
+
+@torch.no_grad()
+def check_artifact(path, test_loader, device, limit: int) -> dict:
+    """Deployed file (``load``, default forward) vs the exact fake-quant model rebuilt from it."""
+    from gdnsq.cli.benchmark import plan_info
+    from gdnsq.deploy import load
+
+    ref_model, meta = fake_quant_from_artifact(path)
+    ref_model = ref_model.to(device)
+    deployed = load(path, map_location=device)
+    n = diff = diff_f32 = correct = correct_ref = 0
+    rels, t_dep, t_ref = [], 0.0, 0.0
+    for x, y in test_loader:
+        if limit and n >= limit:
+            break
+        if limit:
+            x, y = x[:limit - n], y[:limit - n]
+        x, y = x.to(device), y.to(device)
+        t = time.time()
+        out = deployed(x)
+        t_dep += time.time() - t
+        t = time.time()
+        ref32 = ref_model(x)
+        set_exact_inference(ref_model, True)
+        ref = ref_model(x)
+        set_exact_inference(ref_model, False)
+        t_ref += time.time() - t
+        d, rel = _compare(out, ref)
+        diff += d
+        diff_f32 += _compare(out, ref32)[0]
+        rels.append(rel.cpu())
+        correct += int((out.argmax(1) == y).sum())
+        correct_ref += int((ref.argmax(1) == y).sum())
+        n += y.numel()
+    rels = torch.cat(rels)
+    report = pathlib.Path(path).with_name("report.json")
+    md = meta.get("metadata") or {}
+    return {"artifact": str(path), "architecture": meta["architecture"], "weight_bits": md.get("weight_bits"),
+            "act_bits": md.get("act_bits"), "images": n, "compared_with": "exact fake-quant rebuilt from the file",
+            "differing_predictions": diff, "differing_predictions_vs_float32_fake_quant": diff_f32,
+            "max_rel_err_logits": float(rels.max()), "median_rel_err_logits": float(rels.median()),
+            "deployed_top1": 100.0 * correct / n, "fake_quant_top1": 100.0 * correct_ref / n,
+            "report_test_top1": json.loads(report.read_text()).get("test_top1") if report.is_file() else None,
+            "paths": {r["name"]: r["path"] for r in layer_table(deployed)}, "plan": plan_info(deployed),
+            "deployed_seconds": round(t_dep, 2), "fake_quant_seconds": round(t_ref, 2)}
+
+
+@torch.no_grad()
+def check_arch(arch: str, bits: int, threads_list, device, batch: int, scale: str) -> list:
+    """One architecture at ``bits``: deployed (freeze -> save -> load, default forward) at each
+    thread count vs the exact fake-quant model on one random batch."""
+    import _arch_full
+    from gdnsq.cli.benchmark import plan_info
+    from gdnsq.deploy import load, save
+
+    fp, shape = _arch_full.build(arch, scale)
+    fp = fp.to(device)
+    q = calibrated_student(fp, shape, bits, device, calib_n=max(2, batch))
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1)).to(device)
+    ref32 = q(x)
+    set_exact_inference(q, True)
+    ref = q(x)
+    set_exact_inference(q, False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{arch}.gdnsq")
+        frozen = freeze(q, example_input=x[:2], reps=1)
+        save(frozen.cpu(), path)
+        deployed = load(path, q, map_location=device)  # the fake-quant model as the skeleton
+    rows, saved = [], torch.get_num_threads()
+    try:
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            t = time.time()
+            out = deployed(x)
+            seconds = time.time() - t
+            diff, rel = _compare(out, ref)
+            rows.append({"arch": arch, "scale": scale, "bits": bits, "threads": threads, "batch": batch,
+                         "input_shape": list(shape), "compared_with": "exact fake-quant",
+                         "differing_predictions": diff,
+                         "differing_predictions_vs_float32_fake_quant": _compare(out, ref32)[0],
+                         "max_rel_err_logits": float(rel.max()), "seconds": round(seconds, 3),
+                         "paths": sorted({r["path"] for r in layer_table(deployed)}),
+                         "plan": plan_info(deployed)})
+    finally:
+        torch.set_num_threads(saved)
+    return rows
+
+
+def _document(argv, device, results, **extra) -> str:
+    doc = {"command": "python benchmarks/check_deploy_equality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+           "platform": platform.platform(), "torch": torch.__version__,
+           "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, **extra, "results": results}
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def main_artifacts(args, argv, device) -> int:
+    files = args.artifacts or sorted(str(p) for p in (ROOT / "results").glob("*/model.gdnsq"))
+    if not files:
+        raise SystemExit("--artifacts: no results/*/model.gdnsq found")
+    out = pathlib.Path(args.out or ROOT / "results" / "deploy_equality_artifacts.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    loaders = {}
+    for f in files:
+        meta, _ = read_artifact(f)
+        norm = meta["normalization"] or "imagenet"
+        if norm not in loaders:
+            loaders[norm] = gdata.build_loaders("cifar10", data_dir=args.data_dir, with_train=False,
+                                                eval_batch_size=args.batch_size, normalization=norm,
+                                                device="cpu")["test"]
+        r = check_artifact(f, loaders[norm], device, args.limit)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("paths", "plan")}), flush=True)
+        results.append(r)
+        atomic_write_text(out, _document(argv, device, results))  # rewritten after every file
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
+def main_archs(args, argv, device) -> int:
+    out = pathlib.Path(args.out or ROOT / "results" / "deploy_equality_archs.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for arch in args.archs:
+        for b in args.bits:
+            for r in check_arch(arch, b, args.threads, device, args.arch_batch, args.scale):
+                print(json.dumps({k: v for k, v in r.items() if k != "plan"}), flush=True)
+                results.append(r)
+            atomic_write_text(out, _document(argv, device, results, scale=args.scale))
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4])
@@ -204,13 +445,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--limit", type=int, default=0, help="stop after this many test images (0: all)")
-    p.add_argument("--out", default=str(ROOT / "results" / "deploy_equality.json"))
+    p.add_argument("--out", default=None, help="JSON to write (default results/deploy_equality.json, "
+                   "deploy_equality_artifacts.json with --artifacts, deploy_equality_archs.json with --archs)")
     p.add_argument("--run", nargs="*", default=[],
                    help="trained `gdnsq quantize` run folders to check instead of --bits "
                         "(their selected checkpoint, bits from run.json)")
+    p.add_argument("--artifacts", nargs="*", default=None, metavar="FILE",
+                   help="deployed files to check against the fake-quant model rebuilt from them "
+                        "(no FILE: every results/*/model.gdnsq)")
+    p.add_argument("--archs", nargs="*", default=None, choices=["resnet18", "mobilenet_v2", "bert"],
+                   help="architecture checks on random data (no name: all three)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="--archs: torch.set_num_threads values")
+    p.add_argument("--arch-batch", type=int, default=8, help="--archs: random inputs per check (default 8)")
+    p.add_argument("--scale", choices=["full", "small"], default="full",
+                   help="--archs: full-size models, or tiny ones (checks the script)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.artifacts is not None:
+        return main_artifacts(args, argv, device)
+    if args.archs is not None:
+        args.archs = args.archs or ["resnet18", "mobilenet_v2", "bert"]
+        return main_archs(args, argv, device)
     fp = get_model("resnet20", 10)
     meta = load_fp_checkpoint(fp, args.checkpoint)
     fp.eval()
@@ -219,7 +475,7 @@ def main(argv=None) -> int:
                                   eval_batch_size=args.batch_size, val_size=5000, normalization=norm,
                                   device="cpu")
     results = []
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out or ROOT / "results" / "deploy_equality.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     jobs = [(b, None, None) for b in args.bits] if not args.run else []
     for run_dir in args.run:

@@ -6,7 +6,9 @@ torch build, so the architecture tests define the same module trees here: ResNet
 (``torchvision.models.mobilenet_v2``: ``features`` of Conv2dNormActivation / InvertedResidual,
 ``classifier`` = Dropout + Linear) and a small Vision Transformer built on
 ``nn.TransformerEncoderLayer`` (patch conv, class token, position embedding, encoder, head).
-Names of modules and the forward wiring follow torchvision, widths are scaled down.
+Names of modules and the forward wiring follow torchvision; the tests use scaled-down widths,
+benchmarks/_arch_full.py builds the full-size ResNet-18 (``width=64``) and MobileNetV2
+(``width_mult=1.0, last_channel=1280``) from the same classes.
 """
 import torch
 from torch import nn

@@ -84,6 +84,11 @@ def test_export_then_evaluate(run_dir, tmp_path, capsys):
         pred = model(normalize(imgs, "imagenet")).argmax(1)
     want = 100.0 * float((pred == torch.tensor(batch[b"labels"])).float().mean())
     assert res["top1"] == pytest.approx(want)
+    # without --json: the evaluation's progress bar (closing line on stderr, not a terminal)
+    code = cli.main(["evaluate", "--deployed", str(out), "--data-dir", str(data), "--device", "cpu",
+                     "--batch-size", "8"])
+    captured = capsys.readouterr()
+    assert code == 0 and "evaluate deployed test: 3/3" in captured.err, captured.err
 
 
 def test_export_errors(run_dir, tmp_path, capsys):

