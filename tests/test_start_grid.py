@@ -84,3 +84,12 @@ def test_cli_start_flags_reach_the_config():
     args = cli.build_parser().parse_args(["quantize", "--weight-bits", "2", "--act-bits", "2", "--out", "x"])
     cfg, _ = cli.quantize.resolve_train_config(args)
     assert cfg.start_bits == 10.0 and cfg.start_grid == "minmax"
+
+
+def test_a_checkpoint_predating_a_config_field_resumes_without_a_change_warning():
+    from gdnsq.train.checkpoint import config_changes
+
+    new = TrainConfig().to_dict()
+    old = {k: v for k, v in new.items() if k not in ("start_bits", "start_grid")}
+    assert config_changes(old, new) == []
+    assert config_changes(old, dict(new, start_bits=4.0)) == ["start_bits"]

@@ -106,8 +106,17 @@ def read_on_main(path: str, kind: str, fields: Optional[Iterable[str]] = None) -
 
 def config_changes(old: dict, new: dict) -> list:
     """Names of the config fields that differ between a checkpoint's config and the current one
-    and break an exact resume (the fields outside :data:`RESUME_FREE_FIELDS`)."""
-    return sorted(k for k in new if k not in RESUME_FREE_FIELDS and old.get(k) != new[k])
+    and break an exact resume (the fields outside :data:`RESUME_FREE_FIELDS`). A field the
+    checkpoint predates (added to TrainConfig later) counts as its default value, which is what
+    the older code did."""
+    import dataclasses
+
+    from .presets import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    return sorted(k for k in new if k not in RESUME_FREE_FIELDS
+                  and old.get(k, defaults.get(k)) != new[k])
 
 
 # --------------------------------------------------------------------------- random streams
