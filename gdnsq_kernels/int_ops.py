@@ -99,8 +99,7 @@ class IntConvWeight:
 
     ``packed``: int8, 1-D. Dense / grouped: ``[G][kh*kw][ceil(Cg/4)][ceil16(Og)][4]`` (16 output
     channels x 4 input channels = one ``vpdpbusd`` operand; padding is 0). Depthwise:
-    ``[ceil64(C)/64][kh*kw][4][64]``: rotation r holds channel i's weight at byte i when
-    ``i % 4 == r``, else 0 (one ``vpdpbusd`` per rotation sums channel 4l + r alone in lane l). ``shape``: the logical weight shape ``(C_out, kh, kw, C_in/groups)``
+    ``[kh*kw][ceil16(C)]``. ``shape``: the logical weight shape ``(C_out, kh, kw, C_in/groups)``
     (a linear weight ``(N, K)`` is ``(N, 1, 1, K)``); ``groups``: the conv's groups.
     """
 
@@ -169,13 +168,8 @@ def pack_int_conv_weight(w: Tensor, groups: int = 1) -> IntConvWeight:
         raise ValueError(f"w's C_out={O} must be divisible by groups={groups}")
     T = kh * kw
     if _is_depthwise(w.shape, groups):
-        # [C64/64][T][4][64]: rotation r keeps byte i = 4l + r of each 4-byte lane l (csrc comment)
-        C64 = _ceil(O, 64)
-        wt = torch.zeros(T, C64, dtype=torch.int8)
-        wt[:, :O] = w.reshape(O, T).t()
-        blocks = wt.view(T, C64 // 64, 64).permute(1, 0, 2)  # [C64/64][T][64]
-        keep = (torch.arange(64) % 4).unsqueeze(0) == torch.arange(4).unsqueeze(1)  # [4][64]
-        packed = blocks.unsqueeze(2) * keep.to(torch.int8)  # [C64/64][T][4][64]
+        packed = torch.zeros(T, _ceil(O, 16), dtype=torch.int8)
+        packed[:, :O] = w.reshape(O, T).t()
     else:
         Og, Np, Cgp = O // groups, _ceil(O // groups, 16), _ceil(Cg, 4)
         padded = torch.zeros(groups, Np, T, Cgp, dtype=torch.int8)

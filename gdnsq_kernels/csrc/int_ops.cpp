@@ -11,9 +11,10 @@
 //    input channels 4q..4q+3 of the group, output channel o of the group (Np = Og rounded up to
 //    16, padded with 0), the 4 input channels innermost: 16 output channels x 4 input channels
 //    is one 64-byte vpdpbusd operand. Input channels past Cg are 0.
-//  * depthwise (groups == C_in == C_out): int8 [C64/64][T][4][64] (C64 = C rounded up to 64):
-//    block b of 64 channels, tap t, rotation r, byte i = w[64b + i][t] when i % 4 == r, else 0
-//    (vpdpbusd sums bytes 4l..4l+3 of a lane: rotation r keeps channel 4l+r alone in lane l).
+//  * depthwise (groups == C_in == C_out): int8 [T][C16], C16 = C rounded up to 16, padded with 0.
+//    (Tried: vpdpbusd on 64-channel code vectors with 4 weight rotations, each keeping one byte
+//    of every 4-byte lane: half the instructions on paper, but 1.3-3x slower on Zen 4 than
+//    vpdpwssd on widened codes, and 64-channel padding wastes work at 32 / 144 channels.)
 //  * popcount GEMM: int64 [W][N8] words (N8 = N rounded up to 8), bits past k cleared.
 //  * popcount conv: int64 [K][O8] words, K per-tap or tight rows (see popcount_conv2d), bits of
 //    a tap past C (per tap) / past T*C (tight) cleared.
@@ -24,7 +25,7 @@
 //
 // Builds (chosen at build time by the -m flags gdnsq_kernels/int_ops.py passes):
 //  * AVX-512 VNNI: vpdpbusd, 4 blocks of 16 output channels x up to 6 output pixels (or
-//    3 x 8, 2 x 12, 1 x 16) per register tile; VPOPCNTDQ popcount GEMM; vpdpbusd depthwise (4 rotations).
+//    3 x 8, 2 x 12, 1 x 16) per register tile; VPOPCNTDQ popcount GEMM; vpdpwssd depthwise.
 //  * AVX2 (also the avx512 build without VNNI): vpmaddubsw + vpmaddwd, 16 output channels x 4
 //    pixels per tile; vpmaddwd depthwise. vpmaddubsw saturates its int16 pair sums; they stay
 //    exact when every activation code is <= 127 (2 * 127 * 128 < 2^15), which the driver checks
@@ -94,13 +95,13 @@ struct Source {
 };
 
 // Direct view of x when no tap can leave the image or its group; else the padded copy
-// described in the file comment (depthwise: channels rounded up to 64 for whole-vector loads).
+// described in the file comment (depthwise: channels rounded up to 16 for whole-vector loads).
 Source make_source(const uint8_t* x, const ConvGeom& g, uint8_t pad_code) {
   Source s;
   const bool padded = g.ph > 0 || g.pw > 0;
   const int64_t cgroup = g.depthwise ? g.C : g.Cq * 4;
-  const int64_t pix = g.depthwise ? (g.C + 63) / 64 * 64 : g.G * cgroup;
-  if (!padded && (g.depthwise ? g.C % 64 == 0 : g.Cg % 4 == 0)) {
+  const int64_t pix = g.depthwise ? (g.C + 15) / 16 * 16 : g.G * cgroup;
+  if (!padded && (g.depthwise ? g.C % 16 == 0 : g.Cg % 4 == 0)) {
     s.base = x;
     s.Hp = g.H;
     s.Wp = g.W;
@@ -427,11 +428,24 @@ void dense_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t 
 // ------------------------------------------------------------------------------ depthwise
 
 // P output pixels (windows a[p]) x 16 channels from c0: sum over taps of x * w, w the weights
-// widened to int32 ([T][C16]). The AVX2 and scalar builds.
+// widened to int32 ([T][C16]).
 template <int P>
 inline void depthwise_tile(const uint8_t* const* a, const int64_t* tap_off, int64_t T, const int32_t* w,
                            int64_t C16, int64_t c0, int32_t* out, int64_t ldo, int64_t rows, int64_t cols) {
-#if defined(GDNSQ_INT_AVX2)
+#if defined(GDNSQ_INT_VNNI)
+  __m512i acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_si512();
+  for (int64_t tap = 0; tap < T; ++tap) {
+    // int32 lanes: a sign-extended weight, a zero-extended code (high int16 half 0), so
+    // vpdpwssd adds code * weight + 0 * (high half of the weight) exactly
+    const __m512i wv = _mm512_loadu_si512(w + tap * C16 + c0);
+    for (int p = 0; p < P; ++p) {
+      const __m512i xv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a[p] + tap_off[tap] + c0)));
+      acc[p] = _mm512_dpwssd_epi32(acc[p], xv, wv);
+    }
+  }
+  for (int64_t p = 0; p < rows; ++p) _mm512_mask_storeu_epi32(out + p * ldo, first_lanes(cols), acc[p]);
+#elif defined(GDNSQ_INT_AVX2)
   __m256i acc[P][2];
   for (int p = 0; p < P; ++p) acc[p][0] = acc[p][1] = _mm256_setzero_si256();
   for (int64_t tap = 0; tap < T; ++tap) {
@@ -466,96 +480,27 @@ inline void depthwise_tile(const uint8_t* const* a, const int64_t* tap_off, int6
 #endif
 }
 
-#if defined(GDNSQ_INT_VNNI)
-// P output pixels x 64 channels from c0 with vpdpbusd: lane l of the 64-byte code vector holds
-// channels 4l..4l+3, and rotation r's weights keep only byte 4l+r of each lane (the others are
-// 0; file comment), so acc[p][r] lane l = the exact sum of channel 4l+r. 4 vpdpbusd per tap
-// per 64 channels, no widening of the codes: twice fewer instructions than vpdpwssd on
-// widened codes. The store puts the channels back in order (two rounds of vpermt2d).
-template <int P>
-inline void depthwise_tile_vnni(const uint8_t* const* a, const int64_t* tap_off, int64_t T, const int8_t* w,
-                                int32_t* out, int64_t ldo, int64_t cols) {
-  __m512i acc[P][4];
-#pragma GCC unroll 8
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) acc[p][r] = _mm512_setzero_si512();
-  for (int64_t tap = 0; tap < T; ++tap) {
-    __m512i wv[4];
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) wv[r] = _mm512_loadu_si512(w + tap * 256 + 64 * r);
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) {
-      const __m512i xv = _mm512_loadu_si512(a[p] + tap_off[tap]);
-#pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) acc[p][r] = _mm512_dpbusd_epi32(acc[p][r], xv, wv[r]);
-    }
-  }
-  // pair[i]: (r = 0, 1) of lane i; then channel 4l + r of the output from the pairs of lane l
-  const __m512i pair_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i pair_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  const __m512i quad_lo = _mm512_set_epi32(23, 22, 7, 6, 21, 20, 5, 4, 19, 18, 3, 2, 17, 16, 1, 0);
-  const __m512i quad_hi = _mm512_set_epi32(31, 30, 15, 14, 29, 28, 13, 12, 27, 26, 11, 10, 25, 24, 9, 8);
-  for (int p = 0; p < P; ++p) {
-    const __m512i b01_lo = _mm512_permutex2var_epi32(acc[p][0], pair_lo, acc[p][1]);
-    const __m512i b01_hi = _mm512_permutex2var_epi32(acc[p][0], pair_hi, acc[p][1]);
-    const __m512i b23_lo = _mm512_permutex2var_epi32(acc[p][2], pair_lo, acc[p][3]);
-    const __m512i b23_hi = _mm512_permutex2var_epi32(acc[p][2], pair_hi, acc[p][3]);
-    int32_t* o = out + p * ldo;
-    _mm512_mask_storeu_epi32(o, first_lanes(cols), _mm512_permutex2var_epi32(b01_lo, quad_lo, b23_lo));
-    _mm512_mask_storeu_epi32(o + 16, first_lanes(cols - 16), _mm512_permutex2var_epi32(b01_lo, quad_hi, b23_lo));
-    _mm512_mask_storeu_epi32(o + 32, first_lanes(cols - 32), _mm512_permutex2var_epi32(b01_hi, quad_lo, b23_hi));
-    _mm512_mask_storeu_epi32(o + 48, first_lanes(cols - 48), _mm512_permutex2var_epi32(b01_hi, quad_hi, b23_hi));
-  }
-}
-#endif
-
 void depthwise_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t pad_code, int32_t* out) {
-  const Source src = make_source(x, g, pad_code);
-  const std::vector<int64_t> tap_off = tap_offsets(g, src);
-  const int64_t C = g.C, C64 = (C + 63) / 64 * 64, npix = g.N * g.Ho * g.Wo;
 #if defined(GDNSQ_INT_VNNI)
-  constexpr int P = 6;  // 24 accumulators + 4 weights + 1 code register of 32
-  const PixelTiles pt(npix, P);
-  const int64_t cblocks = C64 / 64, items = pt.count() * cblocks;
-  const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / (P * 64 * g.T));
-  // items are pixel-tile major: consecutive items of a thread read neighbouring windows
-  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    const uint8_t* a[P];
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t tile = item / cblocks, cb = item % cblocks, c0 = cb * 64;
-      const int64_t f0 = pt.start(tile);
-      const int rows = pt.size(tile);
-      windows(g, src, f0, rows, rows, c0, a);
-      const int8_t* w = wpk + cb * g.T * 256;
-      int32_t* o = out + f0 * C + c0;
-      switch (rows) {
-        case 6: depthwise_tile_vnni<6>(a, tap_off.data(), g.T, w, o, C, C - c0); break;
-        case 4: depthwise_tile_vnni<4>(a, tap_off.data(), g.T, w, o, C, C - c0); break;
-        case 2: depthwise_tile_vnni<2>(a, tap_off.data(), g.T, w, o, C, C - c0); break;
-        default: depthwise_tile_vnni<1>(a, tap_off.data(), g.T, w, o, C, C - c0); break;
-      }
-    }
-  });
+  constexpr int P = 8;  // 8 accumulators + 1 weight + 1 code register of 32
 #else
   constexpr int P = 4;  // AVX2: 8 accumulators + 2 weights + codes of 16 registers
-  const int64_t C16 = (C + 15) / 16 * 16;
-  // the weights widened to int32 [T][C16] from the packing ([C64/64][T][4][64], file comment)
-  std::vector<int32_t> w(g.T * C16, 0);
-  for (int64_t t = 0; t < g.T; ++t)
-    for (int64_t c = 0; c < C; ++c) w[t * C16 + c] = wpk[((c / 64) * g.T + t) * 256 + (c % 4) * 64 + c % 64];
-  const PixelTiles pt(npix, P);
+#endif
+  const Source src = make_source(x, g, pad_code);
+  const std::vector<int64_t> tap_off = tap_offsets(g, src);
+  const int64_t C = g.C, C16 = (C + 15) / 16 * 16;
+  const std::vector<int32_t> w(wpk, wpk + g.T * C16);  // widened once per call (T * C16 values)
+  const int64_t npix = g.N * g.Ho * g.Wo, tiles = (npix + P - 1) / P;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / (P * C16 * g.T));
-  at::parallel_for(0, pt.count(), grain, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, tiles, grain, [&](int64_t i0, int64_t i1) {
     const uint8_t* a[P];
     for (int64_t tile = i0; tile < i1; ++tile) {
-      const int64_t f0 = pt.start(tile), rows = pt.size(tile);
+      const int64_t f0 = tile * P, rows = std::min<int64_t>(P, npix - f0);
       windows(g, src, f0, rows, P, 0, a);
       for (int64_t c0 = 0; c0 < C; c0 += 16)
         depthwise_tile<P>(a, tap_off.data(), g.T, w.data(), C16, c0, out + f0 * C + c0, C, rows, C - c0);
     }
   });
-#endif
 }
 
 // ------------------------------------------------------------------------------ entry points
@@ -569,7 +514,7 @@ void check_cpu_contiguous(const torch::Tensor& t, const char* name, c10::ScalarT
 }
 
 int64_t packed_weight_numel(const ConvGeom& g) {
-  return g.depthwise ? g.T * ((g.C + 63) / 64 * 64) * 4 : g.G * g.T * g.Cq * g.Np * 4;
+  return g.depthwise ? g.T * ((g.C + 15) / 16 * 16) : g.G * g.T * g.Cq * g.Np * 4;
 }
 
 // x: uint8 [N, H, W, C] codes; w_packed: int8 packed weights (file comment) of the weight shape
