@@ -1,4 +1,4 @@
-"""Exact integer kernels for deployed models: conv / GEMM on uint8 x int8 codes, popcount GEMM.
+"""Exact integer kernels for deployed models: conv / GEMM on uint8 x int8 codes, 1-bit popcount GEMM and conv.
 
 The building blocks a deploy plan runs between its quantizers (``csrc/int_ops.cpp``):
 
@@ -10,24 +10,42 @@ The building blocks a deploy plan runs between its quantizers (``csrc/int_ops.cp
 * ``int_linear(x, w)``: ``(..., K)`` uint8 x ``(N, K)`` int8 -> int32 ``(..., N)``.
 * ``popcount_linear(x_bits, w_bits, k)``: 1-bit GEMM on int64 words, ``sum x & w`` over the
   ``k`` valid bits, or the XNOR form ``sum (2x - 1)(2w - 1)``.
+* ``popcount_conv2d(x_bits, w, stride, padding, dilation, with_sums=False)``: the W1A1 conv.
+  ``x_bits`` int64 ``(N, H, W, ceil(C/64))`` channel-packed NHWC (``pack_channel_bits(codes)``:
+  bit ``c % 64`` of word ``c // 64`` = ``codes[..., c] != 0``), ``w`` 0/1 ``(O, kh, kw, C)`` ->
+  int32 ``(N, Ho, Wo, O)`` = ``sum x & w`` over the taps inside the image (padded taps add 0);
+  ``with_sums`` also returns ``S`` int32 ``(N, Ho, Wo)``, the set input bits under each window.
+  Any kernel size, stride, padding, dilation; groups = 1.
 
 Every output is exact (integer arithmetic only; the checks refuse a reduction long enough for an
 int32 sum to wrap), so every build and thread count gives the same tensor bit for bit. The
 oracle is ``gdnsq_kernels.int_reference`` (plain PyTorch, shares no code with this module).
 
 Weights are packed once into the kernels' layout (``pack_int_conv_weight``,
-``pack_int_linear_weight``, ``pack_popcount_weight``: plain torch reshapes, any ISA); a plain
-tensor passed as ``w`` is packed on every call, fine for tests, wasteful in a model.
+``pack_int_linear_weight``, ``pack_popcount_weight``, ``pack_popcount_conv_weight``: plain
+torch reshapes, any ISA); a plain tensor passed as ``w`` is packed on every call, fine for
+tests, wasteful in a model. A 1-bit conv weight's rows are either per tap (``ceil(C/64)`` words
+a tap, read in place from the zero-padded image) or ``tight`` (``ceil(kh*kw*C/64)`` words: an
+implicit im2col row built per pixel, for C not a multiple of 64), whichever has fewer words.
 
 Builds: the instruction set is chosen at build time as for the fused runtime
 (``gdnsq_kernels.cpu_deploy``: ``avx512vnni``, ``avx512``, ``avx2``, ``scalar``;
 ``GDNSQ_DEPLOY_ISA`` or ``isa=`` forces one). ``avx512vnni`` runs ``vpdpbusd`` and VPOPCNTDQ;
 ``avx512`` VPOPCNTDQ and the AVX2 byte kernels; ``avx2`` ``vpmaddubsw`` + ``vpmaddwd`` (exact for
 codes <= 127, checked per call: larger codes run the plain loops) and scalar ``popcnt``;
-``scalar`` plain loops. Threads: ``at::parallel_for`` (``torch.set_num_threads``).
+``scalar`` plain loops. Register tiles: up to 24 accumulators (e.g. 4 x 16 output channels x 6
+pixels for ``vpdpbusd``, 4 x 8 x 6 for the popcount kernels); the last pixels / GEMM rows run
+in tiles of 8, 4, 2, 1 (an M = 1 GEMM computes one row, not six). Threads:
+``at::parallel_for`` over pixel tiles (``torch.set_num_threads``); every thread count gives the
+same tensors bit for bit.
+
+Speed (``benchmarks/results/int_ops.md``, one Zen 4 core): uint8 x int8 2.5-4x FP32 on the
+ResNet-18 3x3 convs and BERT linears, 1-bit popcount 5-15x; 1x1 convs with few channels and
+depthwise convs are bound by the int32 output they write (about 1-2x, depthwise about FP32).
 
 Each op is a ``gdnsq::`` custom op with a fake implementation (``torch.compile`` / ``export``
-see one node): ``gdnsq::int_conv2d``, ``gdnsq::int_linear``, ``gdnsq::popcount_linear``.
+see one node): ``gdnsq::int_conv2d``, ``gdnsq::int_linear``, ``gdnsq::popcount_linear``,
+``gdnsq::popcount_conv2d``, ``gdnsq::pack_channel_bits``.
 """
 from __future__ import annotations
 

@@ -134,6 +134,19 @@ def test_popcount_conv2d_matches_reference(isa, case):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c", [40, 64])
+def test_popcount_conv2d_pairs(isa, c):
+    """Non-square kernel, (h, w) stride / padding / dilation pairs: vertical dilation with
+    horizontal runs (tight rows from bit streams), and the per-tap layout."""
+    x = _words((2, 9, 10, 1), seed=c)
+    w01 = torch.randint(0, 2, (12, 3, 5, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(c))
+    for stride, padding, dilation in (((2, 1), (1, 2), (2, 1)), ((1, 3), (0, 1), (1, 2))):
+        out, sums = I.popcount_conv2d(x, w01, stride, padding, dilation, with_sums=True, isa=isa)
+        ref_out, ref_sums = R.popcount_conv2d(x, w01, stride, padding, dilation)
+        assert torch.equal(out, ref_out) and torch.equal(sums, ref_sums)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_popcount_conv2d_from_codes(isa):
     """The W1A1 path end to end: 0/1 codes -> pack_channel_bits -> popcount_conv2d = the integer
     conv of the same codes (zero padding: pad_code 0)."""

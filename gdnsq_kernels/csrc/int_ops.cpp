@@ -749,6 +749,24 @@ inline void insert_bits(uint64_t* dst, const uint64_t* src, int64_t nbits, int64
   }
 }
 
+// The 64 bits of src starting at bit `pos` (src must hold one word past them).
+inline uint64_t bits_at(const uint64_t* src, int64_t pos) {
+  const int64_t w = pos >> 6, sh = pos & 63;
+  return sh == 0 ? src[w] : (src[w] >> sh) | (src[w + 1] << (64 - sh));
+}
+
+// OR bits [src_pos, src_pos + nbits) of src into dst at bit offset dst_pos.
+inline void copy_bits(uint64_t* dst, int64_t dst_pos, const uint64_t* src, int64_t src_pos, int64_t nbits) {
+  for (int64_t b = 0; b < nbits; b += 64) {
+    const int64_t len = std::min<int64_t>(64, nbits - b);
+    uint64_t v = bits_at(src, src_pos + b);
+    if (len < 64) v &= (uint64_t(1) << len) - 1;
+    const int64_t w = (dst_pos + b) >> 6, sh = (dst_pos + b) & 63;
+    dst[w] |= v << sh;
+    if (sh != 0 && sh + len > 64) dst[w + 1] |= v >> (64 - sh);
+  }
+}
+
 struct PcGeom {
   int64_t N, H, W, C, CW, O, O8, kh, kw, T, sh, sw, ph, pw, dh, dw, Ho, Wo, K;
   bool tight;
@@ -821,6 +839,31 @@ std::vector<torch::Tensor> popcount_conv2d(torch::Tensor x_bits, torch::Tensor w
       for (int64_t j = 0; j < g.kw; ++j) tap_off[i * g.kw + j] = (i * g.dh * Wp + j * g.dw) * g.CW;
   const PcRows rows_of{tap_off.data(), g.tight ? 1 : g.T, g.tight ? g.K : g.CW};
 
+  // tight rows without horizontal dilation: each input row as one bit stream (pixel iw's C bits
+  // at bit (iw + pw) * C, pw zero pixels on either side, one spare word), so that a kernel row
+  // of a window is one run of kw * C bits: kh bit-range copies per pixel instead of kh * kw
+  // per-tap inserts (a 16-channel 3x3 conv: 3 one-word copies; the 3-channel 7x7 stem: 7)
+  const bool streams = g.tight && g.dw == 1;
+  const int64_t SW = streams ? ((g.W + 2 * g.pw) * g.C + 63) / 64 + 1 : 0;
+  std::unique_ptr<uint64_t[]> stream_buf;
+  if (streams) {
+    stream_buf.reset(new uint64_t[g.N * g.H * SW]);
+    uint64_t* dst = stream_buf.get();
+    at::parallel_for(0, g.N * g.H, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        uint64_t* d = dst + r * SW;
+        std::memset(d, 0, sizeof(uint64_t) * SW);
+        const uint64_t* src = X + r * g.W * g.CW;
+        if (g.C == 64 * g.CW && g.pw * g.C % 64 == 0) {
+          std::memcpy(d + g.pw * g.C / 64, src, sizeof(uint64_t) * g.W * g.CW);
+          continue;
+        }
+        for (int64_t iw = 0; iw < g.W; ++iw) insert_bits(d, src + iw * g.CW, g.C, (iw + g.pw) * g.C);
+      }
+    });
+  }
+  const uint64_t* SB = stream_buf.get();
+
   const PixelTiles pt(npix, pc_pixels(pc_blocks(g.O8)));
   const int64_t grain = std::max<int64_t>(1, kMinBitOpsPerThread / (pt.P * g.O8 * g.K * 64));
   const int64_t hw = g.Ho * g.Wo;
@@ -836,7 +879,14 @@ std::vector<torch::Tensor> popcount_conv2d(torch::Tensor x_bits, torch::Tensor w
           // the implicit im2col row of pixel f: tap t's C bits at bit t * C, 0 outside the image
           uint64_t* row = rowbuf.data() + p * g.K;
           std::memset(row, 0, sizeof(uint64_t) * g.K);
-          for (int64_t i = 0; i < g.kh; ++i) {
+          if (streams) {
+            const int64_t run = g.kw * g.C;
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+              if (ih >= 0 && ih < g.H) copy_bits(row, i * run, SB + (n * g.H + ih) * SW, ow * g.sw * g.C, run);
+            }
+          }
+          for (int64_t i = 0; i < (streams ? 0 : g.kh); ++i) {
             const int64_t ih = oh * g.sh - g.ph + i * g.dh;
             if (ih < 0 || ih >= g.H) continue;
             for (int64_t j = 0; j < g.kw; ++j) {
