@@ -755,18 +755,6 @@ inline uint64_t bits_at(const uint64_t* src, int64_t pos) {
   return sh == 0 ? src[w] : (src[w] >> sh) | (src[w + 1] << (64 - sh));
 }
 
-// OR bits [src_pos, src_pos + nbits) of src into dst at bit offset dst_pos.
-inline void copy_bits(uint64_t* dst, int64_t dst_pos, const uint64_t* src, int64_t src_pos, int64_t nbits) {
-  for (int64_t b = 0; b < nbits; b += 64) {
-    const int64_t len = std::min<int64_t>(64, nbits - b);
-    uint64_t v = bits_at(src, src_pos + b);
-    if (len < 64) v &= (uint64_t(1) << len) - 1;
-    const int64_t w = (dst_pos + b) >> 6, sh = (dst_pos + b) & 63;
-    dst[w] |= v << sh;
-    if (sh != 0 && sh + len > 64) dst[w + 1] |= v >> (64 - sh);
-  }
-}
-
 struct PcGeom {
   int64_t N, H, W, C, CW, O, O8, kh, kw, T, sh, sw, ph, pw, dh, dw, Ho, Wo, K;
   bool tight;
@@ -878,13 +866,34 @@ std::vector<torch::Tensor> popcount_conv2d(torch::Tensor x_bits, torch::Tensor w
         if (g.tight) {
           // the implicit im2col row of pixel f: tap t's C bits at bit t * C, 0 outside the image
           uint64_t* row = rowbuf.data() + p * g.K;
-          std::memset(row, 0, sizeof(uint64_t) * g.K);
           if (streams) {
+            // the row written front to back, 64 bits at a time (no memset, no read-modify-write):
+            // kernel row i is the run of kw*C bits of input row ih from bit ow*sw*C, or zeros
             const int64_t run = g.kw * g.C;
+            uint64_t cur = 0;
+            int fill = 0;  // valid low bits of cur
+            int64_t wi = 0;
             for (int64_t i = 0; i < g.kh; ++i) {
               const int64_t ih = oh * g.sh - g.ph + i * g.dh;
-              if (ih >= 0 && ih < g.H) copy_bits(row, i * run, SB + (n * g.H + ih) * SW, ow * g.sw * g.C, run);
+              const bool inside = ih >= 0 && ih < g.H;
+              const uint64_t* src = SB + (n * g.H + (inside ? ih : 0)) * SW;
+              for (int64_t b = 0; b < run; b += 64) {
+                const int len = static_cast<int>(std::min<int64_t>(64, run - b));
+                uint64_t v = inside ? bits_at(src, ow * g.sw * g.C + b) : 0;
+                if (len < 64) v &= (uint64_t(1) << len) - 1;
+                cur |= v << fill;
+                if (fill + len >= 64) {
+                  row[wi++] = cur;
+                  cur = fill ? v >> (64 - fill) : 0;
+                  fill = fill + len - 64;
+                } else {
+                  fill += len;
+                }
+              }
             }
+            if (fill > 0) row[wi++] = cur;
+          } else {
+            std::memset(row, 0, sizeof(uint64_t) * g.K);
           }
           for (int64_t i = 0; i < (streams ? 0 : g.kh); ++i) {
             const int64_t ih = oh * g.sh - g.ph + i * g.dh;
