@@ -224,7 +224,9 @@ def write_markdown(jsonl: pathlib.Path, md: pathlib.Path) -> None:
         lines += ["## Two threads vs one", ""]
         lines += _header(sel[0]["env"], [v for r in sel for v in (r["load_before"], r["load_after"])], f"run {run}")
         lines += ["Each provider at 1 and 2 threads (`torch.set_num_threads`), interleaved in the same rounds. "
-                  "Core 0 also runs other jobs on this machine, so the 2-thread figures are pessimistic.", "",
+                  "Where another job keeps a core busy (the development machine: core 0 runs training), the "
+                  "second thread only gets time slices and every parallel loop's barrier waits for it: such a "
+                  "run measures that contention (FP32 suffers alike), not the kernels' scaling.", "",
                   "| shape | provider | 1 thread (ms) | 2 threads (ms) | speedup |", "|---|---|---:|---:|---:|"]
         for r in sel:
             for prov, (one, two) in r["threads_ms"].items():
