@@ -39,9 +39,10 @@ in tiles of 8, 4, 2, 1 (an M = 1 GEMM computes one row, not six). Threads:
 ``at::parallel_for`` over pixel tiles (``torch.set_num_threads``); every thread count gives the
 same tensors bit for bit.
 
-Speed (``benchmarks/results/int_ops.md``, one Zen 4 core): uint8 x int8 2.5-4x FP32 on the
-ResNet-18 3x3 convs and BERT linears, 1-bit popcount 5-15x; 1x1 convs with few channels and
-depthwise convs are bound by the int32 output they write (about 1-2x, depthwise about FP32).
+Speed (``benchmarks/results/int_ops.md``, one loaded Zen 4 core): uint8 x int8 2.8-4.7x FP32 on
+the ResNet-18 3x3 convs, 3-4x on BERT linears at M >= 16; 1-bit popcount 3.5-17x on those convs;
+1x1 convs with few channels are bound by the int32 output they write (1.4-3x), depthwise convs
+are memory bound (0.6-1.25x), 16-channel 1-bit convs by their im2col rows (1.5x at batch 16).
 
 Each op is a ``gdnsq::`` custom op with a fake implementation (``torch.compile`` / ``export``
 see one node): ``gdnsq::int_conv2d``, ``gdnsq::int_linear``, ``gdnsq::popcount_linear``,
