@@ -1,4 +1,4 @@
-"""Exact integer kernels for deployed models: conv / GEMM on uint8 x int8 codes, popcount GEMM.
+"""Exact integer kernels for deployed models: conv / GEMM on uint8 x int8 codes, 1-bit popcount GEMM and conv.
 
 The building blocks a deploy plan runs between its quantizers (``csrc/int_ops.cpp``):
 
@@ -10,24 +10,43 @@ The building blocks a deploy plan runs between its quantizers (``csrc/int_ops.cp
 * ``int_linear(x, w)``: ``(..., K)`` uint8 x ``(N, K)`` int8 -> int32 ``(..., N)``.
 * ``popcount_linear(x_bits, w_bits, k)``: 1-bit GEMM on int64 words, ``sum x & w`` over the
   ``k`` valid bits, or the XNOR form ``sum (2x - 1)(2w - 1)``.
+* ``popcount_conv2d(x_bits, w, stride, padding, dilation, with_sums=False)``: the W1A1 conv.
+  ``x_bits`` int64 ``(N, H, W, ceil(C/64))`` channel-packed NHWC (``pack_channel_bits(codes)``:
+  bit ``c % 64`` of word ``c // 64`` = ``codes[..., c] != 0``), ``w`` 0/1 ``(O, kh, kw, C)`` ->
+  int32 ``(N, Ho, Wo, O)`` = ``sum x & w`` over the taps inside the image (padded taps add 0);
+  ``with_sums`` also returns ``S`` int32 ``(N, Ho, Wo)``, the set input bits under each window.
+  Any kernel size, stride, padding, dilation; groups = 1.
 
 Every output is exact (integer arithmetic only; the checks refuse a reduction long enough for an
 int32 sum to wrap), so every build and thread count gives the same tensor bit for bit. The
 oracle is ``gdnsq_kernels.int_reference`` (plain PyTorch, shares no code with this module).
 
 Weights are packed once into the kernels' layout (``pack_int_conv_weight``,
-``pack_int_linear_weight``, ``pack_popcount_weight``: plain torch reshapes, any ISA); a plain
-tensor passed as ``w`` is packed on every call, fine for tests, wasteful in a model.
+``pack_int_linear_weight``, ``pack_popcount_weight``, ``pack_popcount_conv_weight``: plain
+torch reshapes, any ISA); a plain tensor passed as ``w`` is packed on every call, fine for
+tests, wasteful in a model. A 1-bit conv weight's rows are either per tap (``ceil(C/64)`` words
+a tap, read in place from the zero-padded image) or ``tight`` (``ceil(kh*kw*C/64)`` words: an
+implicit im2col row built per pixel, for C not a multiple of 64), whichever has fewer words.
 
 Builds: the instruction set is chosen at build time as for the fused runtime
 (``gdnsq_kernels.cpu_deploy``: ``avx512vnni``, ``avx512``, ``avx2``, ``scalar``;
 ``GDNSQ_DEPLOY_ISA`` or ``isa=`` forces one). ``avx512vnni`` runs ``vpdpbusd`` and VPOPCNTDQ;
 ``avx512`` VPOPCNTDQ and the AVX2 byte kernels; ``avx2`` ``vpmaddubsw`` + ``vpmaddwd`` (exact for
 codes <= 127, checked per call: larger codes run the plain loops) and scalar ``popcnt``;
-``scalar`` plain loops. Threads: ``at::parallel_for`` (``torch.set_num_threads``).
+``scalar`` plain loops. Register tiles: up to 24 accumulators (e.g. 4 x 16 output channels x 6
+pixels for ``vpdpbusd``, 4 x 8 x 6 for the popcount kernels); the last pixels / GEMM rows run
+in tiles of 8, 4, 2, 1 (an M = 1 GEMM computes one row, not six). Threads:
+``at::parallel_for`` over pixel tiles (``torch.set_num_threads``); every thread count gives the
+same tensors bit for bit.
+
+Speed (``benchmarks/results/int_ops.md``, one loaded Zen 4 core): uint8 x int8 2.8-4.7x FP32 on
+the ResNet-18 3x3 convs, 3-4x on BERT linears at M >= 16; 1-bit popcount 3.5-17x on those convs;
+1x1 convs with few channels are bound by the int32 output they write (1.4-3x), depthwise convs
+are memory bound (0.6-1.25x), 16-channel 1-bit convs by their im2col rows (1.5x at batch 16).
 
 Each op is a ``gdnsq::`` custom op with a fake implementation (``torch.compile`` / ``export``
-see one node): ``gdnsq::int_conv2d``, ``gdnsq::int_linear``, ``gdnsq::popcount_linear``.
+see one node): ``gdnsq::int_conv2d``, ``gdnsq::int_linear``, ``gdnsq::popcount_linear``,
+``gdnsq::popcount_conv2d``, ``gdnsq::pack_channel_bits``.
 """
 from __future__ import annotations
 
@@ -44,8 +63,9 @@ from ._build import Extension, build_spec
 from .cpu_deploy import _ISA_FLAGS, ISAS, default_isa, supported_isas
 
 __all__ = [
-    "IntConvWeight", "PopcountWeight", "pack_int_conv_weight", "pack_int_linear_weight", "pack_popcount_weight",
-    "int_conv2d", "int_linear", "popcount_linear", "load_extension", "MAX_EXACT_K",
+    "IntConvWeight", "PopcountWeight", "PopcountConvWeight", "pack_int_conv_weight", "pack_int_linear_weight",
+    "pack_popcount_weight", "pack_popcount_conv_weight", "pack_channel_bits", "int_conv2d", "int_linear",
+    "popcount_linear", "popcount_conv2d", "load_extension", "MAX_EXACT_K",
 ]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "int_ops.cpp")
@@ -121,6 +141,21 @@ class PopcountWeight:
     k: int
 
 
+@dataclass(frozen=True)
+class PopcountConvWeight:
+    """1-bit conv weights in ``popcount_conv2d``'s layout: ``packed`` int64 ``[K][ceil8(O)]``
+    (word k of output channel o). ``shape``: ``(O, kh, kw, C)``. ``tight``: the rows' layout:
+    ``False``, per tap: ``K = kh*kw*ceil(C/64)``, word ``t*ceil(C/64) + q`` = channels ``64q..``
+    of tap ``t`` (the kernel reads the input words in place); ``True``: ``K = ceil(kh*kw*C/64)``,
+    bit ``t*C + c`` = channel ``c`` of tap ``t`` (an implicit im2col row packed tightly, chosen
+    when it has fewer words: C not a multiple of 64, e.g. a 16-channel 3x3 conv reads 3 words per
+    pixel, not 9). Bits past the valid ones are 0."""
+
+    packed: Tensor
+    shape: Tuple[int, int, int, int]
+    tight: bool
+
+
 def _is_depthwise(shape, groups: int) -> bool:
     return groups > 1 and shape[3] == 1 and shape[0] == groups
 
@@ -184,6 +219,41 @@ def pack_popcount_weight(w_bits: Tensor, k: int) -> PopcountWeight:
     if rem < 64:
         packed[-1] &= (1 << rem) - 1
     return PopcountWeight(packed.view(-1), N, k)
+
+
+def _words(bits: Tensor) -> Tensor:
+    """int64 0/1 ``(..., 64 w)`` -> int64 ``(..., w)``, bit b of word i = element ``64 i + b``."""
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (bits.reshape(bits.shape[:-1] + (-1, 64)) << shifts).sum(-1)  # distinct bits: sum = OR
+
+
+def pack_popcount_conv_weight(w01: Tensor) -> PopcountConvWeight:
+    """Pack 1-bit conv weights ``w01`` ``(O, kh, kw, C)`` (OHWI; any integer or bool dtype,
+    bit = ``w01 != 0``) for ``popcount_conv2d``. The row layout (``tight`` or per tap) is the one
+    with fewer words per output pixel."""
+    if not isinstance(w01, torch.Tensor):
+        raise TypeError(f"w01 must be a torch.Tensor (O, kh, kw, C) of 0/1 weights, got {type(w01).__name__}")
+    if w01.dtype.is_floating_point or w01.dtype.is_complex:
+        raise TypeError(f"w01 must be an integer or bool tensor of 0/1 weights, got {w01.dtype}")
+    if w01.dim() != 4:
+        raise ValueError(f"w01 must be 4-D (O, kh, kw, C), got shape {tuple(w01.shape)}")
+    O, kh, kw, C = (int(v) for v in w01.shape)
+    if min(O, kh, kw, C) == 0:
+        raise ValueError(f"w01 must have no zero-sized dimension, got shape {tuple(w01.shape)}")
+    T, CW = kh * kw, -(-C // 64)
+    K_tight = -(-T * C // 64)
+    tight = K_tight < T * CW
+    bits = (w01.cpu() != 0).to(torch.int64)
+    if tight:
+        rows = torch.zeros(O, K_tight * 64, dtype=torch.int64)
+        rows[:, :T * C] = bits.reshape(O, T * C)
+    else:
+        rows = torch.zeros(O, T, CW * 64, dtype=torch.int64)
+        rows[:, :, :C] = bits.reshape(O, T, C)
+    words = _words(rows.reshape(O, -1))  # (O, K)
+    packed = torch.zeros(words.shape[1], _ceil(O, 8), dtype=torch.int64)
+    packed[:, :O] = words.t()
+    return PopcountConvWeight(packed.view(-1), (O, kh, kw, C), tight)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -255,6 +325,33 @@ def _popcount_linear_op(x_bits: Tensor, w_packed: Tensor, n: int, k: int, xnor: 
 @_popcount_linear_op.register_fake
 def _(x_bits, w_packed, n, k, xnor, isa):
     return x_bits.new_empty((x_bits.shape[0], n), dtype=torch.int32)
+
+
+@torch.library.custom_op("gdnsq::popcount_conv2d", mutates_args=())
+def _popcount_conv2d_op(x_bits: Tensor, w_packed: Tensor, w_shape: List[int], stride: List[int], padding: List[int],
+                        dilation: List[int], tight: bool, with_sums: bool, isa: str) -> Tuple[Tensor, Tensor]:
+    out, sums = load_extension(isa).popcount_conv2d(x_bits, w_packed, w_shape, stride, padding, dilation, tight,
+                                                    with_sums)
+    return out, sums
+
+
+@_popcount_conv2d_op.register_fake
+def _(x_bits, w_packed, w_shape, stride, padding, dilation, tight, with_sums, isa):
+    ho = _conv_out_size(x_bits.shape[1], w_shape[1], stride[0], padding[0], dilation[0])
+    wo = _conv_out_size(x_bits.shape[2], w_shape[2], stride[1], padding[1], dilation[1])
+    out = x_bits.new_empty((x_bits.shape[0], ho, wo, w_shape[0]), dtype=torch.int32)
+    sums = x_bits.new_empty((x_bits.shape[0], ho, wo) if with_sums else (0,), dtype=torch.int32)
+    return out, sums
+
+
+@torch.library.custom_op("gdnsq::pack_channel_bits", mutates_args=())
+def _pack_channel_bits_op(codes: Tensor, isa: str) -> Tensor:
+    return load_extension(isa).pack_channel_bits(codes)
+
+
+@_pack_channel_bits_op.register_fake
+def _(codes, isa):
+    return codes.new_empty((codes.shape[0], -(-codes.shape[1] // 64)), dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -330,3 +427,53 @@ def popcount_linear(x_bits: Tensor, w_bits: Union[Tensor, PopcountWeight], k: in
         raise ValueError(f"x_bits must have ceil(k/64)={-(-k // 64)} words per row for k={k}, "
                          f"got shape {tuple(x_bits.shape)}")
     return _popcount_linear_op(x_bits, w_bits.packed, w_bits.n, k, xnor, _resolve_isa(isa))
+
+
+
+def pack_channel_bits(codes: Tensor, *, isa: str | None = None) -> Tensor:
+    """Channel-pack 1-bit activation codes: ``codes`` uint8 ``(..., C)`` contiguous (an NHWC
+    image ``(N, H, W, C)``, or GEMM rows ``(M, K)``) -> int64 ``(..., ceil(C/64))``, bit
+    ``c % 64`` of word ``c // 64`` = ``codes[..., c] != 0``; bits past ``C`` are 0. The input
+    layout of ``popcount_conv2d`` (and ``popcount_linear``'s ``x_bits``)."""
+    _check_tensor(codes, "codes", torch.uint8, max(1, getattr(codes, "ndim", 1)), "(..., C) codes")
+    _check_contiguous(codes, "codes", "(..., C)")
+    C = int(codes.shape[-1])
+    if C == 0:
+        raise ValueError(f"codes must have at least one channel, got shape {tuple(codes.shape)}")
+    lead = tuple(codes.shape[:-1])
+    return _pack_channel_bits_op(codes.reshape(-1, C), _resolve_isa(isa)).reshape(lead + (-(-C // 64),))
+
+
+def popcount_conv2d(x_bits: Tensor, w: Union[Tensor, PopcountConvWeight], stride=1, padding=0, dilation=1, *,
+                    with_sums: bool = False, isa: str | None = None):
+    """1-bit (W1A1) convolution by AND + popcount, exact.
+
+    ``x_bits``: int64 ``(N, H, W, ceil(C/64))`` contiguous, from ``pack_channel_bits`` (bit
+    ``c % 64`` of word ``c // 64`` = channel ``c``; bits past ``C`` are ignored). ``w``: 0/1
+    weights ``(O, kh, kw, C)`` (OHWI) or a ``PopcountConvWeight`` from
+    ``pack_popcount_conv_weight``. ``stride`` / ``padding`` / ``dilation``: int or (h, w); padded
+    taps are 0 bits (they add nothing). Returns int32 ``(N, Ho, Wo, O)``: ``out[n, y, x, o] =
+    sum_{i, j, c} x[n, y*sh + i*dh - ph, x*sw + j*dw - pw, c] & w[o, i, j, c]`` over the taps
+    inside the image; with ``with_sums=True`` also int32 ``(N, Ho, Wo)`` ``S`` = the number of
+    set input bits under each window (what an epilogue needs besides ``out`` for codes with an
+    offset, e.g. the +-1 form ``sum (2x - 1)(2w - 1) = 4 out - 2 S - 2 |w| + taps`` over the
+    valid taps).
+    """
+    _check_tensor(x_bits, "x_bits", torch.int64, 4, "(N, H, W, ceil(C/64)) words")
+    _check_contiguous(x_bits, "x_bits", "NHWC words (N, H, W, ceil(C/64))")
+    if not isinstance(with_sums, bool):
+        raise TypeError(f"with_sums must be a bool, got {with_sums!r}")
+    if not isinstance(w, PopcountConvWeight):
+        w = pack_popcount_conv_weight(w)
+    O, kh, kw, C = w.shape
+    if x_bits.shape[3] != -(-C // 64):
+        raise ValueError(f"x_bits must have ceil(C/64)={-(-C // 64)} words per pixel for the weight's C={C}, "
+                         f"got shape {tuple(x_bits.shape)}")
+    stride, padding, dilation = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    sizes = [_conv_out_size(int(x_bits.shape[1 + a]), (kh, kw)[a], stride[a], padding[a], dilation[a]) for a in (0, 1)]
+    if min(sizes) < 1:
+        raise ValueError(f"x_bits' spatial size {tuple(x_bits.shape[1:3])} with padding {tuple(padding)} is smaller "
+                         f"than the dilated kernel ({kh}, {kw}) x {tuple(dilation)}")
+    out, sums = _popcount_conv2d_op(x_bits, w.packed, list(w.shape), stride, padding, dilation, w.tight, with_sums,
+                                    _resolve_isa(isa))
+    return (out, sums) if with_sums else out

@@ -3,7 +3,8 @@
 Written from the definitions, sharing no code with the kernels: the convolution is
 ``F.conv2d`` in float64 on the codes (every product and partial sum is an integer below 2^53,
 so float64 is exact in any summation order), the GEMMs are int64 matmuls, the popcount GEMM
-unpacks the bits. Slow; for tests.
+and conv unpack the bits (the conv is then ``F.conv2d`` in float64 of 0/1 values with zero
+padding). Slow; for tests.
 """
 from __future__ import annotations
 
@@ -48,3 +49,31 @@ def popcount_linear(x_bits: Tensor, w_bits: Tensor, k: int, xnor: bool = False) 
     if xnor:
         a, b = 2 * a - 1, 2 * b - 1
     return _to_int32(a @ b.t())
+
+
+def pack_channel_bits(codes: Tensor) -> Tensor:
+    """uint8 ``(..., C)`` -> int64 ``(..., ceil(C/64))``: bit ``c % 64`` of word ``c // 64`` is
+    ``codes[..., c] != 0``, bits past C are 0 (built one bit position at a time with OR)."""
+    C = codes.shape[-1]
+    nw = -(-C // 64)
+    bits = torch.zeros(codes.shape[:-1] + (nw * 64,), dtype=torch.int64)
+    bits[..., :C] = (codes != 0).to(torch.int64)
+    bits = bits.reshape(codes.shape[:-1] + (nw, 64))
+    words = torch.zeros(codes.shape[:-1] + (nw,), dtype=torch.int64)
+    for b in range(64):
+        words = words | (bits[..., b] << b)
+    return words
+
+
+def popcount_conv2d(x_bits: Tensor, w01: Tensor, stride=1, padding=0, dilation=1):
+    """``x_bits`` int64 ``(N, H, W, ceil(C/64))`` (bits past C ignored), ``w01`` 0/1 ``(O, kh, kw,
+    C)``; zero padding. Returns (int32 ``(N, Ho, Wo, O)`` sums of x AND w over the taps, int32
+    ``(N, Ho, Wo)`` set input bits under each window)."""
+    N, H, W, nw = x_bits.shape
+    C = w01.shape[3]
+    x = unpack_words(x_bits.reshape(-1, nw), C).reshape(N, H, W, C).permute(0, 3, 1, 2).to(torch.float64)
+    w = (w01 != 0).to(torch.float64).permute(0, 3, 1, 2)
+    y = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    s = F.conv2d(x, torch.ones_like(w[:1]), stride=stride, padding=padding, dilation=dilation)
+    return (_to_int32(y.round().to(torch.int64)).permute(0, 2, 3, 1).contiguous(),
+            _to_int32(s.round().to(torch.int64))[:, 0].contiguous())

@@ -1,7 +1,7 @@
 """The exact integer kernels (gdnsq_kernels.int_ops + csrc/int_ops.cpp).
 
 Oracle: gdnsq_kernels.int_reference (F.conv2d in float64 on the codes, int64 matmuls, unpacked
-bits). Every ISA build this CPU can run is tested on awkward shapes, one and two threads must
+bits; the 1-bit conv is F.conv2d of the unpacked 0/1 values). Every ISA build this CPU can run is tested on awkward shapes, one and two threads must
 give the same tensors, and bad arguments get one-line errors.
 """
 from __future__ import annotations
@@ -44,6 +44,9 @@ CONV_CASES = [
     (2, 14, 13, 24, 24, 3, 2, 1, 1, 24, 7, 256),  # depthwise, stride 2, C = 16 + 8
     (1, 7, 7, 96, 96, 5, 1, 2, 1, 96, 9, 16),     # depthwise 5x5
     (1, 8, 8, 32, 32, 3, 1, 0, 1, 32, 0, 256),    # depthwise without padding: read in place
+    (1, 9, 7, 128, 128, 3, 1, 0, 1, 128, 0, 256), # depthwise, C = 2 x 64 without padding: read in place
+    (3, 9, 11, 200, 200, 3, 2, 1, 1, 200, 4, 256),# depthwise, 3 blocks of 64 + 8, stride 2, tail tiles
+    (1, 12, 12, 70, 70, 3, 1, 2, 2, 70, 1, 256),  # depthwise, dilation 2
     (0, 5, 5, 4, 4, 3, 1, 1, 1, 1, 0, 16),        # empty batch
 ]
 
@@ -97,6 +100,89 @@ def test_popcount_linear_matches_reference(isa, xnor, m, k, n):
     assert torch.equal(out, R.popcount_linear(x, w, k, xnor))
 
 
+# (N, H, W, C, O, k, stride, padding, dilation)
+POPCOUNT_CONV_CASES = [
+    (1, 9, 7, 100, 37, 3, 1, 1, 1),    # C not a multiple of 64 (tight rows), odd H/W, O not a multiple of 8
+    (3, 8, 8, 16, 16, 3, 1, 1, 1),     # batch 3, CIFAR-ResNet 16 channels: 3 words per pixel
+    (1, 15, 13, 3, 70, 7, 2, 3, 1),    # 7x7 stride 2 pad 3, 3 channels (147 bits in 3 words)
+    (2, 9, 9, 64, 64, 3, 2, 1, 1),     # 3x3 stride 2, C = 64: per-tap words read from the padded image
+    (1, 10, 10, 130, 20, 3, 1, 1, 2),  # dilation 2, C = 2 x 64 + 2
+    (1, 5, 6, 65, 9, 1, 2, 0, 1),      # 1x1 stride 2 (per tap, in place)
+    (2, 6, 6, 32, 130, 3, 1, 0, 1),    # no padding, tight, 17 blocks of 8 outputs
+    (1, 7, 7, 128, 200, 3, 1, 1, 1),   # per tap, 2 words per tap, 7x7 map: tail tiles
+    (3, 5, 9, 64, 8, 5, 1, 2, 1),      # 5x5, one block of 8 outputs (16-row tiles)
+    (0, 5, 5, 64, 8, 3, 1, 1, 1),      # empty batch
+]
+
+
+def _pc_id(case):
+    n, h, w, c, o, k, s, p, d = case
+    return f"n{n}-{h}x{w}-c{c}-o{o}-k{k}-s{s}-p{p}-d{d}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", POPCOUNT_CONV_CASES, ids=_pc_id)
+def test_popcount_conv2d_matches_reference(isa, case):
+    n, h, w, c, o, k, s, p, d = case
+    x = _words((n, h, w, -(-c // 64)), seed=len(_pc_id(case)))  # bits past C are random too
+    w01 = torch.randint(0, 2, (o, k, k, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(o))
+    out, sums = I.popcount_conv2d(x, w01, s, p, d, with_sums=True, isa=isa)
+    ref_out, ref_sums = R.popcount_conv2d(x, w01, s, p, d)
+    assert out.dtype == torch.int32 and sums.dtype == torch.int32
+    assert torch.equal(out, ref_out) and torch.equal(sums, ref_sums)
+    assert torch.equal(I.popcount_conv2d(x, I.pack_popcount_conv_weight(w01), s, p, d, isa=isa), ref_out)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c", [40, 64])
+def test_popcount_conv2d_pairs(isa, c):
+    """Non-square kernel, (h, w) stride / padding / dilation pairs: vertical dilation with
+    horizontal runs (tight rows from bit streams), and the per-tap layout."""
+    x = _words((2, 9, 10, 1), seed=c)
+    w01 = torch.randint(0, 2, (12, 3, 5, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(c))
+    for stride, padding, dilation in (((2, 1), (1, 2), (2, 1)), ((1, 3), (0, 1), (1, 2))):
+        out, sums = I.popcount_conv2d(x, w01, stride, padding, dilation, with_sums=True, isa=isa)
+        ref_out, ref_sums = R.popcount_conv2d(x, w01, stride, padding, dilation)
+        assert torch.equal(out, ref_out) and torch.equal(sums, ref_sums)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_popcount_conv2d_from_codes(isa):
+    """The W1A1 path end to end: 0/1 codes -> pack_channel_bits -> popcount_conv2d = the integer
+    conv of the same codes (zero padding: pad_code 0)."""
+    x = torch.randint(0, 2, (2, 11, 9, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    w01 = torch.randint(0, 2, (24, 3, 3, 80), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    out = I.popcount_conv2d(I.pack_channel_bits(x, isa=isa), w01, stride=2, padding=1, isa=isa)
+    assert torch.equal(out, I.int_conv2d(x, w01, stride=2, padding=1, isa=isa))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 130), (4, 64), (1, 1), (3, 200), (2, 0, 7)])
+def test_pack_channel_bits_matches_reference(isa, shape):
+    codes = torch.randint(0, 4, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(sum(shape)))
+    out = I.pack_channel_bits(codes, isa=isa)
+    assert out.shape == shape[:-1] + (-(-shape[-1] // 64),) and out.dtype == torch.int64
+    assert torch.equal(out, R.pack_channel_bits(codes))
+
+
+def test_popcount_conv_weight_layouts():
+    """Per tap when C is a multiple of 64 (or no word is saved), tight rows otherwise."""
+    w = torch.randint(0, 2, (3, 3, 3, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    tight = I.pack_popcount_conv_weight(w)
+    assert tight.tight and tight.packed.numel() == 3 * 8  # ceil(9 * 16 / 64) = 3 words, 8 columns
+    words = tight.packed.view(3, 8)
+    for o in range(3):
+        for t in range(9):
+            for c in range(16):
+                bit = t * 16 + c
+                assert (int(words[bit // 64, o]) >> (bit % 64)) & 1 == int(w[o, t // 3, t % 3, c])
+    assert int(words[:, 3:].abs().sum()) == 0
+    assert not I.pack_popcount_conv_weight(torch.ones(2, 3, 3, 64, dtype=torch.uint8)).tight
+    assert not I.pack_popcount_conv_weight(torch.ones(2, 1, 1, 100, dtype=torch.uint8)).tight
+    two_taps = I.pack_popcount_conv_weight(torch.ones(1, 1, 2, 70, dtype=torch.bool))  # 140 bits: 3 words < 4
+    assert two_taps.tight and int(two_taps.packed.view(3, 8)[2, 0]) == (1 << 12) - 1
+
+
 # ----------------------------------------------------------------------------- threads, packing
 
 
@@ -113,12 +199,16 @@ def test_two_threads_give_the_same_tensors(isa, two_threads):
     x = _codes((2, 16, 16, 64), 256, seed=1)
     dense, depthwise = _weights((96, 3, 3, 64), seed=2), _weights((64, 3, 3, 1), seed=3)
     xl, wl = _codes((40, 256), 256, seed=4), _weights((200, 256), seed=5)
-    xb, wb = _words((64, 8), seed=6), _words((96, 8), seed=7)
+    xb, wb = _words((200, 8), seed=6), _words((96, 8), seed=7)
+    xc = _words((2, 16, 16, 1), seed=8)
+    pc_tap, pc_tight = _weights((64, 3, 3, 64), seed=9, low=0, high=2), _weights((48, 3, 3, 40), seed=10, low=0, high=2)
 
     def run():
         return [I.int_conv2d(x, dense, padding=1, pad_code=3, isa=isa),
                 I.int_conv2d(x, depthwise, stride=2, padding=1, groups=64, isa=isa),
-                I.int_linear(xl, wl, isa=isa), I.popcount_linear(xb, wb, 500, xnor=True, isa=isa)]
+                I.int_linear(xl, wl, isa=isa), I.popcount_linear(xb, wb, 500, xnor=True, isa=isa),
+                *I.popcount_conv2d(xc, pc_tap, padding=1, with_sums=True, isa=isa),
+                I.popcount_conv2d(xc, pc_tight, padding=1, isa=isa), I.pack_channel_bits(x, isa=isa)]
 
     torch.set_num_threads(1)
     one = run()
@@ -192,6 +282,20 @@ def _w():
      TypeError, "x_bits must be torch.int64"),
     (lambda: I.popcount_linear(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(3, 1, dtype=torch.int64), 0),
      ValueError, "k must be >= 1"),
+    (lambda: I.popcount_conv2d(torch.zeros(1, 4, 4, 1, dtype=torch.int32), torch.ones(2, 3, 3, 8, dtype=torch.uint8)),
+     TypeError, "x_bits must be torch.int64"),
+    (lambda: I.popcount_conv2d(torch.zeros(1, 4, 4, 2, dtype=torch.int64), torch.ones(2, 3, 3, 8, dtype=torch.uint8)),
+     ValueError, "ceil\\(C/64\\)=1 words per pixel"),
+    (lambda: I.popcount_conv2d(torch.zeros(1, 4, 4, 1, dtype=torch.int64), torch.ones(2, 3, 3, 8)),
+     TypeError, "w01 must be an integer or bool"),
+    (lambda: I.popcount_conv2d(torch.zeros(1, 4, 4, 1, dtype=torch.int64), torch.ones(2, 3, 8, dtype=torch.uint8)),
+     ValueError, "w01 must be 4-D"),
+    (lambda: I.popcount_conv2d(torch.zeros(1, 2, 2, 1, dtype=torch.int64), torch.ones(2, 3, 3, 8, dtype=torch.uint8)),
+     ValueError, "smaller than"),
+    (lambda: I.popcount_conv2d(torch.zeros(1, 4, 4, 1, dtype=torch.int64), torch.ones(2, 3, 3, 8, dtype=torch.uint8),
+                               with_sums=1), TypeError, "with_sums must be a bool"),
+    (lambda: I.pack_channel_bits(torch.zeros(2, 3)), TypeError, "codes must be torch.uint8"),
+    (lambda: I.pack_channel_bits(torch.zeros(2, 0, dtype=torch.uint8)), ValueError, "at least one channel"),
 ])
 def test_bad_arguments_get_one_line_errors(call, err, match):
     with pytest.raises(err, match=match) as info:
@@ -212,6 +316,13 @@ def test_the_extension_checks_its_arguments():
     with pytest.raises(RuntimeError, match="exceeds"):
         ext.conv2d(torch.zeros(1, 1, 1, I.MAX_EXACT_K + 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.int8),
                    [1, 1, 1, I.MAX_EXACT_K + 1], [1, 1], [0, 0], [1, 1], 1, 0)
+    wp = I.pack_popcount_conv_weight(torch.ones(4, 3, 3, 8, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="w_packed has"):
+        ext.popcount_conv2d(torch.zeros(1, 4, 4, 1, dtype=torch.int64), wp.packed, list(wp.shape), [1, 1], [1, 1],
+                            [1, 1], not wp.tight, False)
+    with pytest.raises(RuntimeError, match="words per pixel"):
+        ext.popcount_conv2d(torch.zeros(1, 4, 4, 2, dtype=torch.int64), wp.packed, list(wp.shape), [1, 1], [1, 1],
+                            [1, 1], wp.tight, False)
     with pytest.raises(RuntimeError, match="x_bits must be Long"):
         ext.popcount_linear(torch.zeros(2, 1, dtype=torch.int32), torch.zeros(8, dtype=torch.int64), 3, 5, False)
     assert ext.max_exact_k() == I.MAX_EXACT_K
@@ -231,3 +342,9 @@ def test_opcheck_int_ops():
     wb = I.pack_popcount_weight(_words((5, 2), seed=17), 70)
     torch.library.opcheck(ops.popcount_linear.default, (_words((3, 2), seed=18), wb.packed, 5, 70, True, isa),
                           test_utils=tests)
+    wc = I.pack_popcount_conv_weight(_weights((5, 3, 3, 20), seed=19, low=0, high=2))
+    for with_sums in (False, True):
+        torch.library.opcheck(ops.popcount_conv2d.default, (_words((2, 5, 6, 1), seed=20), wc.packed, list(wc.shape),
+                                                            [2, 1], [1, 1], [1, 1], wc.tight, with_sums, isa),
+                              test_utils=tests)
+    torch.library.opcheck(ops.pack_channel_bits.default, (x.view(-1, 6), isa), test_utils=tests)

@@ -12,7 +12,12 @@
 //    16, padded with 0), the 4 input channels innermost: 16 output channels x 4 input channels
 //    is one 64-byte vpdpbusd operand. Input channels past Cg are 0.
 //  * depthwise (groups == C_in == C_out): int8 [T][C16], C16 = C rounded up to 16, padded with 0.
+//    (Tried: vpdpbusd on 64-channel code vectors with 4 weight rotations, each keeping one byte
+//    of every 4-byte lane: half the instructions on paper, but 1.3-3x slower on Zen 4 than
+//    vpdpwssd on widened codes, and 64-channel padding wastes work at 32 / 144 channels.)
 //  * popcount GEMM: int64 [W][N8] words (N8 = N rounded up to 8), bits past k cleared.
+//  * popcount conv: int64 [K][O8] words, K per-tap or tight rows (see popcount_conv2d), bits of
+//    a tap past C (per tap) / past T*C (tight) cleared.
 // Activations are NHWC uint8 (a linear layer's [M, K] is an NHWC image of height 1, width M).
 // When the conv pads, or a group's channels are not a multiple of 4, the input is first copied
 // into a padded buffer: border = pad_code (the code of a zero activation), each group's
@@ -315,7 +320,7 @@ void run_tile_p(Kernel kernel, int nb, const uint8_t* const* a, const TileArgs& 
 #endif
 #if defined(GDNSQ_INT_AVX2)
   if (kernel == Kernel::kAvx2) {
-    if constexpr (P == 4) {
+    if constexpr (P <= 4) {
       tile_avx2<P>(a, t);
       return;
     }
@@ -324,21 +329,23 @@ void run_tile_p(Kernel kernel, int nb, const uint8_t* const* a, const TileArgs& 
 #endif
   (void)kernel;
   (void)nb;
-  if constexpr (P == 4) {
+  if constexpr (P <= 4) {
     tile_generic<P>(a, t);
     return;
   }
   TORCH_CHECK(false, "int_ops: no generic tile for ", P, " pixels");
 }
 
-void run_tile(const TileShape& shape, int nb, const uint8_t* const* a, const TileArgs& t) {
-  switch (shape.pixels) {
+void run_tile(const TileShape& shape, int pixels, int nb, const uint8_t* const* a, const TileArgs& t) {
+  switch (pixels) {
+    case 1: run_tile_p<1>(shape.kernel, nb, a, t); break;
+    case 2: run_tile_p<2>(shape.kernel, nb, a, t); break;
     case 4: run_tile_p<4>(shape.kernel, nb, a, t); break;
     case 6: run_tile_p<6>(shape.kernel, nb, a, t); break;
     case 8: run_tile_p<8>(shape.kernel, nb, a, t); break;
     case 12: run_tile_p<12>(shape.kernel, nb, a, t); break;
     case 16: run_tile_p<16>(shape.kernel, nb, a, t); break;
-    default: TORCH_CHECK(false, "int_ops: unexpected tile of ", shape.pixels, " pixels");
+    default: TORCH_CHECK(false, "int_ops: unexpected tile of ", pixels, " pixels");
   }
 }
 
@@ -354,6 +361,29 @@ uint8_t max_code(const uint8_t* x, int64_t n, const ConvGeom& g, uint8_t pad_cod
 // Work (multiply-adds) a thread should at least get before a loop is split across threads.
 constexpr int64_t kMinMacsPerThread = 1 << 17;
 
+// The pixel tiles of a loop over `npix` output pixels (rows): full tiles of P, then the
+// remainder as tiles of 8, 4, 2, 1 smaller than P (a tail tile computes only real pixels: a
+// 1-row GEMM or a 7x7 map does not pay for P rows). Tile i starts at start(i), size(i) rows.
+struct PixelTiles {
+  int64_t full, P;
+  int64_t tail_start[4];
+  int tail_size[4];
+  int ntail = 0;
+  PixelTiles(int64_t npix, int P_) : full(npix / P_), P(P_) {
+    int64_t f = full * P, rem = npix - f;
+    for (int s : {8, 4, 2, 1})
+      if (s < P && rem >= s) {
+        tail_start[ntail] = f;
+        tail_size[ntail++] = s;
+        f += s;
+        rem -= s;
+      }
+  }
+  int64_t count() const { return full + ntail; }
+  int64_t start(int64_t i) const { return i < full ? i * P : tail_start[i - full]; }
+  int size(int64_t i) const { return i < full ? static_cast<int>(P) : tail_size[i - full]; }
+};
+
 void dense_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t pad_code, int32_t* out) {
   bool fits_int16 = true;  // only the AVX2 tile cares
 #if defined(GDNSQ_INT_AVX2) && !defined(GDNSQ_INT_VNNI)
@@ -365,7 +395,8 @@ void dense_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t 
   const int64_t npix = g.N * g.Ho * g.Wo;
   const int64_t chunk_cols = 16 * shape.blocks;
   const int64_t chunks_per_group = (g.Np + chunk_cols - 1) / chunk_cols;
-  const int64_t tiles = (npix + shape.pixels - 1) / shape.pixels;
+  const PixelTiles pt(npix, shape.pixels);
+  const int64_t tiles = pt.count();
   const int64_t items = g.G * chunks_per_group * tiles;
   const int64_t item_macs = shape.pixels * chunk_cols * g.T * g.Cq * 4;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / std::max<int64_t>(1, item_macs));
@@ -375,9 +406,9 @@ void dense_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t 
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t chunk = item / tiles, tile = item % tiles;
       const int64_t grp = chunk / chunks_per_group, ob0 = (chunk % chunks_per_group) * chunk_cols;
-      const int64_t f0 = tile * shape.pixels;
-      const int64_t rows = std::min<int64_t>(shape.pixels, npix - f0);
-      windows(g, src, f0, rows, shape.pixels, grp * src.group_stride, a);
+      const int64_t f0 = pt.start(tile);
+      const int pixels = pt.size(tile);
+      windows(g, src, f0, pixels, pixels, grp * src.group_stride, a);
       TileArgs t;
       t.tap_off = tap_off.data();
       t.T = g.T;
@@ -386,10 +417,10 @@ void dense_conv(const uint8_t* x, const ConvGeom& g, const int8_t* wpk, uint8_t 
       t.ldo = g.O;
       t.w = wpk + grp * g.T * g.Cq * g.Np * 4 + ob0 * 4;
       t.out = out + f0 * g.O + grp * g.Og + ob0;
-      t.rows = rows;
+      t.rows = pixels;
       t.cols = std::min<int64_t>(chunk_cols, g.Og - ob0);
       const int nb = static_cast<int>(std::min<int64_t>(shape.blocks, (g.Np - ob0) / 16));
-      run_tile(shape, nb, a, t);
+      run_tile(shape, pixels, nb, a, t);
     }
   });
 }
@@ -535,48 +566,117 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor w_packed, int64_t n) {
   return out.view({x.size(0), n});
 }
 
-// ------------------------------------------------------------------------------ popcount GEMM
+// ------------------------------------------------------------------------------ popcount GEMM / conv
 
 inline int popcount64(uint64_t v) { return __builtin_popcountll(v); }
 
-// AND popcounts of P rows (x[p], Wd words each) x 8*NB columns from ob0 of the [Wd][N8] weights.
+// Where a popcount tile reads its P rows of words: row p's word k = t * CW + q (tap t, word q
+// of the tap) is x[p][tap_off[t] + q]. A GEMM (and an im2col'd conv) is T = 1, tap_off = {0}.
+struct PcRows {
+  const int64_t* tap_off;
+  int64_t T, CW;
+};
+
+// AND popcounts of P rows x 8*NB columns from the [K][O8] weights w (column 0 of the tile):
+// out[p * ldo + c] = sum_k popcount(x_p[k] & w[k][c]); only the first `cols` columns are stored.
 template <int NB, int P>
-void popcount_tile(const uint64_t* const* x, const uint64_t* w, int64_t Wd, int64_t N8, int32_t* out, int64_t ldo,
-                   int64_t rows, int64_t cols) {
+void popcount_tile(const uint64_t* const* x, const PcRows& r, const uint64_t* w, int64_t O8, int32_t* out,
+                   int64_t ldo, int64_t cols) {
 #if defined(GDNSQ_INT_VPOPCNT)
   __m512i acc[P][NB];
+#pragma GCC unroll 16
   for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
     for (int nb = 0; nb < NB; ++nb) acc[p][nb] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < Wd; ++k) {
-    __m512i wv[NB];
-    for (int nb = 0; nb < NB; ++nb) wv[nb] = _mm512_loadu_si512(w + k * N8 + 8 * nb);
-    for (int p = 0; p < P; ++p) {
-      const __m512i xb = _mm512_set1_epi64(static_cast<long long>(x[p][k]));
-      for (int nb = 0; nb < NB; ++nb)
-        acc[p][nb] = _mm512_add_epi64(acc[p][nb], _mm512_popcnt_epi64(_mm512_and_si512(xb, wv[nb])));
+  for (int64_t t = 0; t < r.T; ++t) {
+    const uint64_t* xt[P];
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) xt[p] = x[p] + r.tap_off[t];
+    const uint64_t* wt = w + t * r.CW * O8;
+    for (int64_t q = 0; q < r.CW; ++q) {
+      __m512i wv[NB];
+#pragma GCC unroll 4
+      for (int nb = 0; nb < NB; ++nb) wv[nb] = _mm512_loadu_si512(wt + q * O8 + 8 * nb);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const __m512i xb = _mm512_set1_epi64(static_cast<long long>(xt[p][q]));
+#pragma GCC unroll 4
+        for (int nb = 0; nb < NB; ++nb)
+          acc[p][nb] = _mm512_add_epi64(acc[p][nb], _mm512_popcnt_epi64(_mm512_and_si512(xb, wv[nb])));
+      }
     }
   }
   int32_t buf[8];  // (masked 256-bit stores would need AVX-512VL, which the avx512 build lacks)
-  for (int64_t p = 0; p < rows; ++p)
+  for (int p = 0; p < P; ++p)
     for (int nb = 0; nb < NB; ++nb) {
       const int64_t c = std::min<int64_t>(8, cols - 8 * nb);
       if (c <= 0) break;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf), _mm512_cvtepi64_epi32(acc[p][nb]));
-      std::memcpy(out + p * ldo + 8 * nb, buf, sizeof(int32_t) * c);
+      int32_t* dst = out + p * ldo + 8 * nb;
+      if (c == 8) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi64_epi32(acc[p][nb]));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf), _mm512_cvtepi64_epi32(acc[p][nb]));
+        std::memcpy(dst, buf, sizeof(int32_t) * c);
+      }
     }
 #else
   int32_t acc[P][8 * NB] = {};
-  for (int64_t k = 0; k < Wd; ++k) {
-    const uint64_t* wk = w + k * N8;
-    for (int p = 0; p < P; ++p) {
-      const uint64_t xv = x[p][k];
-      for (int c = 0; c < 8 * NB; ++c) acc[p][c] += popcount64(xv & wk[c]);
+  for (int64_t t = 0; t < r.T; ++t) {
+    const uint64_t* wt = w + t * r.CW * O8;
+    for (int64_t q = 0; q < r.CW; ++q) {
+      const uint64_t* wk = wt + q * O8;
+      for (int p = 0; p < P; ++p) {
+        const uint64_t xv = x[p][r.tap_off[t] + q];
+        if (xv == 0) continue;  // 1-bit activations are often sparse (and padded rows are 0)
+        for (int c = 0; c < 8 * NB; ++c) acc[p][c] += popcount64(xv & wk[c]);
+      }
     }
   }
-  for (int64_t p = 0; p < rows; ++p)
+  for (int64_t p = 0; p < P; ++p)
     for (int64_t c = 0; c < std::min<int64_t>(8 * NB, cols); ++c) out[p * ldo + c] = acc[p][c];
 #endif
 }
+
+// Tile shape of the popcount kernels: NB blocks of 8 columns x P rows (24 of the 32 zmm
+// registers hold accumulators, NB the weights, one the broadcast word).
+inline int pc_blocks(int64_t O8) { return static_cast<int>(std::min<int64_t>(4, O8 / 8)); }
+inline int pc_pixels(int nb) { return nb == 4 ? 6 : nb == 3 ? 8 : nb == 2 ? 12 : 16; }
+
+template <int NB>
+void popcount_tile_nb(int P, const uint64_t* const* x, const PcRows& r, const uint64_t* w, int64_t O8, int32_t* out,
+                      int64_t ldo, int64_t cols) {
+  // P is the tile height of the widest chunk (or a tail size): NB * P <= 24 holds for every chunk
+  switch (P) {
+    case 1: popcount_tile<NB, 1>(x, r, w, O8, out, ldo, cols); return;
+    case 2: popcount_tile<NB, 2>(x, r, w, O8, out, ldo, cols); return;
+    case 4: popcount_tile<NB, 4>(x, r, w, O8, out, ldo, cols); return;
+    case 6: if constexpr (NB * 6 <= 24) { popcount_tile<NB, 6>(x, r, w, O8, out, ldo, cols); return; } break;
+    case 8: if constexpr (NB * 8 <= 24) { popcount_tile<NB, 8>(x, r, w, O8, out, ldo, cols); return; } break;
+    case 12: if constexpr (NB * 12 <= 24) { popcount_tile<NB, 12>(x, r, w, O8, out, ldo, cols); return; } break;
+    case 16: if constexpr (NB * 16 <= 24) { popcount_tile<NB, 16>(x, r, w, O8, out, ldo, cols); return; } break;
+    default: break;
+  }
+  TORCH_CHECK(false, "int_ops: no popcount tile for ", NB, " blocks x ", P, " rows");
+}
+
+// All output columns of P rows: chunks of 8*nb columns (the last chunk may hold fewer blocks).
+void popcount_rows(int P, const uint64_t* const* x, const PcRows& r, const uint64_t* w, int64_t n, int64_t O8,
+                   int32_t* out, int64_t ldo) {
+  const int nbmax = pc_blocks(O8);
+  for (int64_t c0 = 0; c0 < n; c0 += 8 * nbmax) {
+    const int nb = static_cast<int>(std::min<int64_t>(nbmax, (O8 - c0) / 8));
+    const int64_t cols = std::min<int64_t>(8 * nb, n - c0);
+    switch (nb) {
+      case 4: popcount_tile_nb<4>(P, x, r, w + c0, O8, out + c0, ldo, cols); break;
+      case 3: popcount_tile_nb<3>(P, x, r, w + c0, O8, out + c0, ldo, cols); break;
+      case 2: popcount_tile_nb<2>(P, x, r, w + c0, O8, out + c0, ldo, cols); break;
+      default: popcount_tile_nb<1>(P, x, r, w + c0, O8, out + c0, ldo, cols); break;
+    }
+  }
+}
+
+// Work (bit AND-popcounts) a thread should at least get before a loop is split.
+constexpr int64_t kMinBitOpsPerThread = int64_t(1) << 22;
 
 // x_bits: int64 [M, Wd] (bit b of word i = element 64 i + b); w_packed: int64 [Wd * N8] (file
 // comment). AND form: sum_b x_b w_b over the k valid bits; XNOR form: sum_b (2 x_b - 1)(2 w_b - 1)
@@ -595,25 +695,20 @@ torch::Tensor popcount_linear(torch::Tensor x_bits, torch::Tensor w_packed, int6
   const uint64_t* X = reinterpret_cast<const uint64_t*>(x_bits.data_ptr<int64_t>());
   const int64_t rem = k - 64 * (Wd - 1);
   const uint64_t last_mask = rem == 64 ? ~uint64_t(0) : ((uint64_t(1) << rem) - 1);
-  // rows whose last word has bits past k get a masked copy (the AND with the cleared weight bits
-  // ignores them already; the XNOR form also needs |x| over the k bits)
-  std::vector<uint64_t> xm;
-  if (last_mask != ~uint64_t(0)) {
-    xm.assign(X, X + M * Wd);
-    for (int64_t m = 0; m < M; ++m) xm[m * Wd + Wd - 1] &= last_mask;
-    X = xm.data();
-  }
-  constexpr int NB = 4, P = 4;
-  const int64_t chunk_cols = 8 * NB, chunks = (n + chunk_cols - 1) / chunk_cols, tiles = (M + P - 1) / P;
+  // the AND with the cleared weight bits ignores x's bits past k; only the XNOR form's |x|
+  // needs them masked (below), so x is never copied
+  const int64_t zero_off = 0;
+  const PcRows rows_of{&zero_off, 1, Wd};
+  const PixelTiles pt(M, pc_pixels(pc_blocks(N8)));
   int32_t* O = out.data_ptr<int32_t>();
-  const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / (P * chunk_cols * Wd * 8));
-  at::parallel_for(0, chunks * tiles, grain, [&](int64_t i0, int64_t i1) {
-    const uint64_t* rows_x[P];
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t chunk = item / tiles, tile = item % tiles;
-      const int64_t m0 = tile * P, rows = std::min<int64_t>(P, M - m0), c0 = chunk * chunk_cols;
-      for (int p = 0; p < P; ++p) rows_x[p] = X + (m0 + std::min<int64_t>(p, rows - 1)) * Wd;
-      popcount_tile<NB, P>(rows_x, W + c0, Wd, N8, O + m0 * n + c0, n, rows, std::min<int64_t>(chunk_cols, n - c0));
+  const int64_t grain = std::max<int64_t>(1, kMinBitOpsPerThread / (pt.P * N8 * Wd * 64));
+  at::parallel_for(0, pt.count(), grain, [&](int64_t i0, int64_t i1) {
+    const uint64_t* x[16];
+    for (int64_t tile = i0; tile < i1; ++tile) {
+      const int64_t m0 = pt.start(tile);
+      const int P = pt.size(tile);
+      for (int p = 0; p < P; ++p) x[p] = X + (m0 + p) * Wd;
+      popcount_rows(P, x, rows_of, W, n, N8, O + m0 * n, n);
     }
   });
   if (xnor) {
@@ -623,11 +718,251 @@ torch::Tensor popcount_linear(torch::Tensor x_bits, torch::Tensor w_packed, int6
     at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         int64_t px = 0;
-        for (int64_t i = 0; i < Wd; ++i) px += popcount64(X[m * Wd + i]);
+        for (int64_t i = 0; i < Wd; ++i) px += popcount64(X[m * Wd + i] & (i == Wd - 1 ? last_mask : ~uint64_t(0)));
         for (int64_t c = 0; c < n; ++c) O[m * n + c] = static_cast<int32_t>(k - 2 * (px + pw[c] - 2 * int64_t(O[m * n + c])));
       }
     });
   }
+  return out;
+}
+
+// ---- 1-bit convolution on channel-packed NHWC words
+//
+// Input: int64 [N, H, W, CW], CW = ceil(C/64), bit c % 64 of word c / 64 = channel c (bits
+// past C are ignored). Weights [K][O8] words (file comment), in one of two row layouts:
+//  * per tap (C a multiple of 64, or no saving below): K = T * CW, word t * CW + q = channels
+//    64q.. of tap t. The kernel reads the words in place from the (zero-padded) image: no copy
+//    per pixel.
+//  * tight: K = ceil(T * C / 64), bit t * C + c = channel c of tap t (an implicit im2col row
+//    without per-tap padding: a 16-channel 3x3 conv reads 3 words per pixel instead of 9). The
+//    rows of a pixel tile are built in a thread-local buffer (padded taps are 0 bits).
+// The layout is chosen at packing time (int_ops.pack_popcount_conv_weight) and passed as `tight`.
+
+// OR the first `nbits` bits of src into dst at bit offset `off` (dst zeroed by the caller).
+inline void insert_bits(uint64_t* dst, const uint64_t* src, int64_t nbits, int64_t off) {
+  const int64_t nw = (nbits + 63) / 64, w0 = off >> 6, sh = off & 63;
+  for (int64_t i = 0; i < nw; ++i) {
+    const int64_t len = std::min<int64_t>(64, nbits - 64 * i);
+    const uint64_t v = len == 64 ? src[i] : src[i] & ((uint64_t(1) << len) - 1);
+    dst[w0 + i] |= v << sh;
+    if (sh != 0 && sh + len > 64) dst[w0 + i + 1] |= v >> (64 - sh);
+  }
+}
+
+// The 64 bits of src starting at bit `pos` (src must hold one word past them).
+inline uint64_t bits_at(const uint64_t* src, int64_t pos) {
+  const int64_t w = pos >> 6, sh = pos & 63;
+  return sh == 0 ? src[w] : (src[w] >> sh) | (src[w + 1] << (64 - sh));
+}
+
+struct PcGeom {
+  int64_t N, H, W, C, CW, O, O8, kh, kw, T, sh, sw, ph, pw, dh, dw, Ho, Wo, K;
+  bool tight;
+};
+
+// x_bits: int64 [N, H, W, CW]; w_packed: int64 [K * O8]; w_shape (O, kh, kw, C). Returns
+// {int32 [N, Ho, Wo, O] AND sums, int32 [N, Ho, Wo] S (the set input bits under each window)
+// when with_sums, else an empty tensor}.
+std::vector<torch::Tensor> popcount_conv2d(torch::Tensor x_bits, torch::Tensor w_packed, std::vector<int64_t> w_shape,
+                                           std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                           std::vector<int64_t> dilation, bool tight, bool with_sums) {
+  check_cpu_contiguous(x_bits, "x_bits", torch::kInt64, 4);
+  check_cpu_contiguous(w_packed, "w_packed", torch::kInt64, 1);
+  TORCH_CHECK(w_shape.size() == 4 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "int_ops: w_shape needs 4 entries, stride/padding/dilation 2");
+  PcGeom g;
+  g.N = x_bits.size(0); g.H = x_bits.size(1); g.W = x_bits.size(2); g.CW = x_bits.size(3);
+  g.O = w_shape[0]; g.kh = w_shape[1]; g.kw = w_shape[2]; g.C = w_shape[3];
+  g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1]; g.dh = dilation[0]; g.dw = dilation[1];
+  TORCH_CHECK(g.O > 0 && g.kh > 0 && g.kw > 0 && g.C > 0, "int_ops: weight shape must be positive");
+  TORCH_CHECK(g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0,
+              "int_ops: stride and dilation must be >= 1, padding >= 0");
+  TORCH_CHECK(g.CW == (g.C + 63) / 64, "int_ops: x_bits has ", g.CW, " words per pixel, C = ", g.C, " needs ",
+              (g.C + 63) / 64);
+  g.T = g.kh * g.kw;
+  TORCH_CHECK(g.T * g.C <= 2147483647LL, "int_ops: kh*kw*C must be < 2^31 (int32 sums)");
+  TORCH_CHECK(g.H + 2 * g.ph >= g.dh * (g.kh - 1) + 1 && g.W + 2 * g.pw >= g.dw * (g.kw - 1) + 1,
+              "int_ops: the (padded) input is smaller than the kernel");
+  g.Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  g.O8 = (g.O + 7) / 8 * 8;
+  g.tight = tight;
+  g.K = tight ? (g.T * g.C + 63) / 64 : g.T * g.CW;
+  TORCH_CHECK(w_packed.numel() == g.K * g.O8, "int_ops: w_packed has ", w_packed.numel(), " words, the ",
+              tight ? "tight" : "per-tap", " packing of this weight shape has ", g.K * g.O8);
+  auto out = torch::empty({g.N, g.Ho, g.Wo, g.O}, torch::kInt32);
+  auto sums = with_sums ? torch::empty({g.N, g.Ho, g.Wo}, torch::kInt32) : torch::empty({0}, torch::kInt32);
+  const int64_t npix = g.N * g.Ho * g.Wo;
+  if (npix == 0) return {out, sums};
+  const uint64_t* X = reinterpret_cast<const uint64_t*>(x_bits.data_ptr<int64_t>());
+  const uint64_t* Wt = reinterpret_cast<const uint64_t*>(w_packed.data_ptr<int64_t>());
+  int32_t* O = out.data_ptr<int32_t>();
+  int32_t* S = with_sums ? sums.data_ptr<int32_t>() : nullptr;
+  const int64_t rem = g.C - 64 * (g.CW - 1);
+  const uint64_t last_mask = rem == 64 ? ~uint64_t(0) : ((uint64_t(1) << rem) - 1);
+
+  // per-tap layout: the image zero-padded (a padded tap reads 0 words), else read in place
+  std::unique_ptr<uint64_t[]> padded;
+  const uint64_t* base = X;
+  int64_t Hp = g.H, Wp = g.W;
+  if (!g.tight && (g.ph > 0 || g.pw > 0)) {
+    Hp = g.H + 2 * g.ph;
+    Wp = g.W + 2 * g.pw;
+    padded.reset(new uint64_t[g.N * Hp * Wp * g.CW]);
+    uint64_t* dst = padded.get();
+    at::parallel_for(0, g.N * Hp, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Hp, ih = r % Hp - g.ph;
+        uint64_t* d = dst + r * Wp * g.CW;
+        std::memset(d, 0, sizeof(uint64_t) * Wp * g.CW);
+        if (ih >= 0 && ih < g.H)
+          std::memcpy(d + g.pw * g.CW, X + (n * g.H + ih) * g.W * g.CW, sizeof(uint64_t) * g.W * g.CW);
+      }
+    });
+    base = dst;
+  }
+  std::vector<int64_t> tap_off(g.tight ? 1 : g.T, 0);
+  if (!g.tight)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) tap_off[i * g.kw + j] = (i * g.dh * Wp + j * g.dw) * g.CW;
+  const PcRows rows_of{tap_off.data(), g.tight ? 1 : g.T, g.tight ? g.K : g.CW};
+
+  // tight rows without horizontal dilation: each input row as one bit stream (pixel iw's C bits
+  // at bit (iw + pw) * C, pw zero pixels on either side, one spare word), so that a kernel row
+  // of a window is one run of kw * C bits: kh bit-range copies per pixel instead of kh * kw
+  // per-tap inserts (a 16-channel 3x3 conv: 3 one-word copies; the 3-channel 7x7 stem: 7)
+  const bool streams = g.tight && g.dw == 1;
+  const int64_t SW = streams ? ((g.W + 2 * g.pw) * g.C + 63) / 64 + 1 : 0;
+  std::unique_ptr<uint64_t[]> stream_buf;
+  if (streams) {
+    stream_buf.reset(new uint64_t[g.N * g.H * SW]);
+    uint64_t* dst = stream_buf.get();
+    at::parallel_for(0, g.N * g.H, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        uint64_t* d = dst + r * SW;
+        std::memset(d, 0, sizeof(uint64_t) * SW);
+        const uint64_t* src = X + r * g.W * g.CW;
+        if (g.C == 64 * g.CW && g.pw * g.C % 64 == 0) {
+          std::memcpy(d + g.pw * g.C / 64, src, sizeof(uint64_t) * g.W * g.CW);
+          continue;
+        }
+        for (int64_t iw = 0; iw < g.W; ++iw) insert_bits(d, src + iw * g.CW, g.C, (iw + g.pw) * g.C);
+      }
+    });
+  }
+  const uint64_t* SB = stream_buf.get();
+
+  const PixelTiles pt(npix, pc_pixels(pc_blocks(g.O8)));
+  const int64_t grain = std::max<int64_t>(1, kMinBitOpsPerThread / (pt.P * g.O8 * g.K * 64));
+  const int64_t hw = g.Ho * g.Wo;
+  at::parallel_for(0, pt.count(), grain, [&](int64_t i0, int64_t i1) {
+    const uint64_t* x[16];
+    std::vector<uint64_t> rowbuf(g.tight ? 16 * g.K : 0);  // one per thread, not per tile
+    for (int64_t tile = i0; tile < i1; ++tile) {
+      const int64_t f0 = pt.start(tile);
+      const int P = pt.size(tile);
+      for (int p = 0; p < P; ++p) {
+        const int64_t f = f0 + p, n = f / hw, oh = (f % hw) / g.Wo, ow = f % g.Wo;
+        if (g.tight) {
+          // the implicit im2col row of pixel f: tap t's C bits at bit t * C, 0 outside the image
+          uint64_t* row = rowbuf.data() + p * g.K;
+          if (streams) {
+            // the row written front to back, 64 bits at a time (no memset, no read-modify-write):
+            // kernel row i is the run of kw*C bits of input row ih from bit ow*sw*C, or zeros
+            const int64_t run = g.kw * g.C;
+            uint64_t cur = 0;
+            int fill = 0;  // valid low bits of cur
+            int64_t wi = 0;
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+              const bool inside = ih >= 0 && ih < g.H;
+              const uint64_t* src = SB + (n * g.H + (inside ? ih : 0)) * SW;
+              for (int64_t b = 0; b < run; b += 64) {
+                const int len = static_cast<int>(std::min<int64_t>(64, run - b));
+                uint64_t v = inside ? bits_at(src, ow * g.sw * g.C + b) : 0;
+                if (len < 64) v &= (uint64_t(1) << len) - 1;
+                cur |= v << fill;
+                if (fill + len >= 64) {
+                  row[wi++] = cur;
+                  cur = fill ? v >> (64 - fill) : 0;
+                  fill = fill + len - 64;
+                } else {
+                  fill += len;
+                }
+              }
+            }
+            if (fill > 0) row[wi++] = cur;
+          } else {
+            std::memset(row, 0, sizeof(uint64_t) * g.K);
+          }
+          for (int64_t i = 0; i < (streams ? 0 : g.kh); ++i) {
+            const int64_t ih = oh * g.sh - g.ph + i * g.dh;
+            if (ih < 0 || ih >= g.H) continue;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t iw = ow * g.sw - g.pw + j * g.dw;
+              if (iw < 0 || iw >= g.W) continue;
+              insert_bits(row, X + ((n * g.H + ih) * g.W + iw) * g.CW, g.C, (i * g.kw + j) * g.C);
+            }
+          }
+          x[p] = row;
+          if (S) {
+            int64_t sj = 0;
+            for (int64_t k = 0; k < g.K; ++k) sj += popcount64(row[k]);
+            S[f] = static_cast<int32_t>(sj);
+          }
+        } else {
+          x[p] = base + ((n * Hp + oh * g.sh) * Wp + ow * g.sw) * g.CW;
+          if (S) {
+            int64_t sj = 0;
+            for (int64_t t = 0; t < g.T; ++t) {
+              const uint64_t* px = x[p] + tap_off[t];
+              for (int64_t q = 0; q + 1 < g.CW; ++q) sj += popcount64(px[q]);
+              sj += popcount64(px[g.CW - 1] & last_mask);
+            }
+            S[f] = static_cast<int32_t>(sj);
+          }
+        }
+      }
+      popcount_rows(P, x, rows_of, Wt, g.O, g.O8, O + f0 * g.O, g.O);
+    }
+  });
+  return {out, sums};
+}
+
+// codes: uint8 [R, C] -> int64 [R, ceil(C/64)]: bit c % 64 of word c / 64 = (codes[r, c] != 0).
+torch::Tensor pack_channel_bits(torch::Tensor codes) {
+  check_cpu_contiguous(codes, "codes", torch::kUInt8, 2);
+  const int64_t R = codes.size(0), C = codes.size(1), CW = (C + 63) / 64;
+  auto out = torch::empty({R, CW}, torch::kInt64);
+  const uint8_t* src = codes.data_ptr<uint8_t>();
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  at::parallel_for(0, R, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* s = src + r * C;
+      for (int64_t q = 0; q < CW; ++q) {
+        const int64_t len = std::min<int64_t>(64, C - 64 * q);
+        const uint8_t* b = s + 64 * q;
+        uint64_t word = 0;
+#if defined(__AVX512BW__)
+        // one vptestmb per 64 channels: the mask of the nonzero bytes is the word
+        const __mmask64 valid = len == 64 ? ~__mmask64(0) : ((__mmask64(1) << len) - 1);
+        const __m512i v = _mm512_maskz_loadu_epi8(valid, b);
+        word = _mm512_test_epi8_mask(v, v);
+#elif defined(GDNSQ_INT_AVX2)
+        int64_t c = 0;
+        for (; c + 32 <= len; c += 32) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + c));
+          const uint32_t zero = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())));
+          word |= uint64_t(~zero) << c;
+        }
+        for (; c < len; ++c) word |= uint64_t(b[c] != 0) << c;
+#else
+        for (int64_t c = 0; c < len; ++c) word |= uint64_t(b[c] != 0) << c;
+#endif
+        dst[r * CW + q] = word;
+      }
+    }
+  });
   return out;
 }
 
@@ -641,5 +976,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "exact int32 GEMM of uint8 [M, K] codes x packed int8 [N, K] weights",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("popcount_linear", &popcount_linear, "1-bit popcount GEMM (AND or XNOR form), int32",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("popcount_conv2d", &popcount_conv2d, "1-bit AND-popcount conv of channel-packed NHWC words, int32",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("pack_channel_bits", &pack_channel_bits, "uint8 codes [R, C] -> int64 [R, ceil(C/64)] nonzero bits",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
