@@ -680,7 +680,7 @@ def _tracing() -> bool:
     from torch.fx import _symbolic_trace
 
     # is_fx_tracing() also answers for export (and logs a warning saying so): prefer the narrow one
-    check = getattr(_symbolic_trace, "is_fx_tracing_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+    check = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
     return check()
 
 
