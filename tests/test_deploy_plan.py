@@ -236,3 +236,30 @@ def test_per_layer_oracle_and_unsupported_inputs():
     assert not plan_mod.PlanRunner._eligible((x.double(),))
     assert len(fr.gdnsq_plan.plans) == n
     assert not hasattr(freeze(_student("resnet20", 2), plan=False), "gdnsq_plan")
+
+
+@pytest.mark.parametrize("arch,bits", [("resnet18", 2), ("mobilenet_v2", 4), ("resnet20", 1)])
+def test_fold_kernel_codes_equal_the_modules_at_every_threshold(arch, bits):
+    """The folded epilogue (C++ thresholds) against the chain of modules + quantizer it replaces,
+    on every threshold and its float neighbours (real data rarely lands on them): y is fed to the
+    kernel as the constant term (acc = S_j = 0), so y is exactly the probe value."""
+    from gdnsq_kernels import plan_ops
+    from gdnsq_kernels.quantize.reference import activation_codes
+
+    fr = _frozen(arch, bits, "int")
+    _run(fr, torch.randn(1, *ARCHS[arch][1]))
+    plan = fr.gdnsq_plan.last_plan
+    assert plan.folds
+    for fold in plan.folds.values():
+        consumer = fr.get_submodule(fold.consumers[0].target)
+        probe = plan_mod._probe_values(fold.thr, None)
+        M, C = probe.shape
+        codes, _ = plan_ops.ops().epilogue_codes(
+            torch.zeros(M, C, dtype=torch.int32), torch.zeros(M, 1, dtype=torch.int32),
+            torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64), probe.double(), 0,
+            fold.thr_t, fold.sign, 0)
+        v = probe.view(M, C, 1, 1)
+        for f in fold.fns:
+            v = f(v)
+        want = activation_codes(v, consumer.act_log2_step, consumer.act_log2_range, consumer.act_offset)
+        assert torch.equal(codes.long(), want.view(M, C).long()), fold.producer
