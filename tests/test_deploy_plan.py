@@ -263,3 +263,15 @@ def test_fold_kernel_codes_equal_the_modules_at_every_threshold(arch, bits):
             v = f(v)
         want = activation_codes(v, consumer.act_log2_step, consumer.act_log2_range, consumer.act_offset)
         assert torch.equal(codes.long(), want.view(M, C).long()), fold.producer
+
+
+def test_forward_hooks_on_bypassed_modules_see_their_calls():
+    fr = _frozen("resnet20", 2)
+    x = torch.randn(1, 3, 16, 16)
+    want = _run(fr, x)
+    seen = []
+    handle = fr.layer1[0].conv1.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    assert torch.equal(_run(fr, x), want) and len(seen) == 1
+    handle.remove()
+    _run(fr, x)
+    assert len(seen) == 1  # the plan again

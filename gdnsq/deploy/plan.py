@@ -40,7 +40,9 @@ wrap) or a missing C++ build makes that segment (alone) run the per-layer path, 
 float32, keyword arguments, training mode, and ``torch.compile`` / ``torch.export`` / fx tracing run
 the whole per-layer forward. Plans are cached per input signature (shapes, dtypes, devices) and
 dropped when a deployed layer's derived cache is (``load_state_dict``, ``.to()``, ``set_path``),
-or by :func:`invalidate` after editing parameters in place.
+or by :func:`invalidate` after editing parameters in place. Forward hooks on a deployed layer
+or an element-wise module (which a segment does not call) switch the model to the per-layer path
+while they are registered, so they see every call.
 """
 from __future__ import annotations
 
@@ -521,7 +523,7 @@ class Plan:
             hooks.append(m.register_forward_hook(lambda mod, a, o, n=n: cap_out.setdefault(n, o)))
         try:
             with torch.no_grad():
-                self.reference_output = type(model).forward(model, *args)
+                type(model).forward(model, *args)
         finally:
             for h in hooks:
                 h.remove()
@@ -695,6 +697,7 @@ class PlanRunner:
         self._graph = None
         self._opaque = None
         self._tokens = None
+        self._bypassed = []
         self.last_plan = None
 
     def __deepcopy__(self, memo):
@@ -717,6 +720,14 @@ class PlanRunner:
             return False
         return all(layer._cache.get(_TOKEN_KEY) is tok for layer, tok in tokens)
 
+    def _hooked(self) -> bool:
+        """Whether a module the plan does not call (a deployed layer, a folded chain module) or
+        every module has forward hooks: they must see their calls, so the per-layer path runs."""
+        mod = nn.modules.module
+        if mod._global_forward_hooks or mod._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed)
+
     def _stamp(self, model: nn.Module) -> None:
         tokens = []
         for m in model.modules():
@@ -725,6 +736,10 @@ class PlanRunner:
                 m._cache[_TOKEN_KEY] = tok
                 tokens.append((m, tok))
         self._tokens = tokens
+        self._bypassed = [m for m, _ in tokens]
+        for m in model.modules():
+            if isinstance(m, _CHAIN_MODULES):
+                self._bypassed.append(m)
 
     def run(self, model: nn.Module, args: tuple, kwargs: dict):
         if self.disabled or kwargs or model.training or not self._eligible(args):
@@ -732,6 +747,8 @@ class PlanRunner:
         if not self._fresh(model):
             self.invalidate()
             self._stamp(model)
+        if self._hooked():
+            return type(model).forward(model, *args)
         key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("obj", repr(a))
                     for a in args)
         plan = self.plans.get(key)
@@ -767,7 +784,7 @@ class PlanRunner:
             return False
         for a in args:
             if isinstance(a, torch.Tensor):
-                if type(a) is not torch.Tensor or a.device.type != "cpu" or a.requires_grad:
+                if type(a) is not torch.Tensor or a.device.type != "cpu" or a.requires_grad or not a.numel():
                     return False
                 if a.is_floating_point() and a.dtype != torch.float32:
                     return False
