@@ -104,11 +104,11 @@ std::vector<torch::Tensor> quantize(torch::Tensor x, double s, double lo, double
   const float* xp = x.data_ptr<float>();
   uint8_t* qp = codes.data_ptr<uint8_t>();
   int32_t* sp = sums.data_ptr<int32_t>();
+  // the codes are element-wise: blocks of whole rows as one flat run (short rows vectorize too)
   at::parallel_for(0, M, grain_rows(C), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      quantize_row(xp + m * C, qp + m * C, C, flo, fhi, fs);
-      if (G) group_sums(qp + m * C, C, G, sp + m * G);
-    }
+    quantize_row(xp + m0 * C, qp + m0 * C, (m1 - m0) * C, flo, fhi, fs);
+    if (G)
+      for (int64_t m = m0; m < m1; ++m) group_sums(qp + m * C, C, G, sp + m * G);
   });
   return {codes, sums};
 }
@@ -119,7 +119,8 @@ std::vector<int64_t> pair_arg(const std::vector<int64_t>& v, const char* name) {
 }
 
 // s: int32 [N, H, W, G] per-pixel sums; returns int32 [N, Ho, Wo, G]: the sum over each output's
-// window (taps outside the image add 0).
+// window (taps outside the image add 0). Separable (integer sums: any order is exact): a
+// horizontal pass per input row into [N, H, Wo, G], then a vertical pass.
 torch::Tensor box_sum(torch::Tensor s, std::vector<int64_t> kernel, std::vector<int64_t> stride,
                       std::vector<int64_t> padding, std::vector<int64_t> dilation) {
   check(s, "s", torch::kInt32, 4);
@@ -130,25 +131,38 @@ torch::Tensor box_sum(torch::Tensor s, std::vector<int64_t> kernel, std::vector<
   require(kh > 0 && kw > 0 && sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0, "bad window geometry");
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   require(Ho > 0 && Wo > 0, "the (padded) input is smaller than the window");
-  auto out = torch::zeros({N, Ho, Wo, G}, torch::kInt32);
+  auto tmp = torch::empty({N, H, Wo, G}, torch::kInt32);
+  auto out = torch::empty({N, Ho, Wo, G}, torch::kInt32);
   const int32_t* sp = s.data_ptr<int32_t>();
+  int32_t* tp = tmp.data_ptr<int32_t>();
   int32_t* op = out.data_ptr<int32_t>();
-  at::parallel_for(0, N * Ho, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo * G * kh * kw)), [&](int64_t r0, int64_t r1) {
+  const int64_t row_out = Wo * G;
+  at::parallel_for(0, N * H, grain_rows(row_out * kw), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* __restrict__ in = sp + r * W * G;
+      int32_t* __restrict__ o = tp + r * row_out;
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        int32_t* __restrict__ ov = o + ow * G;
+        for (int64_t g = 0; g < G; ++g) ov[g] = 0;
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t iw = ow * sw - pw + j * dw;
+          if (iw < 0 || iw >= W) continue;
+          const int32_t* __restrict__ v = in + iw * G;
+          for (int64_t g = 0; g < G; ++g) ov[g] += v[g];
+        }
+      }
+    }
+  });
+  at::parallel_for(0, N * Ho, grain_rows(row_out * kh), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / Ho, oh = r % Ho;
+      int32_t* __restrict__ o = op + r * row_out;
+      for (int64_t c = 0; c < row_out; ++c) o[c] = 0;
       for (int64_t i = 0; i < kh; ++i) {
         const int64_t ih = oh * sh - ph + i * dh;
         if (ih < 0 || ih >= H) continue;
-        const int32_t* row = sp + (n * H + ih) * W * G;
-        for (int64_t ow = 0; ow < Wo; ++ow) {
-          int32_t* o = op + (r * Wo + ow) * G;
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t iw = ow * sw - pw + j * dw;
-            if (iw < 0 || iw >= W) continue;
-            const int32_t* v = row + iw * G;
-            for (int64_t g = 0; g < G; ++g) o[g] += v[g];
-          }
-        }
+        const int32_t* __restrict__ v = tp + (n * H + ih) * row_out;
+        for (int64_t c = 0; c < row_out; ++c) o[c] += v[c];
       }
     }
   });
@@ -186,31 +200,43 @@ Epi make_epi(const torch::Tensor& acc, const torch::Tensor& sj, const torch::Ten
 }
 
 // y[o] of row m, rounded once to float32 (separate multiplies and adds: no FMA, see the header).
-inline void epilogue_row(const Epi& e, int64_t m, float* y) {
-  const int32_t* acc = e.acc + m * e.O;
-  const int32_t* sj = e.sj + m * e.G;
-  const double* c = e.cst + (m % e.P) * e.O;
-  const int64_t Og = e.O / e.G;
-  if (e.G == 1) {
+// Local restrict pointers so that the compiler vectorizes the channel loops.
+inline void epilogue_row(const Epi& e, int64_t m, float* __restrict__ y) {
+  const int64_t O = e.O, G = e.G;
+  const int32_t* __restrict__ acc = e.acc + m * O;
+  const int32_t* __restrict__ sj = e.sj + m * G;
+  const double* __restrict__ c = e.cst + (m % e.P) * O;
+  const double* __restrict__ a = e.a;
+  const double* __restrict__ b = e.b;
+  if (G == 1) {
     const double s = static_cast<double>(sj[0]);
     if (e.order == 0) {
-      for (int64_t o = 0; o < e.O; ++o) {
-        const double t = e.a[o] * static_cast<double>(acc[o]);
-        const double u = e.b[o] * s;
+      for (int64_t o = 0; o < O; ++o) {
+        const double t = a[o] * static_cast<double>(acc[o]);
+        const double u = b[o] * s;
         y[o] = static_cast<float>((t + u) + c[o]);
       }
     } else {
-      for (int64_t o = 0; o < e.O; ++o) {
-        const double t = e.a[o] * static_cast<double>(acc[o]);
-        const double u = e.b[o] * s;
+      for (int64_t o = 0; o < O; ++o) {
+        const double t = a[o] * static_cast<double>(acc[o]);
+        const double u = b[o] * s;
         y[o] = static_cast<float>((t + c[o]) + u);
       }
     }
     return;
   }
-  for (int64_t o = 0; o < e.O; ++o) {
-    const double t = e.a[o] * static_cast<double>(acc[o]);
-    const double u = e.b[o] * static_cast<double>(sj[o / Og]);
+  const int64_t Og = O / G;
+  if (Og == 1) {  // depthwise: one S_j per channel
+    for (int64_t o = 0; o < O; ++o) {
+      const double t = a[o] * static_cast<double>(acc[o]);
+      const double u = b[o] * static_cast<double>(sj[o]);
+      y[o] = static_cast<float>(e.order == 0 ? (t + u) + c[o] : (t + c[o]) + u);
+    }
+    return;
+  }
+  for (int64_t o = 0; o < O; ++o) {
+    const double t = a[o] * static_cast<double>(acc[o]);
+    const double u = b[o] * static_cast<double>(sj[o / Og]);
     y[o] = static_cast<float>(e.order == 0 ? (t + u) + c[o] : (t + c[o]) + u);
   }
 }
@@ -246,22 +272,35 @@ std::vector<torch::Tensor> epilogue_codes(torch::Tensor acc, torch::Tensor sj, t
   const float* sg = sign.data_ptr<float>();
   uint8_t* qp = codes.data_ptr<uint8_t>();
   int32_t* sp = sums.data_ptr<int32_t>();
-  at::parallel_for(0, e.M, grain_rows(e.O * (L + 4)), [&](int64_t m0, int64_t m1) {
-    std::vector<float> y(e.O);
-    std::vector<int32_t> cnt(e.O);
-    for (int64_t m = m0; m < m1; ++m) {
-      epilogue_row(e, m, y.data());
-      for (int64_t o = 0; o < e.O; ++o) {
-        y[o] *= sg[o];  // exact (a sign change)
-        cnt[o] = 0;
+  // Blocks of rb rows: y of the block, then the threshold count over the flat block against
+  // thresholds tiled rb times (short rows vectorize too).
+  const int64_t O = e.O, rb = std::max<int64_t>(1, 256 / O), width = rb * O;
+  std::vector<float> tiled(L * width), sign_t(width);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t r = 0; r < rb; ++r) std::memcpy(&tiled[l * width + r * O], tp + l * O, O * sizeof(float));
+  for (int64_t r = 0; r < rb; ++r) std::memcpy(&sign_t[r * O], sg, O * sizeof(float));
+  const int64_t blocks = (e.M + rb - 1) / rb;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, grain_rows(width * (L + 4))), [&](int64_t b0, int64_t b1) {
+    std::vector<float> y(width);
+    std::vector<int32_t> cnt(width);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * rb, rows = std::min<int64_t>(rb, e.M - m0), n = rows * O;
+      float* __restrict__ yv = y.data();
+      int32_t* __restrict__ cv = cnt.data();
+      const float* __restrict__ sgv = sign_t.data();
+      for (int64_t r = 0; r < rows; ++r) epilogue_row(e, m0 + r, yv + r * O);
+      for (int64_t i = 0; i < n; ++i) {
+        yv[i] *= sgv[i];  // exact (a sign change)
+        cv[i] = 0;
       }
       for (int64_t l = 0; l < L; ++l) {
-        const float* t = tp + l * e.O;
-        for (int64_t o = 0; o < e.O; ++o) cnt[o] += y[o] >= t[o] ? 1 : 0;  // NaN thresholds: never
+        const float* __restrict__ t = tiled.data() + l * width;
+        for (int64_t i = 0; i < n; ++i) cv[i] += yv[i] >= t[i] ? 1 : 0;  // NaN thresholds: never
       }
-      uint8_t* q = qp + m * e.O;
-      for (int64_t o = 0; o < e.O; ++o) q[o] = static_cast<uint8_t>(cnt[o]);
-      if (G2) group_sums(q, e.O, G2, sp + m * G2);
+      uint8_t* __restrict__ q = qp + m0 * O;
+      for (int64_t i = 0; i < n; ++i) q[i] = static_cast<uint8_t>(cv[i]);
+      if (G2)
+        for (int64_t r = 0; r < rows; ++r) group_sums(q + r * O, O, G2, sp + (m0 + r) * G2);
     }
   });
   return {codes, sums};
@@ -301,7 +340,9 @@ torch::Tensor pack_bits(torch::Tensor codes) {
 }
 
 const char* isa_name() {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  return "avx512vnni";
+#elif defined(__AVX512F__)
   return "avx512";
 #elif defined(__AVX2__)
   return "avx2";
