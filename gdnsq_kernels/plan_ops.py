@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._build import Extension, build_spec
 from .cpu_deploy import _ISA_FLAGS, ISAS, default_isa, supported_isas
+from .int_ops import _check_tensor
 
 __all__ = ["ops", "quantize", "box_sum", "epilogue_float", "epilogue_codes", "channel_sums", "pack_bits"]
 
@@ -65,14 +66,7 @@ def ops(isa: str | None = None):
 
 
 def _tensor(t, name: str, dtype: torch.dtype, dim: int, what: str) -> Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype} {what}, got {t.dtype}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU tensor, got one on {t.device}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D {what}, got shape {tuple(t.shape)}")
+    _check_tensor(t, name, dtype, dim, what)  # the same one-line errors as int_ops
     return t.contiguous()
 
 
