@@ -76,6 +76,8 @@ def test_export_then_evaluate(run_dir, tmp_path, capsys):
     assert code == 0, printed
     res = json.loads(printed.strip().splitlines()[-1])
     assert res["n"] == 20 and res["kind"] == "deployed"
+    # load attached the deploy plan and every quantized layer ran as an integer segment
+    assert len(res["plan"]) == 18 and all(r["fallback"] is None and r["gemm"] for r in res["plan"])
     # the accuracy of the deployed model's own predictions on the normalised images
     from gdnsq.data import normalize
 

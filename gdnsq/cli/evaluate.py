@@ -11,6 +11,7 @@ import torch
 from .. import data as gdata
 from ..deploy.artifact import load
 from ..deploy.freeze import layer_table
+from ..deploy.plan import plan_report
 from ._support import (CliError, add_subcommand, checkpoint_args, evaluate_model, load_model_for_eval,
                        log as _log, positive_int, resolve_device, usage_errors)
 
@@ -61,7 +62,8 @@ def evaluate_deployed_file(path, *, dataset: str = "cifar10", data_dir=None, spl
     res = evaluate_model(model, loader, device, desc=f"evaluate deployed {split}", progress=progress)
     res.update(split=split, dataset=dataset, deployed=str(path), kind="deployed", normalization=norm,
                architecture=arch, seconds=round(time.time() - t0, 2),
-               paths={r["name"]: r["path"] for r in layer_table(model)})
+               paths={r["name"]: r["path"] for r in layer_table(model)},
+               plan=plan_report(model))  # load attaches the deploy plan: the segments that ran
     return res
 
 

@@ -1,6 +1,6 @@
 """gdnsq.deploy: freeze a trained GDNSQ model to integer codes, save it, load it, run it.
 
-    frozen = freeze(qmodel, example_input=images[:32])   # integer codes, per-layer fastest path
+    frozen = freeze(qmodel, example_input=images[:32])   # integer codes; frozen(x) runs the plan
     save(frozen, "model.gdnsq", normalization={"mean": [...], "std": [...]})
     model = load("model.gdnsq")                           # rebuilds the architecture
 
@@ -17,6 +17,7 @@ from .freeze import (
     size_report,
 )
 from .layers import DeployedConv2d, DeployedLinear
+from .plan import attach_plan, detach_plan, format_plan_report, per_layer, plan_report, reference_forward
 
 __all__ = [
     "freeze",
@@ -32,4 +33,10 @@ __all__ = [
     "deployed_layers",
     "DeployedConv2d",
     "DeployedLinear",
+    "attach_plan",
+    "detach_plan",
+    "per_layer",
+    "reference_forward",
+    "plan_report",
+    "format_plan_report",
 ]

@@ -207,7 +207,7 @@ def read_artifact(path) -> tuple:
     return meta, tensors
 
 
-def load(path, model: nn.Module | None = None, *, map_location="cpu") -> nn.Module:
+def load(path, model: nn.Module | None = None, *, map_location="cpu", plan: bool = True) -> nn.Module:
     """Rebuild a frozen model from an artifact written by :func:`save`.
 
     Args:
@@ -216,6 +216,7 @@ def load(path, model: nn.Module | None = None, *, map_location="cpu") -> nn.Modu
             frozen one). Needed when the artifact names no architecture known to
             ``gdnsq.models.get_model``; the skeleton is not modified.
         map_location: device of the returned model.
+        plan: attach the deploy plan (:func:`gdnsq.deploy.plan.attach_plan`), as ``freeze`` does.
 
     Returns the frozen model in eval mode, with ``gdnsq_metadata`` (the JSON metadata),
     ``gdnsq_normalization`` and ``gdnsq_architecture`` attributes.
@@ -253,6 +254,12 @@ def load(path, model: nn.Module | None = None, *, map_location="cpu") -> nn.Modu
     skeleton.gdnsq_metadata = meta
     skeleton.gdnsq_normalization = meta["normalization"]
     skeleton.gdnsq_architecture = meta["architecture"]
+    from .plan import attach_plan, detach_plan
+
+    if plan:
+        attach_plan(skeleton)
+    else:
+        detach_plan(skeleton)
     return skeleton
 
 

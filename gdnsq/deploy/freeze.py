@@ -114,7 +114,7 @@ def _layer_from(name: str, layer: nn.Module, strict: bool) -> _DeployedBase:
 
 
 def freeze(qmodel: nn.Module, strict: bool = False, example_input: torch.Tensor | None = None,
-           path: str = "auto", reps: int = 2) -> nn.Module:
+           path: str = "auto", reps: int = 2, plan: bool = True) -> nn.Module:
     """Inference copy of ``qmodel`` with every quantized layer on integer codes.
 
     Args:
@@ -132,10 +132,13 @@ def freeze(qmodel: nn.Module, strict: bool = False, example_input: torch.Tensor 
             runs the float32 conv of the dequantized codes: bit-identical to the fake-quant
             model on the same device, but no integer arithmetic.
         reps: timed calls per path in the measurement.
+        plan: attach the deploy plan (:mod:`gdnsq.deploy.plan`): ``model(x)`` runs fast integer
+            segments, bit-identical to the per-layer path. ``False``: the per-layer path.
 
     Returns:
-        The frozen model (eval mode). ``layer_table(model)`` lists each deployed layer's bits,
-        path and measurement.
+        The frozen model (eval mode; same class, module tree and state dict keys as without the
+        plan). ``layer_table(model)`` lists each deployed layer's bits, path and measurement;
+        ``gdnsq.deploy.plan_report(model)`` the plan's segments once it ran.
     """
     if not isinstance(qmodel, nn.Module):
         raise TypeError(f"qmodel must be an nn.Module, got {type(qmodel).__name__}")
@@ -157,6 +160,10 @@ def freeze(qmodel: nn.Module, strict: bool = False, example_input: torch.Tensor 
     if path == "auto" and example_input is not None:
         measure_paths(model, example_input, reps=reps)
     model.eval()
+    if plan:
+        from .plan import attach_plan
+
+        attach_plan(model)
     return model
 
 
@@ -177,11 +184,13 @@ def measure_paths(model: nn.Module, example_input: torch.Tensor, reps: int = 2) 
     Each layer keeps its fastest path; returns ``{name: {path: ms}}``.
     """
     layers = deployed_layers(model)
+    from .plan import per_layer
+
     captured = {}
     hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: captured.__setitem__(n, inp[0].detach()))
              for n, m in layers]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), per_layer(model):
             model(example_input)
     finally:
         for h in hooks:

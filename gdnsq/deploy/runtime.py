@@ -28,6 +28,11 @@ Every fused step is checked against the PyTorch op it replaces when the plan is 
 (thresholds at and next to every boundary, the BN formula on random and boundary values); when
 a check fails, or the model is not a CIFAR ResNet of deployed blocks, the wrapper warns and runs
 the frozen model's per-layer path instead (``RuntimeModel.fallback_reason``).
+
+Every frozen model (this one included) already runs the generic deploy plan by default
+(:mod:`gdnsq.deploy.plan`, attached by ``freeze`` / ``load``); this fused runtime is kept as the
+one-C++-call path of CIFAR ResNet trunks, and its fallback is the frozen model's plan.
+``monotone_thresholds`` / ``codes_from_thresholds`` here are shared with the plan's folding.
 """
 from __future__ import annotations
 
@@ -437,8 +442,11 @@ class RuntimeModel(DropsDerivedOnLoad):
         for i, b in enumerate(self._blocks):
             hooks.append(b.conv1.register_forward_hook(lambda m, a, o, i=i: got.setdefault(i, [None, None]).__setitem__(0, o)))
             hooks.append(b.conv2.register_forward_hook(lambda m, a, o, i=i: got.setdefault(i, [None, None]).__setitem__(1, o)))
+        from .plan import per_layer
+
         try:
-            self.model(x[:32])
+            with per_layer(self.model):  # hooks fire on the per-layer path (a plan skips the modules)
+                self.model(x[:32])
         finally:
             for h in hooks:
                 h.remove()
