@@ -133,7 +133,14 @@ def profile(args) -> dict:
     loaders = gdata.build_loaders("cifar10", batch_size=cfg.batch_size, val_size=5000,
                                   normalization=norm, seed=0, with_test=False, progress=None)
     student = quantize_model(fp, args.bits, args.bits)
-    teacher = teacher_of(student)
+    if args.teacher:
+        from gdnsq.models import extract_state_dict, infer_model_name, read_checkpoint
+
+        teacher = get_model(infer_model_name(extract_state_dict(read_checkpoint(args.teacher))))
+        load_fp_checkpoint(teacher, args.teacher)
+        teacher.eval().requires_grad_(False)
+    else:
+        teacher = teacher_of(student)
     calibrate(student, loaders["val"])
     clock = PhaseClock()
     warm = FirstBatches(loaders["train"], args.warmup, PhaseClock())
@@ -161,7 +168,7 @@ def profile(args) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M"), **cpu_info(), "threads": args.threads,
             "load_1min": os.getloadavg()[0], "torch": torch.__version__, "preset": args.preset,
             "precision": trainer.precision, "channels_last": args.channels_last, "bits": args.bits,
-            "estimator": args.estimator, "batch_size": cfg.batch_size, "steps": args.steps,
+            "estimator": args.estimator, "teacher": args.teacher or "own FP copy", "batch_size": cfg.batch_size, "steps": args.steps,
             "step_ms": 1000 * step, "phase_ms": {k: 1000 * v / args.steps for k, v in clock.seconds.items()},
             "validation_s": val_seconds, "val_every": cfg.val_every, "batches_per_epoch": batches,
             "epoch_s": epoch, "epochs_per_hour": 3600.0 / epoch}
@@ -194,6 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--estimator", default="aewgs", choices=["ste", "aewgs"])
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--teacher", default=None, metavar="PATH",
+                   help="distil from this FP checkpoint (e.g. the ResNet-56) instead of the student's "
+                        "own FP copy, as `gdnsq quantize --teacher`")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
