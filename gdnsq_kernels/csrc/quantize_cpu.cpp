@@ -169,6 +169,20 @@ inline void add_lanes(const acc_t* __restrict__ buf, acc_t* __restrict__ lanes) 
   }
 }
 
+// The three lane sets of the activation backward's sums, each added up in double, into out[0..2].
+template <typename acc_t>
+inline void lanes_to_sums(const acc_t* l0, const acc_t* l1, const acc_t* l2, double* out) {
+  double d0 = 0, d1 = 0, d2 = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    d0 += l0[l];
+    d1 += l1[l];
+    d2 += l2[l];
+  }
+  out[0] = d0;
+  out[1] = d1;
+  out[2] = d2;
+}
+
 // Adds [sum g*t, sum_{x>hi} g, sum_out g] over [b, e) to out[0..2]; t = e - [x>hi] + s*r.
 // Each sub-block of kSub elements is first mapped elementwise into small buffers (a plain
 // loop the compiler vectorises, dither hash included), then added into lanes.
@@ -209,15 +223,7 @@ void act_param_sums_range(const scalar_t* __restrict__ xp, const grad_t* __restr
     add_lanes(t1, l1);
     add_lanes(t2, l2);
   }
-  double d0 = 0, d1 = 0, d2 = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    d0 += l0[l];
-    d1 += l1[l];
-    d2 += l2[l];
-  }
-  out[0] = d0;
-  out[1] = d1;
-  out[2] = d2;
+  lanes_to_sums(l0, l1, l2, out);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -444,15 +450,7 @@ void act_backward_avx512(const scalar_t* __restrict__ xp, const scalar_t* __rest
   _mm512_store_ps(l0, a0);
   _mm512_store_ps(l1, a1);
   _mm512_store_ps(l2, a2);
-  double d0 = 0, d1 = 0, d2 = 0;
-  for (int l = 0; l < 16; ++l) {
-    d0 += l0[l];
-    d1 += l1[l];
-    d2 += l2[l];
-  }
-  out[0] = d0;
-  out[1] = d1;
-  out[2] = d2;
+  lanes_to_sums(l0, l1, l2, out);
 }
 
 template <typename scalar_t>
