@@ -27,7 +27,8 @@ Both quantized providers use the default placement (first conv, classifier FP) a
 calibrated parameters. Reported: median step time, bytes saved for backward (unique storages
 seen by ``torch.autograd.graph.saved_tensors_hooks`` during the forward), and ratios to FP.
 Results are appended to ``benchmarks/results/qat_step.jsonl`` and the latest run is written to
-``benchmarks/results/qat_step.md``.
+``benchmarks/results/qat_step.md`` (``--out-dir`` names another folder: runs on a loaded machine
+belong in a scratch folder, not in the committed results).
 
 Run: ``python benchmarks/bench_qat_step.py`` (``--device cuda`` on a GPU; ``--profile`` prints
 where the gdnsq step spends its time).
@@ -269,6 +270,14 @@ def main(argv=None):
                     help="models and input in channels_last memory format (every row)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the gdnsq step")
     ap.add_argument("--no-save", action="store_true", help="do not write the results files")
+    ap.add_argument("--out-dir", default=RESULTS,
+                    help="folder of qat_step.jsonl / qat_step.md (default benchmarks/results; use a "
+                         "scratch folder for runs on a loaded machine)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: time.perf_counter; cpu: the process's CPU time (time.process_time), "
+                         "which leaves out the time other processes hold a shared core (one thread only)")
+    ap.add_argument("--no-eager", action="store_true",
+                    help="skip the eager-composite row (halves the run time when only fp vs gdnsq matters)")
     ap.add_argument("--nodither-row", action="store_true",
                     help="also time gdnsq with dither=False (diagnostic: cost of the dither hash)")
     ap.add_argument("--no-compile", action="store_true",
@@ -279,8 +288,8 @@ def main(argv=None):
                     help="rewrite qat_step.md from the last record of qat_step.jsonl and exit")
     args = ap.parse_args(argv)
     if args.markdown_only:
-        text = open(os.path.join(RESULTS, "qat_step.jsonl")).read()
-        atomic_write_text(os.path.join(RESULTS, "qat_step.md"), markdown(json.loads(text.splitlines()[-1]), text))
+        text = open(os.path.join(args.out_dir, "qat_step.jsonl")).read()
+        atomic_write_text(os.path.join(args.out_dir, "qat_step.md"), markdown(json.loads(text.splitlines()[-1]), text))
         return None
     if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
         ap.error("--batch and --rounds must be >= 1, --warmup >= 0")
@@ -301,9 +310,11 @@ def main(argv=None):
 
     student_g = quantize_model(fp_model, 4, 4)
     calibrate(student_g, [x])
-    student_e = eager_from_gdnsq(fp_model, student_g)
     student_f = copy.deepcopy(fp_model)
-    cases = [("fp", student_f), ("eager", student_e), ("gdnsq", student_g)]
+    cases = [("fp", student_f)]
+    if not args.no_eager:
+        cases.append(("eager", eager_from_gdnsq(fp_model, student_g)))
+    cases.append(("gdnsq", student_g))
     if args.nodither_row:
         # Diagnostic: the same gdnsq model with the step-gradient dither off (r = 0), to show
         # how much of the overhead is the dither's hash.
@@ -333,11 +344,12 @@ def main(argv=None):
     for p in providers.values():
         for _ in range(args.warmup):
             p["step"]()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.rounds):  # interleaved: shared-machine noise hits every provider alike
         for p in providers.values():
-            t0 = time.perf_counter()
+            t0 = clock()
             p["step"]()
-            p["times"].append(time.perf_counter() - t0)
+            p["times"].append(clock() - t0)
 
     if not args.no_launches:
         for p in providers.values():
@@ -357,7 +369,7 @@ def main(argv=None):
 
     record = {
         "bench": "qat_step", "model": model_name, "batch": args.batch, "input": [3, 32, 32],
-        "rounds": args.rounds, "precision": args.precision, "channels_last": bool(args.channels_last),
+        "rounds": args.rounds, "clock": args.clock, "precision": args.precision, "channels_last": bool(args.channels_last),
         "argv": argv if argv is not None else sys.argv[1:], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "backend": os.environ.get("GDNSQ_BACKEND", "auto"),
@@ -394,11 +406,11 @@ def main(argv=None):
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
     if not args.no_save:
-        os.makedirs(RESULTS, exist_ok=True)
-        jsonl = os.path.join(RESULTS, "qat_step.jsonl")
+        os.makedirs(args.out_dir, exist_ok=True)
+        jsonl = os.path.join(args.out_dir, "qat_step.jsonl")
         atomic_append_text(jsonl, json.dumps(record) + "\n")
         with open(jsonl, encoding="utf-8") as f:
-            atomic_write_text(os.path.join(RESULTS, "qat_step.md"), markdown(record, f.read()))
+            atomic_write_text(os.path.join(args.out_dir, "qat_step.md"), markdown(record, f.read()))
     return record
 
 

@@ -1,9 +1,10 @@
 """Quantized layers: ``QConv2d`` and ``QLinear`` (weights and inputs fake-quantized by GDNSQ).
 
 In training each layer runs one fused custom op (``gdnsq::qconv2d`` / ``gdnsq::qlinear``,
-registered with its backward in ``gdnsq_kernels.quantize.fused_layers``) that saves only the FP
-input and recomputes the quantized input in its backward, which keeps activation memory near the
-FP network's. The plain composition ``conv(quantize_activation(x), quantize_weight(w))`` runs
+registered with its backward in ``gdnsq_kernels.quantize.fused_layers``; in eager autograd the
+same forward and backward run as an autograd Function, without the op's dispatch overhead) that
+saves only the FP input and recomputes the quantized input in its backward, which keeps activation
+memory near the FP network's. The plain composition ``conv(quantize_activation(x), quantize_weight(w))`` runs
 with ``fused=False``; gradients are identical for the same seeds (tests/test_layers.py).
 """
 from __future__ import annotations

@@ -95,6 +95,29 @@ def test_activation_ops_channels_last(backend, dtype):
     assert not torch.allclose(nhwc, gs_cl, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 16, 33, 31), (1, 48, 20, 19), (3, 24, 9, 9)],
+                         ids=["C16-two-chunks", "C48", "C24-straddling"])
+def test_activation_channels_last_vector_shapes(shape, dtype):
+    """The cpu backend's vector loops on channels_last inputs whose channel count fills whole
+    16-lane vectors (the in-register dither index), or not (C=24: vectors straddle pixels)."""
+    torch.manual_seed(2)
+    x = (torch.randn(shape) * 1.5).to(dtype)
+    g = torch.randn(shape).to(dtype)
+    s, r, o = _act_params()
+    xc, gc = _cl(x), _cl(g)
+    assert torch.equal(ops.act_forward(xc, s, r, o, "cpu"), ref.activation_forward(x, s, r, o))
+    for dither in (True, False):
+        gx, gs, gr, go = ops.act_backward(gc, xc, s, r, o, _seed(5), dither, "cpu", True, True)
+        rx, rs, rr, ro = ref.activation_backward(g, x, s, r, o, 5, dither)
+        assert torch.equal(gx, rx)
+        for got, want in [(gs, rs), (gr, rr), (go, ro)]:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+        # the params-only variant gives the same sums
+        _, gs2, _, _ = ops.act_backward(gc, xc, s, r, o, _seed(5), dither, "cpu", False, True)
+        assert torch.equal(gs2, gs)
+
+
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_ops_channels_last(backend, per_channel):

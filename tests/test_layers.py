@@ -202,3 +202,33 @@ def test_fused_equals_composition_triton_interpreter(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("cast", [None, torch.bfloat16])
+def test_eager_fused_path_equals_the_op(kind, cast, monkeypatch):
+    """The eager autograd.Function path of fused_layer and the gdnsq:: op path (what compiled code
+    gets) give the same output and gradients, bit for bit, for the same seeds."""
+    from gdnsq_kernels.quantize import fused_layers
+
+    torch.manual_seed(3)
+    if kind == "conv":
+        layer = QConv2d(5, 6, 3, 2, 1, bias=True, weight_bits=3, act_bits=3, estimator="aewgs")
+        x0 = torch.randn(2, 5, 9, 7)
+    else:
+        layer = QLinear(7, 4, bias=True, weight_bits=3, act_bits=3)
+        x0 = torch.randn(3, 2, 7)
+    _setup(layer, False)
+    results = []
+    for eager in (True, False):
+        calls = []
+        real_eager = fused_layers._eager
+        monkeypatch.setattr(fused_layers, "_eager", lambda *t: calls.append(1) or (eager and real_eager(*t)))
+        x = x0.relu().requires_grad_()
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast is not None):
+            out = layer(x)
+        results.append([out.detach()] + list(_grads(out.float(), [x] + _params(layer), 1)))
+        assert calls
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"output/gradient {i}")

@@ -169,6 +169,20 @@ inline void add_lanes(const acc_t* __restrict__ buf, acc_t* __restrict__ lanes) 
   }
 }
 
+// The three lane sets of the activation backward's sums, each added up in double, into out[0..2].
+template <typename acc_t>
+inline void lanes_to_sums(const acc_t* l0, const acc_t* l1, const acc_t* l2, double* out) {
+  double d0 = 0, d1 = 0, d2 = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    d0 += l0[l];
+    d1 += l1[l];
+    d2 += l2[l];
+  }
+  out[0] = d0;
+  out[1] = d1;
+  out[2] = d2;
+}
+
 // Adds [sum g*t, sum_{x>hi} g, sum_out g] over [b, e) to out[0..2]; t = e - [x>hi] + s*r.
 // Each sub-block of kSub elements is first mapped elementwise into small buffers (a plain
 // loop the compiler vectorises, dither hash included), then added into lanes.
@@ -209,15 +223,7 @@ void act_param_sums_range(const scalar_t* __restrict__ xp, const grad_t* __restr
     add_lanes(t1, l1);
     add_lanes(t2, l2);
   }
-  double d0 = 0, d1 = 0, d2 = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    d0 += l0[l];
-    d1 += l1[l];
-    d2 += l2[l];
-  }
-  out[0] = d0;
-  out[1] = d1;
-  out[2] = d2;
+  lanes_to_sums(l0, l1, l2, out);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -299,6 +305,176 @@ acc_t row_min(const scalar_t* __restrict__ row, int64_t K) {
   return has_nan ? std::numeric_limits<acc_t>::quiet_NaN() : m;
 }
 
+// ----------------------------------------------------------------------------- AVX-512 paths
+//
+// Hand-vectorised activation forward and backward for float32 and bfloat16 tensors whose
+// upstream gradient has the input's dtype (what a float32 or a bf16-autocast training step
+// hands them), used when the extension is compiled with AVX-512 (F, BW, VL, DQ). The generic
+// loops above leave GCC three things it does badly: round-half-even as four adds and selects
+// instead of one vrndscaleps, the bf16 <-> float conversions of c10::BFloat16, and the
+// parameter sums through small buffers (one store and one reload per element and sum). Here
+// the whole backward is one pass per 16 elements: dx, the three sums in registers and the dither
+// hash. Values are those of the generic loops: the same float operations in the same order
+// (no FMA), vrndscaleps is round-half-even like round_half_even, bf16 stores round like
+// c10::BFloat16, and the sums' lanes take the same elements in the same order (lane l holds
+// the elements l mod 16 of the chunk, added in memory order).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define GDNSQ_AVX512_PATHS 1
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// float -> bfloat16 bits as c10::BFloat16(float): NaN -> 0x7FC0, else round to nearest even.
+inline __m256i to_bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, to_bf16_bits(v));
+}
+
+// dx = inside ? g : +0.0 on the gradient's bits (no conversion, as act_grad_x_range).
+inline void store_masked_grad(float* dx, const float* g, __mmask16 inside, __mmask16 m) {
+  _mm512_mask_storeu_ps(dx, m, _mm512_maskz_loadu_ps(inside & m, g));
+}
+inline void store_masked_grad(c10::BFloat16* dx, const c10::BFloat16* g, __mmask16 inside, __mmask16 m) {
+  _mm256_mask_storeu_epi16(dx, m, _mm256_maskz_loadu_epi16(inside & m, g));
+}
+
+inline __m512 rne16(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+template <typename scalar_t>
+void act_forward_avx512(const scalar_t* __restrict__ xp, scalar_t* __restrict__ yp, int64_t b, int64_t e,
+                        float s, float lo, float hi) {
+  const __m512 vs = _mm512_set1_ps(s), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  for (int64_t i = b; i < e; i += 16) {
+    const __mmask16 m = tail_mask(e - i);
+    const __m512 xv = load16(xp + i, m);
+    __m512 xc = _mm512_mask_mov_ps(xv, _mm512_cmp_ps_mask(xv, vlo, _CMP_LT_OQ), vlo);
+    xc = _mm512_mask_mov_ps(xc, _mm512_cmp_ps_mask(xc, vhi, _CMP_GT_OQ), vhi);
+    const __m512 v = _mm512_div_ps(_mm512_sub_ps(xc, vlo), vs);
+    store16(yp + i, _mm512_add_ps(vlo, _mm512_mul_ps(vs, rne16(v))), m);
+  }
+}
+
+// The sign bit of lowbias32(idx ^ key) as a mask (its last xor-shift leaves bit 31 unchanged).
+inline __mmask16 dither_sign(__m512i idx, __m512i key) {
+  __m512i h = _mm512_xor_si512(idx, key);
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(0x7feb352d));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0x846ca68bU)));
+  return _mm512_movepi32_mask(h);
+}
+
+// One chunk [b, e) of the activation backward (b a multiple of 16): dx (kDX) and the three
+// parameter sums (kParams) added to out[0..2], as act_grad_x_range + act_param_sums_range.
+template <typename scalar_t, bool kDX, bool kParams, bool kDither, bool kCL>
+void act_backward_avx512(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
+                         scalar_t* __restrict__ dxp, int64_t b, int64_t e, float s, float lo, float hi,
+                         float smag, uint32_t key, int64_t cl_c, int64_t cl_hw, double* out) {
+  const __m512 vs = _mm512_set1_ps(s), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const __m512 one = _mm512_set1_ps(1.0f), vpos = _mm512_set1_ps(smag), vneg = _mm512_set1_ps(-smag);
+  const __m512i vkey = _mm512_set1_epi32(static_cast<int>(key));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // channels_last: NCHW index of memory position p = (n, hw, c) is (n*C + c)*HW + hw; along a
+  // pixel's channels it steps by HW. (c, n, hw) of the current position are tracked.
+  const __m512i iota_hw = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int>(cl_hw)));
+  int64_t c = 0, n = 0, hw = 0;
+  if (kCL && kDither) {
+    c = b % cl_c;
+    const int64_t pix = b / cl_c;
+    n = pix / cl_hw;
+    hw = pix - n * cl_hw;
+  }
+  alignas(64) uint32_t idx_buf[16];
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+  for (int64_t i = b; i < e; i += 16) {
+    const __mmask16 m = tail_mask(e - i);
+    const __m512 xv = load16(xp + i, m);
+    const __mmask16 below = _mm512_cmp_ps_mask(xv, vlo, _CMP_LT_OQ);
+    const __mmask16 above = _mm512_cmp_ps_mask(xv, vhi, _CMP_GT_OQ);
+    if (kDX) {
+      const __mmask16 inside = _mm512_cmp_ps_mask(xv, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(xv, vhi, _CMP_LE_OQ);
+      store_masked_grad(dxp + i, gp + i, inside, m);
+    }
+    if (!kParams) continue;
+    const __m512 gv = load16(gp + i, m);  // 0 in the tail lanes: they add nothing
+    __m512 xc = _mm512_mask_mov_ps(xv, below, vlo);
+    xc = _mm512_mask_mov_ps(xc, _mm512_cmp_ps_mask(xc, vhi, _CMP_GT_OQ), vhi);
+    const __m512 v = _mm512_div_ps(_mm512_sub_ps(xc, vlo), vs);
+    __m512 t = _mm512_sub_ps(rne16(v), v);
+    t = _mm512_mask_sub_ps(t, above, t, one);
+    if (kDither) {
+      __m512i idx;
+      if (!kCL) {
+        idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), iota);
+      } else if (c + 16 <= cl_c) {  // the 16 positions are channels of one pixel
+        const uint32_t first = static_cast<uint32_t>((n * cl_c + c) * cl_hw + hw);
+        idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), iota_hw);
+        c += 16;
+        if (c == cl_c) {
+          c = 0;
+          if (++hw == cl_hw) { hw = 0; ++n; }
+        }
+      } else {  // they straddle pixels (C not a multiple of 16)
+        const int len = static_cast<int>(std::min<int64_t>(16, e - i));
+        nchw_indices(i, len, cl_c, cl_hw, idx_buf);
+        idx = _mm512_maskz_loadu_epi32(m, idx_buf);
+        const int64_t next = i + 16;
+        c = next % cl_c;
+        const int64_t pix = next / cl_c;
+        n = pix / cl_hw;
+        hw = pix - n * cl_hw;
+      }
+      t = _mm512_add_ps(t, _mm512_mask_blend_ps(dither_sign(idx, vkey), vneg, vpos));
+    }
+    a0 = _mm512_add_ps(a0, _mm512_mul_ps(gv, t));
+    a1 = _mm512_mask_add_ps(a1, above, a1, gv);
+    a2 = _mm512_mask_add_ps(a2, below | above, a2, gv);
+  }
+  if (!kParams) return;
+  alignas(64) float l0[16], l1[16], l2[16];
+  _mm512_store_ps(l0, a0);
+  _mm512_store_ps(l1, a1);
+  _mm512_store_ps(l2, a2);
+  lanes_to_sums(l0, l1, l2, out);
+}
+
+template <typename scalar_t>
+void act_backward_avx512_dispatch(const scalar_t* xp, const scalar_t* gp, scalar_t* dxp, int64_t b, int64_t e,
+                                  float s, float lo, float hi, float smag, uint32_t key, bool need_dx,
+                                  bool need_params, bool dither, int64_t cl_c, int64_t cl_hw, double* out) {
+#define GDNSQ_ACT_BWD(DX, PAR, DI, CL) \
+  act_backward_avx512<scalar_t, DX, PAR, DI, CL>(xp, gp, dxp, b, e, s, lo, hi, smag, key, cl_c, cl_hw, out)
+  const bool cl = cl_c > 0;
+  if (!need_params) {
+    GDNSQ_ACT_BWD(true, false, false, false);
+  } else if (need_dx) {
+    if (!dither) GDNSQ_ACT_BWD(true, true, false, false);
+    else if (cl) GDNSQ_ACT_BWD(true, true, true, true);
+    else GDNSQ_ACT_BWD(true, true, true, false);
+  } else {
+    if (!dither) GDNSQ_ACT_BWD(false, true, false, false);
+    else if (cl) GDNSQ_ACT_BWD(false, true, true, true);
+    else GDNSQ_ACT_BWD(false, true, true, false);
+  }
+#undef GDNSQ_ACT_BWD
+}
+#endif  // AVX-512
+
 }  // namespace
 
 // The activation grid in the compute type acc_t: step s = 2^log2_step, lowest level lo = offset,
@@ -332,6 +508,12 @@ void act_forward(const at::Tensor& x, at::Tensor y, const at::Tensor& log2_step,
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, n, kMinParallelWork, [&](int64_t b, int64_t e) {
+#if defined(GDNSQ_AVX512_PATHS)
+      if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, c10::BFloat16>::value) {
+        act_forward_avx512<scalar_t>(xp, yp, b, e, s, lo, hi);
+        return;
+      }
+#endif
       act_forward_range<scalar_t, acc_t>(xp, yp, b, e, s, lo, hi);
     });
   });
@@ -371,6 +553,17 @@ at::Tensor act_backward(const at::Tensor& g, const at::Tensor& x, at::Tensor dx,
         for (int64_t c = cb; c < ce; ++c) {
           const int64_t b = c * kChunk;
           const int64_t e = std::min(n, b + kChunk);
+#if defined(GDNSQ_AVX512_PATHS)
+          if constexpr (std::is_same<grad_t, scalar_t>::value &&
+                        (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, c10::BFloat16>::value)) {
+            if (need_dx || need_params) {
+              act_backward_avx512_dispatch<scalar_t>(xp, gp, dxp, b, e, s, lo, hi, smag, ukey, need_dx,
+                                                     need_params, dither, cl ? cl_channels : 0, cl_pixels,
+                                                     need_params ? &part[c * 3] : nullptr);
+            }
+            continue;
+          }
+#endif
           if (need_dx) act_grad_x_range<scalar_t, grad_t, acc_t>(xp, gp, dxp, b, e, lo, hi);
           if (!need_params) continue;
           double* out = &part[c * 3];

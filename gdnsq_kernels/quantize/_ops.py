@@ -51,7 +51,7 @@ from torch import Tensor
 from . import _checks
 from .._launch import is_channels_last, memory_format_of, nhwc_view
 
-__all__ = ["seed_value"]
+__all__ = ["seed_value", "act_forward_impl", "act_backward_impl", "w_forward_impl", "w_step_grad_impl"]
 
 
 def _impl(name: str):
@@ -106,12 +106,23 @@ def _empty(like: Tensor, dtype=None) -> Tensor:
 # ----------------------------------------------------------------------------- activation
 
 
-@torch.library.custom_op("gdnsq::act_forward", mutates_args=())
-def act_forward(x: Tensor, log2_step: Tensor, log2_range: Tensor, offset: Tensor, backend: str) -> Tensor:
+# The op bodies are plain functions (``*_impl``) as well: the fused layer ops
+# (``fused_layers.py``) call them directly from inside their own opaque op, where a nested
+# ``torch.ops.gdnsq`` call would only add a dispatcher round trip and the custom-op autograd
+# wrapper (tens of microseconds each, five per layer and step) and compute the same thing.
+
+
+def act_forward_impl(x: Tensor, log2_step: Tensor, log2_range: Tensor, offset: Tensor, backend: str) -> Tensor:
+    """The body of ``gdnsq::act_forward`` (no dispatch, no autograd)."""
     if x.numel() == 0:
         return _like(x)
     y = _impl(backend).activation_forward(x, log2_step, log2_range, offset)
     return _fresh(y, x, memory_format=memory_format_of(x))
+
+
+@torch.library.custom_op("gdnsq::act_forward", mutates_args=())
+def act_forward(x: Tensor, log2_step: Tensor, log2_range: Tensor, offset: Tensor, backend: str) -> Tensor:
+    return act_forward_impl(x, log2_step, log2_range, offset, backend)
 
 
 @act_forward.register_fake
@@ -119,10 +130,10 @@ def _(x, log2_step, log2_range, offset, backend):
     return _like(x)
 
 
-@torch.library.custom_op("gdnsq::act_backward", mutates_args=())
-def act_backward(grad_y: Tensor, x: Tensor, log2_step: Tensor, log2_range: Tensor, offset: Tensor,
-                 seed: Tensor, dither: bool, backend: str, need_grad_x: bool,
-                 need_grad_params: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def act_backward_impl(grad_y: Tensor, x: Tensor, log2_step: Tensor, log2_range: Tensor, offset: Tensor,
+                      seed: Tensor, dither: bool, backend: str, need_grad_x: bool,
+                      need_grad_params: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The body of ``gdnsq::act_backward`` (no dispatch)."""
     ct = _checks.compute_dtype(x.dtype)
     if x.numel() == 0:
         gx = torch.zeros_like(x, memory_format=memory_format_of(x)) if need_grad_x else _empty(x)
@@ -139,6 +150,14 @@ def act_backward(grad_y: Tensor, x: Tensor, log2_step: Tensor, log2_range: Tenso
     return gx, gs, gr, go
 
 
+@torch.library.custom_op("gdnsq::act_backward", mutates_args=())
+def act_backward(grad_y: Tensor, x: Tensor, log2_step: Tensor, log2_range: Tensor, offset: Tensor,
+                 seed: Tensor, dither: bool, backend: str, need_grad_x: bool,
+                 need_grad_params: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return act_backward_impl(grad_y, x, log2_step, log2_range, offset, seed, dither, backend,
+                             need_grad_x, need_grad_params)
+
+
 @act_backward.register_fake
 def _(grad_y, x, log2_step, log2_range, offset, seed, dither, backend, need_grad_x, need_grad_params):
     ct = _checks.compute_dtype(x.dtype)
@@ -150,8 +169,8 @@ def _(grad_y, x, log2_step, log2_range, offset, seed, dither, backend, need_grad
 # ----------------------------------------------------------------------------- weight
 
 
-@torch.library.custom_op("gdnsq::w_forward", mutates_args=())
-def w_forward(w: Tensor, log2_step: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+def w_forward_impl(w: Tensor, log2_step: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """The body of ``gdnsq::w_forward`` (no dispatch, no autograd)."""
     ct = _checks.compute_dtype(w.dtype)
     if w.numel() == 0:
         return _like(w), torch.zeros(w.shape[0], dtype=ct, device=w.device)
@@ -165,21 +184,32 @@ def w_forward(w: Tensor, log2_step: Tensor, backend: str) -> Tuple[Tensor, Tenso
     return _fresh(y, w, memory_format=memory_format_of(w)), _fresh(z.to(ct), w, log2_step)
 
 
+@torch.library.custom_op("gdnsq::w_forward", mutates_args=())
+def w_forward(w: Tensor, log2_step: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    return w_forward_impl(w, log2_step, backend)
+
+
 @w_forward.register_fake
 def _(w, log2_step, backend):
     ct = _checks.compute_dtype(w.dtype)
     return _like(w), w.new_empty((w.shape[0],), dtype=ct)
 
 
-@torch.library.custom_op("gdnsq::w_step_grad", mutates_args=())
-def w_step_grad(grad_w_hat: Tensor, w: Tensor, log2_step: Tensor, zero_point: Tensor, seed: Tensor,
-                dither: bool, backend: str) -> Tensor:
+def w_step_grad_impl(grad_w_hat: Tensor, w: Tensor, log2_step: Tensor, zero_point: Tensor, seed: Tensor,
+                     dither: bool, backend: str) -> Tensor:
+    """The body of ``gdnsq::w_step_grad`` (no dispatch)."""
     ct = _checks.compute_dtype(w.dtype)
     if w.numel() == 0:
         return torch.zeros(log2_step.shape, dtype=ct, device=w.device)
     _, gs = _impl(backend).weight_backward(grad_w_hat, w, log2_step, zero_point, seed_value(seed, backend),
                                           bool(dither), need_grad_w=False, need_grad_step=True)
     return _fresh(gs.to(ct).reshape(log2_step.shape), log2_step)
+
+
+@torch.library.custom_op("gdnsq::w_step_grad", mutates_args=())
+def w_step_grad(grad_w_hat: Tensor, w: Tensor, log2_step: Tensor, zero_point: Tensor, seed: Tensor,
+                dither: bool, backend: str) -> Tensor:
+    return w_step_grad_impl(grad_w_hat, w, log2_step, zero_point, seed, dither, backend)
 
 
 @w_step_grad.register_fake

@@ -14,7 +14,9 @@ path twice): then the build error is raised. Builds hold a cross-process file lo
 
 Each op is one pass over the data forward and one backward (the activation backward writes
 ``dx`` and reduces the three parameter sums in the same loop); only ``ln2*s`` scaling of the
-O(1)/O(C_out) sums happens in Python.
+O(1)/O(C_out) sums happens in Python. With AVX-512 the float32 / bfloat16 activation forward and
+backward (gradient in the input's dtype) run hand-vectorised loops (vrndscaleps rounding, native
+bf16 loads and stores, the sums in registers) that give the generic loops' values.
 
 channels_last 4-D inputs (activations, and conv weights of a channels_last model) are not
 copied: the kernels get the row-major NHWC view of their memory (``nhwc_view``) and the
