@@ -275,3 +275,102 @@ def test_forward_hooks_on_bypassed_modules_see_their_calls():
     handle.remove()
     _run(fr, x)
     assert len(seen) == 1  # the plan again
+
+
+class WideBinaryNet(nn.Module):
+    """Convs with 64+ input channels: a tight-row popcount weight (70 channels), stride 2,
+    dilation 2 with wide padding, a pointwise conv, and one 16-channel conv (bytes GEMM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 70, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(70)
+        self.c1 = nn.Conv2d(70, 64, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.c2 = nn.Conv2d(64, 64, 1)
+        self.c3 = nn.Conv2d(64, 16, 3, padding=2, dilation=2)
+        self.c4 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.c1(x)))
+        x = self.c3(torch.relu(self.c2(x)) - 0.5)
+        x = self.c4(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("path", ["int", None])
+def test_w1a1_wide_convs_take_popcount_gemm_bit_identical(path):
+    torch.manual_seed(5)
+    fp = WideBinaryNet().eval()
+    with torch.no_grad():
+        for m in fp.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(-1.5, 1.5)  # negative scales too: decreasing fold thresholds
+    x = torch.randn(6, 3, 15, 13)
+    q = quantize_model(fp, 1, 1)
+    calibrate(q, [x])
+    set_bits(q, x, 1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fr = freeze(q.eval())
+    if path:
+        for m in fr.modules():
+            if hasattr(m, "set_path") and path in m.allowed_paths():
+                m.set_path(path)
+    for shape in [(1, 3, 15, 13), (3, 3, 9, 16)]:
+        _check_equal(fr, torch.randn(*shape))
+    gemm = {r["layer"]: r["gemm"] for r in plan_report(fr) if r["kind"] == "conv2d"}
+    assert gemm["c1"] == gemm["c2"] == gemm["c3"] == "popcount_conv2d", gemm
+    assert gemm["c4"] == "int_conv2d", gemm
+    assert fr.gdnsq_plan.last_plan.execs["c1"].w_pop.tight  # 70 channels: tight rows
+
+
+def test_cifar_resnet_default_freeze_runs_the_fused_trunk():
+    from gdnsq.deploy.runtime import runtime
+
+    fr = _frozen("resnet20", 1)  # freeze defaults: the binary path, the runtime's epilogue order
+    for shape in [(1, 3, 16, 16), (3, 3, 13, 11)]:
+        x = torch.randn(*shape)
+        want = _check_equal(fr, x)
+        plan = fr.gdnsq_plan.last_plan
+        assert plan.fused is not None and plan.fused_reason is None
+        fused = {r["layer"] for r in plan_report(fr) if r["fused"] == "runtime_trunk"}
+        assert fused == {f"layer{s}.0.conv{j}" for s in (1, 2, 3) for j in (1, 2)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(_run(runtime(fr), x), want)  # the explicit runtime wrapper still works
+    # the int path's epilogue order is not the runtime's: generic segments, no warning
+    fr_int = _frozen("resnet20", 1, "int")
+    _check_equal(fr_int, torch.randn(2, 3, 16, 16))
+    plan = fr_int.gdnsq_plan.last_plan
+    assert plan.fused is None and "binary path" in plan.fused_reason
+    assert not any(r["fused"] for r in plan_report(fr_int))
+
+
+def test_fused_trunk_failure_falls_back_to_generic_segments(monkeypatch):
+    from gdnsq.deploy import runtime as rt_mod
+
+    def failing(*a, **k):
+        raise rt_mod.PlanError("forced trunk failure")
+
+    monkeypatch.setattr(rt_mod, "_Plan", failing)
+    fr = _frozen("resnet20", 1)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match="trunk runs generic segments.*forced trunk failure"):
+        got = _run(fr, x)
+    plan = fr.gdnsq_plan.last_plan
+    assert plan.fused is None and plan.fused_reason == "forced trunk failure"
+    assert all(r["fallback"] is None and r["fused"] is None for r in plan_report(fr))
+    with per_layer(fr):
+        assert torch.equal(got, _run(fr, x))
+    # a fused forward whose logits differ is refused too
+    monkeypatch.undo()
+    monkeypatch.setattr(plan_mod._FusedCifar, "__call__", lambda self, x: torch.zeros(x.shape[0], 10))
+    fr2 = _frozen("resnet20", 1)
+    with pytest.warns(RuntimeWarning, match="logits differ"):
+        assert torch.equal(_run(fr2, x), got)
+    assert fr2.gdnsq_plan.last_plan.fused is None

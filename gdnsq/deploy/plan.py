@@ -16,7 +16,7 @@ the segment's while the opaque call runs).
 **Segments.** A deployed conv / linear with an activation quantizer (path int, bitplane or
 binary) runs as: float32 input -> uint8 codes (``gdnsq_kernels.plan_ops.quantize``, bit for bit
 ``layer.float_codes``) -> exact int32 sums (``gdnsq_kernels.int_ops.int_conv2d`` on NHWC codes,
-padded taps code 0; ``int_linear``; ``popcount_linear`` for 1-bit linear; chosen by
+padded taps code 0; ``int_linear``; ``popcount_conv2d`` / ``popcount_linear`` for W1A1; chosen by
 :func:`choose_gemm`) -> the epilogue ``(w_step s_a) S_kj + (w_min s_a) S_j + C`` in float64, rounded
 once (``plan_ops.epilogue_float``; order of ``_DeployedBase._epilogue``, or that of the binary ops
 for a layer on the ``binary`` path, so the plan equals the layer's own path bit for bit). Conv
@@ -125,12 +125,24 @@ def trace(model: nn.Module) -> tuple:
 # GEMM choice and per-layer executor
 
 
+# W1A1 convs with at least this many input channels run on ``popcount_conv2d``: measured in
+# benchmarks/results/int_ops.md (1 thread, batch 1), popcount beats the uint8 conv from 64
+# channels (1.5x-4x on ResNet-18 / CIFAR 64-channel convs) and loses at 16 and 32 channels, where
+# its per-pixel word packing and 64-bit words half empty cost more than the bytes it saves.
+POPCOUNT_CONV_MIN_CHANNELS = 64
+
+
 def choose_gemm(layer: _DeployedBase) -> str:
-    """The integer GEMM of ``layer``'s segment: ``int_conv2d`` (bytes; W1A1 convs too until a
-    popcount conv lands), ``int_linear``, or ``popcount_linear`` for 1-bit linear layers."""
+    """The integer GEMM of ``layer``'s segment: ``popcount_conv2d`` for W1A1 convs with groups 1
+    and >= ``POPCOUNT_CONV_MIN_CHANNELS`` input channels, else ``int_conv2d`` (bytes);
+    ``popcount_linear`` for 1-bit linear layers, else ``int_linear``."""
     c = layer.config
+    one_bit = c["weight_bits"] == 1 and c.get("act_bits") == 1
     if layer.kind == "linear":
-        return "popcount_linear" if c["weight_bits"] == 1 and c["act_bits"] == 1 else "int_linear"
+        return "popcount_linear" if one_bit else "int_linear"
+    groups = int(c.get("groups", 1))
+    if one_bit and groups == 1 and int(c["weight_shape"][1]) >= POPCOUNT_CONV_MIN_CHANNELS:
+        return "popcount_conv2d"
     return "int_conv2d"
 
 
@@ -185,8 +197,11 @@ class LayerExec:
                 self.stride, self.padding, self.dilation, self.groups = (list(v) if isinstance(v, tuple) else v
                                                                          for v in layer._geom())
                 self.kernel = [int(k.shape[2]), int(k.shape[3])]
-                w = int_ops.pack_int_conv_weight(k.permute(0, 2, 3, 1).to(torch.int8).contiguous(), self.groups)
+                k_ohwi = k.permute(0, 2, 3, 1).to(torch.int8).contiguous()
+                w = int_ops.pack_int_conv_weight(k_ohwi, self.groups)
                 self.w_packed, self.w_shape = w.packed, list(w.shape)
+                if self.gemm == "popcount_conv2d":  # 1-bit weight codes are 0/1: S_kj = sum x & w
+                    self.w_pop = int_ops.pack_popcount_conv_weight(k_ohwi)
                 self.pointwise = self.kernel == [1, 1] and self.stride == [1, 1] and self.padding == [0, 0]
             else:
                 self.groups = 1
@@ -228,7 +243,17 @@ class LayerExec:
     def sums(self, codes: torch.Tensor, csum: torch.Tensor):
         """``(acc int32 (M, O), S_j int32 (M, G), cst float64 (P, O), out shape)``."""
         if self.layer.kind == "conv2d":
-            N, H, W, _ = codes.shape
+            N, H, W, C = codes.shape
+            if self.gemm == "popcount_conv2d":
+                # 1-bit codes are 0/1: padded taps (code 0) add nothing to either sum, and the
+                # kernel's window sums S are S_j (groups 1), so no box sum is needed
+                bits = self.int_ext.pack_channel_bits(codes.view(-1, C)).view(N, H, W, -1)
+                acc, sj = self.int_ext.popcount_conv2d(bits, self.w_pop.packed, list(self.w_pop.shape), self.stride,
+                                                       self.padding, self.dilation, self.w_pop.tight,
+                                                       not self.pointwise)
+                if self.pointwise:
+                    sj = csum
+                return acc.view(-1, self.out_ch), sj.reshape(-1, 1), self._const(H, W), (N, acc.shape[1], acc.shape[2])
             acc = self.int_ext.conv2d(codes, self.w_packed, self.w_shape, self.stride, self.padding, self.dilation,
                                       self.groups, 0)
             Ho, Wo = acc.shape[1], acc.shape[2]
@@ -510,10 +535,12 @@ class Segment:
     codes_in: bool
     fallback: str | None
     opaque: bool = False
+    fused: str | None = None
 
     def as_dict(self) -> dict:
         return {"layer": self.name, "kind": self.kind, "gemm": self.gemm, "folded_into": list(self.folded_into),
-                "codes_in": self.codes_in, "fallback": self.fallback, "inside_opaque": self.opaque}
+                "codes_in": self.codes_in, "fallback": self.fallback, "inside_opaque": self.opaque,
+                "fused": self.fused}
 
 
 def _warn(name: str, reason: str) -> None:
@@ -536,7 +563,7 @@ class Plan:
             hooks.append(m.register_forward_hook(lambda mod, a, o, n=n: cap_out.setdefault(n, o)))
         try:
             with torch.no_grad():
-                type(model).forward(model, *args)
+                want = type(model).forward(model, *args)
         finally:
             for h in hooks:
                 h.remove()
@@ -663,17 +690,99 @@ class Plan:
         new.lint()
         self.gm = fx.GraphModule(model, new)
         self.folds = folds
+        # 5. pattern fusion: a CIFAR ResNet trunk on the fused runtime (one C++ call)
+        self.fused, self.fused_reason, fused_layers = _fuse_cifar_trunk(model, args, execs, cap_in, cap_out, want,
+                                                                        isa)
         for n, m in deployed.items():
             info = seg_info.get(n)
             fold = info[0] if info else None
             self.segments.append(Segment(
                 n, m.kind, choose_gemm(m) if n in execs else None,
                 [c.target for c in fold.consumers] if fold else [], bool(info and info[1]),
-                None if n in execs else self.fallbacks.get(n), opaque=bool(info and len(info) > 2)))
+                None if n in execs else self.fallbacks.get(n), opaque=bool(info and len(info) > 2),
+                fused="runtime_trunk" if n in fused_layers else None))
 
     def __call__(self, *args):
         with torch.no_grad():
+            if self.fused is not None:
+                return self.fused(*args)
             return self.gm(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# pattern fusion: CIFAR ResNet trunks on the fused runtime (gdnsq.deploy.runtime)
+
+
+class _FusedCifar:
+    """A CIFAR ResNet's forward with its basic blocks in one fused runtime call: the stem and
+    the classifier as ``CifarResNet.forward`` runs them (their deployed convs / linear on the
+    plan's segments), the trunk as ``RuntimeModel.forward`` runs it."""
+
+    def __init__(self, model: nn.Module, rt, stem, head):
+        self.model, self.rt = model, rt
+        self.stem = stem if stem is not None else model.conv1
+        self.head = head if head is not None else model.linear
+        # a segment's conv output is channels_last: bn1 gets a contiguous copy unless this
+        # torch's BatchNorm gives the same values in both layouts
+        self.stem_contig = stem is not None and not _bn_layout_safe()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        out = self.stem(x)
+        if self.stem_contig:
+            out = _contig(out)
+        out = F.relu(m.bn1(out))
+        z = self.rt.forward(out.permute(0, 2, 3, 1).contiguous())
+        out = z.permute(0, 3, 1, 2).contiguous()  # NCHW again: pooling sums in the model's order
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.head(out)
+
+
+def _fuse_cifar_trunk(model, args, execs, cap_in, cap_out, want, isa):
+    """``(fused forward or None, reason it is not fused or None, names of the fused layers)``.
+
+    Only a ``CifarResNet`` is tried (anything else: ``(None, None, set())``, no warning). Its
+    trunk runs fused when ``gdnsq.deploy.runtime`` accepts it (``trunk_blocks``), every block
+    conv is on the ``binary`` path (the runtime's epilogue order: it equals that path bit for
+    bit, not the ``int`` path's order; other paths run the generic segments, no warning), and
+    the fused logits equal the per-layer path's (``want``) on the input that builds the plan;
+    otherwise a warning names the reason and the generic segments run.
+    """
+    from gdnsq.models.resnet_cifar import CifarResNet
+
+    if not isinstance(model, CifarResNet):
+        return None, None, set()
+    from .runtime import _Plan as TrunkPlan, trunk_blocks
+
+    names = [f"{stage}.{i}" for stage in ("layer1", "layer2", "layer3") for i in range(len(getattr(model, stage)))]
+    try:
+        blocks = trunk_blocks(model)
+        if len(args) != 1 or args[0].dim() != 4:
+            raise PlanError("the input is not one (N, C, H, W) image batch")
+        convs = [f"{n}.conv{j}" for n in names for j in (1, 2)]
+        off = [c for c in convs if model.get_submodule(c).config["path"] != "binary"]
+        if off:  # a deliberate configuration, not a failure: recorded, no warning
+            return None, (f"trunk convs {off[:2]}{'...' if len(off) > 2 else ''} are not on the binary path (the "
+                          "runtime's epilogue order)"), set()
+        if convs[0] not in cap_in:
+            raise PlanError("the trunk is not reached by this input")
+        H, W = cap_in[convs[0]].shape[-2:]
+        examples = {i: (cap_out[f"{n}.conv1"], cap_out[f"{n}.conv2"]) for i, n in enumerate(names)}
+        from gdnsq_kernels.cpu_deploy import default_isa
+
+        trunk = TrunkPlan(blocks, int(H), int(W), isa or default_isa(), examples)
+        stem, head = execs.get("conv1"), execs.get("linear")
+        fused = _FusedCifar(model, trunk.rt, stem.run_float if stem else None, head.run_float if head else None)
+        with torch.no_grad():
+            got = fused(*args)
+        if got.shape != want.shape or not torch.equal(got, want):
+            raise PlanError("the fused trunk's logits differ from the per-layer path's")
+        return fused, None, set(convs)
+    except Exception as exc:  # PlanError, a failed C++ build: the generic segments run
+        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PlanError) else str(exc)
+        warnings.warn(f"gdnsq.deploy.plan: the CIFAR ResNet trunk runs generic segments, not the fused runtime "
+                      f"({reason})", RuntimeWarning, stacklevel=4)
+        return None, reason, set()
 
 
 def check_executor(ex: LayerExec, x: torch.Tensor, want: torch.Tensor) -> None:

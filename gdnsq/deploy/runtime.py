@@ -30,8 +30,9 @@ a check fails, or the model is not a CIFAR ResNet of deployed blocks, the wrappe
 the frozen model's per-layer path instead (``RuntimeModel.fallback_reason``).
 
 Every frozen model (this one included) already runs the generic deploy plan by default
-(:mod:`gdnsq.deploy.plan`, attached by ``freeze`` / ``load``); this fused runtime is kept as the
-one-C++-call path of CIFAR ResNet trunks, and its fallback is the frozen model's plan.
+(:mod:`gdnsq.deploy.plan`, attached by ``freeze`` / ``load``), which fuses a CIFAR ResNet trunk
+on binary-path convs into this runtime itself (``plan._fuse_cifar_trunk``); ``runtime(frozen)``
+stays the explicit wrapper (any path, formats forced), and its fallback is the frozen model's plan.
 ``monotone_thresholds`` / ``codes_from_thresholds`` here are shared with the plan's folding.
 """
 from __future__ import annotations
