@@ -31,7 +31,8 @@ _SCHEDULE_FLAGS = (("epochs", "max_epochs"), ("max_minutes", "max_minutes"), ("b
                    ("t_scale", "t_scale"), ("warmup_steps", "warmup_steps"), ("anneal", "anneal"),
                    ("hold_epochs", "hold_epochs"), ("patience", "patience"), ("val_every", "val_every"),
                    ("precision", "precision"), ("channels_last", "channels_last"), ("seed", "seed"),
-                   ("start_bits", "start_bits"), ("start_grid", "start_grid"))
+                   ("start_bits", "start_bits"), ("start_grid", "start_grid"),
+                   ("label_weight", "label_weight"))
 
 
 def argv_of(args) -> List[str]:
@@ -405,6 +406,9 @@ def add_parser(subparsers) -> None:
     sched.add_argument("--start-grid", choices=["minmax", "mse"], default=None,
                        help="activation clamp at the start: min/max of the calibration inputs "
                             "(default) or the MSE-optimal clamp at --start-bits")
+    sched.add_argument("--label-weight", type=nonneg_float, default=None, metavar="W",
+                       help="add W x cross-entropy on the training labels to the distillation loss "
+                            "(default 0: pure Jeffreys distillation, the paper's)")
     q.add_argument("--resume-from", default=None, metavar="FILE",
                    help="a `gdnsq snapshot` of this run (e.g. committed from another machine): "
                         "restored into --out unless --out holds the same or a later epoch")

@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -81,6 +82,11 @@ class TrainConfig:
             export stay float32).
         channels_last: keep the models' 4-D tensors and the input batches in channels_last
             (NHWC) memory format; values are unchanged.
+        label_weight: weight of the cross-entropy on the training labels added to the
+            distillation loss, ``D = Jeffreys(teacher, student) + label_weight * CE(student,
+            labels)`` (default 0: the paper's pure distillation). A recipe departure
+            (METHOD Part A item 10) for short runs, where fitting the teacher alone also fits
+            its memorisation of the training images.
     """
 
     lr: float = 0.002
@@ -107,6 +113,7 @@ class TrainConfig:
     channels_last: bool = False
     start_bits: float = 10.0
     start_grid: str = "minmax"
+    label_weight: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -139,6 +146,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision: expected one of {PRECISIONS}, got {self.precision!r}")
         positive("start_bits")
+        positive("label_weight", allow_zero=True)
+        if not math.isfinite(self.label_weight):
+            raise ValueError(f"TrainConfig.label_weight: expected a finite number, got {self.label_weight!r}")
         if self.start_grid not in ("minmax", "mse"):
             raise ValueError(f"TrainConfig.start_grid: expected 'minmax' or 'mse', got {self.start_grid!r}")
         if not isinstance(self.channels_last, bool):

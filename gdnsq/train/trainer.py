@@ -47,7 +47,7 @@ import torch.nn as nn
 from . import distributed as gdist
 from .. import stats as gstats
 from ..convergence import ConvergenceTracker
-from ..losses import GDNSQObjective, read_parts
+from ..losses import GDNSQObjective, jeffreys_divergence, read_parts
 from ..schedule import GDNSQSchedule, param_groups
 from .checkpoint import (BEST, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LAST, METRICS, RandomStreams,
                          config_changes, read_on_main, save_checkpoint)
@@ -59,6 +59,18 @@ from .presets import TrainConfig, get_preset
 from .progress import close_with, progress_bar
 from .report import MetricsLog, build_report, per_layer_bits, realised_bits, target_bits, write_report
 from .selection import Selection, selected_checkpoint
+
+
+def _distill_with_labels(label_weight: float):
+    """The objective's base loss for ``TrainConfig.label_weight``: None (the default Jeffreys
+    distillation) at 0, else ``D = Jeffreys(student, teacher) + label_weight * CE(student, labels)``."""
+    if not label_weight:
+        return None
+
+    def distill_and_labels(student_logits, teacher_logits, labels):
+        ce = torch.nn.functional.cross_entropy(student_logits.float(), labels)
+        return jeffreys_divergence(student_logits, teacher_logits) + label_weight * ce
+    return distill_and_labels
 
 
 def _set_loader_epoch(loader, epoch: int) -> None:
@@ -164,7 +176,8 @@ class Trainer:
         self.schedule = GDNSQSchedule(self.optimizer, config.warmup_steps, t_scale=config.t_scale,
                                       anneal=config.anneal, hold_epochs=config.hold_epochs, lr0=config.lr)
         # Under DDP its default reduce_fn averages D over ranks, so every rank keeps the same mu.
-        self.objective = GDNSQObjective(self.student, epsilon=config.epsilon)
+        self.objective = GDNSQObjective(self.student, epsilon=config.epsilon,
+                                        base_loss=_distill_with_labels(config.label_weight))
         self.convergence = ConvergenceTracker(self.student, self.schedule)
         # The module the training step runs: under DDP a DistributedDataParallel wrapper that
         # averages the gradients over ranks with bucketed all-reduces overlapping the backward.
@@ -288,7 +301,7 @@ class Trainer:
         bar = progress_bar(total, desc=f"epoch {epoch}/{cfg.max_epochs}", enabled=self.is_main and cfg.progress)
 
         def step(batch):
-            x, _ = split_batch(batch)
+            x, y = split_batch(batch)
             x = self._to_input(x)
             self._last_inputs = x
             lr, t = self.schedule.lr, self.schedule.t
@@ -299,7 +312,11 @@ class Trainer:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
                 student_logits = self.train_module(x)
-                loss, parts = self.objective(student_logits.float(), teacher_logits.float(), t)
+                labels = y.to(student_logits.device) if cfg.label_weight > 0 and y is not None else None
+                if cfg.label_weight > 0 and labels is None:
+                    raise ValueError("TrainConfig.label_weight > 0 needs labels: train_loader must yield "
+                                     "(images, labels) batches")
+                loss, parts = self.objective(student_logits.float(), teacher_logits.float(), t, labels=labels)
             parts = read_parts(parts)  # the step's one read from the device: the loss is checked
             loss_value = parts["loss"]
             if not math.isfinite(loss_value):
