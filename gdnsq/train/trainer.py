@@ -47,7 +47,7 @@ import torch.nn as nn
 from . import distributed as gdist
 from .. import stats as gstats
 from ..convergence import ConvergenceTracker
-from ..losses import GDNSQObjective, jeffreys_divergence, read_parts
+from ..losses import GDNSQObjective, _masked_cross_entropy, jeffreys_divergence, read_parts
 from ..schedule import GDNSQSchedule, param_groups
 from .checkpoint import (BEST, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LAST, METRICS, RandomStreams,
                          config_changes, read_on_main, save_checkpoint)
@@ -68,8 +68,8 @@ def _distill_with_labels(label_weight: float):
         return None
 
     def distill_and_labels(student_logits, teacher_logits, labels):
-        ce = torch.nn.functional.cross_entropy(student_logits.float(), labels)
-        return jeffreys_divergence(student_logits, teacher_logits) + label_weight * ce
+        return (jeffreys_divergence(student_logits, teacher_logits)
+                + label_weight * _masked_cross_entropy(student_logits, labels, None))
     return distill_and_labels
 
 
