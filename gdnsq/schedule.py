@@ -9,12 +9,16 @@ initial LR of parameter group ``g``:
   ``anneal`` on every step after warm-up while the schedule anneals. It anneals once a
   convergence check (``set_converged(True)``, one per epoch end) passes and ``hold_epochs``
   checks have passed since the first one that did. A failed check freezes rho; there is no
-  re-warm.
+  re-warm. With ``shape="cosine"`` rho instead follows a half cosine from 1 at the first
+  annealed step to 0 at ``total_steps`` (the planned end of training):
+  ``rho = (1 + cos(pi * k / K)) / 2`` after ``k`` annealed steps, ``K = total_steps - n0`` and
+  ``n0`` the step annealing started at; a failed check freezes ``k``.
 * Penalty weight: ``t = 0`` during warm-up, then ``t = t_scale * lr0 * (n - warmup_steps)``
   (grows by ``t_scale * lr0`` per step, ``lr0`` the initial LR, not the current one).
 """
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import Optional
 
@@ -69,6 +73,9 @@ def param_groups(student: nn.Module, lr: float, quantizer_lr_scale: float = 1.0)
     return [g for g in groups if g["params"]]
 
 
+ANNEAL_SHAPES = ("exponential", "cosine")
+
+
 class GDNSQSchedule(LRScheduler):
     """LR warm-up / constant until converged (plus a hold) / per-batch annealing, and ``t``.
 
@@ -82,6 +89,13 @@ class GDNSQSchedule(LRScheduler):
             first passing one before annealing starts (0: anneal from it on, the paper's rule).
         lr0: the LR that ``t_scale`` is in units of; default the first group's initial LR
             (the model group of :func:`param_groups`).
+        shape: "exponential" (rho x ``anneal`` per annealed step, the paper's) or "cosine"
+            (rho falls from 1 to 0 along a half cosine between the step annealing starts at
+            and ``total_steps``; ``anneal`` is unused). Cosine suits a fixed budget: the LR
+            reaches 0 exactly when training ends, wherever convergence happened.
+        total_steps: optimizer steps of the whole planned run (epochs x batches per epoch);
+            required by ``shape="cosine"``. May be raised later (``set_total_steps``) when a
+            run is extended; the cosine then stretches over the new remainder.
 
     Use: construct it after the optimizer (it sets every group's LR to 0 for the first
     batch), pass ``schedule.t`` to the objective, call ``schedule.step()`` after each
@@ -91,7 +105,8 @@ class GDNSQSchedule(LRScheduler):
     """
 
     def __init__(self, optimizer, warmup_steps: int, *, t_scale: float = 2.0, anneal: float = 0.9985,
-                 hold_epochs: int = 0, lr0: Optional[float] = None):
+                 hold_epochs: int = 0, lr0: Optional[float] = None, shape: str = "exponential",
+                 total_steps: Optional[int] = None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.warmup_steps = _count(warmup_steps, "warmup_steps")
@@ -101,6 +116,14 @@ class GDNSQSchedule(LRScheduler):
             raise ValueError(f"anneal must be in (0, 1], got {anneal}")
         self.anneal = float(anneal)
         self.hold_epochs = _count(hold_epochs, "hold_epochs")
+        if shape not in ANNEAL_SHAPES:
+            raise ValueError(f"shape: expected one of {ANNEAL_SHAPES}, got {shape!r}")
+        if shape == "cosine" and total_steps is None:
+            raise ValueError("total_steps: shape='cosine' needs the planned number of optimizer steps")
+        self.shape = shape
+        self.total_steps = None if total_steps is None else _count(total_steps, "total_steps")
+        self.anneal_start: Optional[int] = None  # step n at which annealing first ran (cosine)
+        self.annealed_steps = 0        # steps taken while annealing (cosine)
         first = optimizer.param_groups[0]
         self.lr0 = float(_pos(first.get("initial_lr", first["lr"]) if lr0 is None else lr0, "lr0"))
         self.rho = 1.0
@@ -149,8 +172,27 @@ class GDNSQSchedule(LRScheduler):
         if epoch is not None:
             raise TypeError("GDNSQSchedule.step() counts optimizer steps itself; it takes no epoch")
         if self.last_epoch >= 0 and self.last_epoch + 1 > self.warmup_steps and self.annealing:
-            self.rho *= self.anneal
+            if self.shape == "cosine":
+                if self.anneal_start is None:
+                    self.anneal_start = self.last_epoch
+                self.annealed_steps += 1
+                self.rho = self._cosine_rho()
+            else:
+                self.rho *= self.anneal
         super().step()
+
+    def _cosine_rho(self) -> float:
+        span = max(1, self.total_steps - self.anneal_start)
+        return 0.5 * (1.0 + math.cos(math.pi * min(self.annealed_steps, span) / span))
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Change the planned length (a resumed run with a raised epoch limit); a cosine
+        already under way continues from its current step over the new remainder."""
+        self.total_steps = _count(total_steps, "total_steps")
+        if self.shape == "cosine" and self.anneal_start is not None:
+            self.rho = self._cosine_rho()
+            for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+                group["lr"] = lr
 
     def set_converged(self, flag: bool) -> None:
         """Record one convergence check (at an epoch end): annealing runs from the next step
@@ -175,7 +217,13 @@ class GDNSQSchedule(LRScheduler):
             state = self._from_legacy(state)
         state.pop("t", None)
         state.pop("lr", None)
+        # The shape and the planned length are configuration: the constructor's win (a run
+        # resumed with a raised epoch limit stretches its cosine over the new remainder).
+        state.pop("shape", None)
+        state.pop("total_steps", None)
         self.__dict__.update(state)
+        if self.shape == "cosine" and self.anneal_start is not None:
+            self.rho = self._cosine_rho()
         lrs = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
@@ -194,5 +242,6 @@ class GDNSQSchedule(LRScheduler):
 
     def __repr__(self) -> str:
         return (f"GDNSQSchedule(warmup_steps={self.warmup_steps}, t_scale={self.t_scale:g}, anneal={self.anneal:g}, "
+                f"shape={self.shape}, total_steps={self.total_steps}, "
                 f"hold_epochs={self.hold_epochs}, lr0={self.lr0:g}; n={self.n}, lr={self.lr:g}, t={self.t:g}, "
                 f"converged={self.converged}, annealing={self.annealing})")

@@ -29,6 +29,7 @@ _anneal_factor = number_arg(float, "a per-batch factor in (0, 1]", lambda v: 0 <
 _SCHEDULE_FLAGS = (("epochs", "max_epochs"), ("max_minutes", "max_minutes"), ("batch_size", "batch_size"),
                    ("estimator", "estimator"), ("lr", "lr"), ("quantizer_lr_scale", "quantizer_lr_scale"),
                    ("t_scale", "t_scale"), ("warmup_steps", "warmup_steps"), ("anneal", "anneal"),
+                   ("anneal_shape", "anneal_shape"),
                    ("hold_epochs", "hold_epochs"), ("patience", "patience"), ("val_every", "val_every"),
                    ("precision", "precision"), ("channels_last", "channels_last"), ("seed", "seed"),
                    ("start_bits", "start_bits"), ("start_grid", "start_grid"),
@@ -390,6 +391,9 @@ def add_parser(subparsers) -> None:
                        help="per-batch LR factor once converged and held")
     sched.add_argument("--anneal-half-life", type=positive_float, default=None, metavar="EPOCHS",
                        help="the same as a half-life in epochs (instead of --anneal)")
+    sched.add_argument("--anneal-shape", choices=["exponential", "cosine"], default=None,
+                       help="exponential: LR x anneal per batch (the paper's, default); cosine: the LR "
+                            "falls along a half cosine to 0 at the end of --epochs (a fixed budget)")
     sched.add_argument("--hold-epochs", type=nonneg_int, default=None,
                        help="epochs at full LR after the first convergence before annealing")
     sched.add_argument("--patience", type=positive_int, default=None,

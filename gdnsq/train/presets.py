@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..schedule import ANNEAL_SHAPES
+
 ESTIMATORS = ("ste", "aewgs")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -37,6 +39,9 @@ class TrainConfig:
         t_scale: after warm-up, t grows by ``t_scale * lr`` per batch (paper: 2.0).
         anneal: per-batch LR factor applied once the realised bit-widths meet the targets (and
             ``hold_epochs`` have passed). ``half_life_to_anneal`` converts a half-life in epochs.
+        anneal_shape: "exponential" (the LR x ``anneal`` per batch, the paper's) or "cosine"
+            (the LR falls along a half cosine from its peak at the start of annealing to 0 at
+            the end of ``max_epochs``; ``anneal`` is unused): for a fixed short budget.
         hold_epochs: epochs trained at the full LR after the first convergence before annealing
             starts (0: anneal from the first convergence on, as the paper). Early-stopping
             patience is counted only after the hold, so the stopping rule sees a plateau at the
@@ -93,6 +98,7 @@ class TrainConfig:
     warmup_steps: int = 1000
     t_scale: float = 2.0
     anneal: float = 0.9985
+    anneal_shape: str = "exponential"
     hold_epochs: int = 0
     quantizer_lr_scale: float = 1.0
     max_epochs: int = 1000
@@ -149,6 +155,8 @@ class TrainConfig:
         positive("label_weight", allow_zero=True)
         if not math.isfinite(self.label_weight):
             raise ValueError(f"TrainConfig.label_weight: expected a finite number, got {self.label_weight!r}")
+        if self.anneal_shape not in ANNEAL_SHAPES:
+            raise ValueError(f"TrainConfig.anneal_shape: expected one of {ANNEAL_SHAPES}, got {self.anneal_shape!r}")
         if self.start_grid not in ("minmax", "mse"):
             raise ValueError(f"TrainConfig.start_grid: expected 'minmax' or 'mse', got {self.start_grid!r}")
         if not isinstance(self.channels_last, bool):

@@ -73,6 +73,19 @@ def _distill_with_labels(label_weight: float):
     return distill_and_labels
 
 
+def _planned_steps(config: TrainConfig, train_loader) -> Optional[int]:
+    """Optimizer steps of the whole planned run (``max_epochs`` x batches per epoch), which a
+    cosine anneal ends at; None for the exponential anneal, which does not need it."""
+    if config.anneal_shape != "cosine":
+        return None
+    try:
+        batches = len(train_loader)
+    except TypeError:
+        raise ValueError("TrainConfig.anneal_shape='cosine' needs a train_loader with a length "
+                         "(batches per epoch) to plan where the LR reaches 0") from None
+    return config.max_epochs * batches
+
+
 def _set_loader_epoch(loader, epoch: int) -> None:
     # DistributedSampler (and samplers or loaders like it, e.g. gdnsq.data.CifarLoader) derive
     # their order from seed + epoch, which makes the epoch's data independent of history.
@@ -174,7 +187,9 @@ class Trainer:
         self.optimizer = torch.optim.RAdam(param_groups(self.student, config.lr, config.quantizer_lr_scale),
                                            lr=config.lr, weight_decay=0.0)
         self.schedule = GDNSQSchedule(self.optimizer, config.warmup_steps, t_scale=config.t_scale,
-                                      anneal=config.anneal, hold_epochs=config.hold_epochs, lr0=config.lr)
+                                      anneal=config.anneal, hold_epochs=config.hold_epochs, lr0=config.lr,
+                                      shape=config.anneal_shape,
+                                      total_steps=_planned_steps(config, train_loader))
         # Under DDP its default reduce_fn averages D over ranks, so every rank keeps the same mu.
         self.objective = GDNSQObjective(self.student, epsilon=config.epsilon,
                                         base_loss=_distill_with_labels(config.label_weight))
