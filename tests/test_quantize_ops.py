@@ -272,3 +272,30 @@ def test_cpu_isa_flags_follow_cpuinfo(monkeypatch):
     monkeypatch.setattr(cpu_quantize, "_cpu_flags", lambda: full)
     flags = cpu_quantize._isa_flags()
     assert "-mavx512bw" in flags and "-mprefer-vector-width=512" in flags
+    assert "-mavx512bf16" not in flags
+    monkeypatch.setattr(cpu_quantize, "_cpu_flags", lambda: full | {"avx512_bf16"})
+    assert "-mavx512bf16" in cpu_quantize._isa_flags()
+
+
+@pytest.mark.parametrize("device,backend", [("cpu", "cpu"), ("cpu", "torch")], ids=["cpu-cpu", "cpu-torch"])
+def test_activation_bfloat16_store_nan_and_denormal(device, backend, poison_empty):
+    """bfloat16 outputs are rounded as the reference's float32 -> bfloat16 cast, bit for bit,
+    also in vectors that hold a NaN or produce denormal values (which a hardware conversion
+    that flushes denormals would turn into zeros)."""
+    x = (torch.randn(70, device=device) * 1.5).to(torch.bfloat16)
+    x[5], x[40] = float("nan"), float("-nan")
+    for params in ACT_PARAMS:
+        a, gm, b = (_p(v, device) for v in params)
+        y = Q.activation_forward(x, a, gm, b, backend=backend)
+        yr = R.activation_forward(x, a, gm, b)
+        nan = torch.isnan(yr)
+        assert torch.equal(torch.isnan(y), nan) and nan.sum() == 2  # NaN bits differ by backend
+        assert torch.equal(y[~nan].view(torch.int16), yr[~nan].view(torch.int16))
+    # a grid of denormal float32 steps: s = 2**-133, levels 0 .. 7s; x spans them
+    tiny = torch.arange(-2, 40, device=device, dtype=torch.float32) * 2.0 ** -134
+    xt = tiny.to(torch.bfloat16)
+    a, gm, b = _p(-133.0, device), _p(-130.0, device), _p(0.0, device)
+    y = Q.activation_forward(xt, a, gm, b, backend=backend)
+    yr = R.activation_forward(xt, a, gm, b)
+    assert (yr.float() != 0).any() and yr.float().abs().max() < 2.0 ** -126  # denormal levels
+    assert torch.equal(y.view(torch.int16), yr.view(torch.int16))
