@@ -25,7 +25,9 @@ how many of them are gdnsq's Triton kernels; on CPU, where there are no launches
 
 Both quantized providers use the default placement (first conv, classifier FP) and the same
 calibrated parameters. Reported: median step time, bytes saved for backward (unique storages
-seen by ``torch.autograd.graph.saved_tensors_hooks`` during the forward), and ratios to FP.
+seen by ``torch.autograd.graph.saved_tensors_hooks`` during the forward), ratios to FP, and
+the epochs per hour the median step gives (``ceil(--train-images / --batch)`` steps per epoch:
+training steps only; ``benchmarks/profile_epoch.py`` times whole epochs of the real trainer).
 Results are appended to ``benchmarks/results/qat_step.jsonl`` and the latest run is written to
 ``benchmarks/results/qat_step.md`` (``--out-dir`` names another folder: runs on a loaded machine
 belong in a scratch folder, not in the committed results).
@@ -208,6 +210,17 @@ def launches_text(launches: dict) -> str:
             + f", {launches['aten_op_calls']} ATen op calls, nested included (CPU: no kernel launches)")
 
 
+def epochs_per_hour(step_ms: float, steps_per_epoch: int) -> float:
+    """Training epochs per hour at ``step_ms`` per step: the steps alone (no data loading, no
+    validation; ``benchmarks/profile_epoch.py`` measures whole epochs of the real trainer)."""
+    return 3600.0 / (step_ms / 1e3 * steps_per_epoch)
+
+
+def _steps_per_epoch(record: dict) -> int:
+    # records before the column existed: the default CIFAR split, 45,000 training images
+    return record.get("steps_per_epoch") or math.ceil(45000 / record["batch"])
+
+
 def markdown(record: dict, jsonl_text: str) -> str:
     """The results table of ``record`` plus one line per run recorded in ``jsonl_text``."""
     def fmt(v, spec):
@@ -219,11 +232,13 @@ def markdown(record: dict, jsonl_text: str) -> str:
           f"median of {record['rounds']} interleaved steps (load average at the end: "
           f"{', '.join(f'{v:.1f}' for v in record['loadavg'] or [])}).",
           "",
-          "| provider | median step (ms) | p20-p80 (ms) | saved for backward (MiB) | time / FP | bytes / FP |",
-          "|---|---:|---:|---:|---:|---:|"]
+          "| provider | median step (ms) | p20-p80 (ms) | saved for backward (MiB) | time / FP | bytes / FP "
+          f"| epochs per hour ({_steps_per_epoch(record)} steps, steps only) |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
     for r in record["results"]:
         md.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['p20_ms']:.1f}-{r['p80_ms']:.1f} | "
-                  f"{fmt(r['saved_MiB'], '.1f')} | {r['time_vs_fp']:.2f} | {fmt(r['bytes_vs_fp'], '.3f')} |")
+                  f"{fmt(r['saved_MiB'], '.1f')} | {r['time_vs_fp']:.2f} | {fmt(r['bytes_vs_fp'], '.3f')} | "
+                  f"{epochs_per_hour(r['median_ms'], _steps_per_epoch(record)):.1f} |")
     counted = [r for r in record["results"] if r.get("launches")]
     if counted:
         md += ["", "Launches per step:", ""] + [f"* {r['provider']}: {launches_text(r['launches'])}"
@@ -238,8 +253,9 @@ def markdown(record: dict, jsonl_text: str) -> str:
     cmd = ("python benchmarks/bench_qat_step.py " + " ".join(record.get("argv", []))).rstrip()
     md += ["", f"Command: `{cmd}`", "",
            "All recorded runs (qat_step.jsonl; time / saved bytes, as ratios to FP):", "",
-           "| date (UTC) | device | precision | threads | load | fp (ms) | eager | gdnsq | gdnsq-nodither | gdnsq-compiled |",
-           "|---|---|---|---:|---:|---:|---|---|---|---|"]
+           "| date (UTC) | device | precision | threads | load | fp (ms) | eager | gdnsq | gdnsq-nodither | gdnsq-compiled "
+           "| epochs per hour, fp / gdnsq (steps only) |",
+           "|---|---|---|---:|---:|---:|---|---|---|---|---|"]
     for line in jsonl_text.splitlines():
         rec = json.loads(line)
         by = {r["provider"]: r for r in rec["results"]}
@@ -252,8 +268,10 @@ def markdown(record: dict, jsonl_text: str) -> str:
         load = rec.get("loadavg") or [float("nan")]
         prec = rec.get("precision", "fp32") + (" CL" if rec.get("channels_last") else "")
         fp_ms = by["fp"]["median_ms"] if "fp" in by else float("nan")
+        steps = _steps_per_epoch(rec)
+        eph = " / ".join(f"{epochs_per_hour(by[n]['median_ms'], steps):.1f}" if n in by else "-" for n in ("fp", "gdnsq"))
         md.append(f"| {rec['date']} | {rec['device']} | {prec} | {rec['threads']} | {load[0]:.1f} | {fp_ms:.0f} | "
-                  f"{cell('eager')} | {cell('gdnsq')} | {cell('gdnsq-nodither')} | {cell('gdnsq-compiled')} |")
+                  f"{cell('eager')} | {cell('gdnsq')} | {cell('gdnsq-nodither')} | {cell('gdnsq-compiled')} | {eph} |")
     return "\n".join(md) + "\n"
 
 
@@ -261,6 +279,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=12, help="timed steps per provider")
+    ap.add_argument("--train-images", type=int, default=45000,
+                    help="training images per epoch for the epochs-per-hour column (default 45000: "
+                         "the CIFAR-10 split gdnsq quantize uses)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per provider")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -291,8 +312,9 @@ def main(argv=None):
         text = open(os.path.join(args.out_dir, "qat_step.jsonl")).read()
         atomic_write_text(os.path.join(args.out_dir, "qat_step.md"), markdown(json.loads(text.splitlines()[-1]), text))
         return None
-    if args.batch < 1 or args.rounds < 1 or args.warmup < 0:
-        ap.error("--batch and --rounds must be >= 1, --warmup >= 0")
+    if args.batch < 1 or args.rounds < 1 or args.warmup < 0 or args.train_images < 1:
+        ap.error("--batch, --rounds and --train-images must be >= 1, --warmup >= 0")
+    steps_per_epoch = math.ceil(args.train_images / args.batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -365,11 +387,12 @@ def main(argv=None):
         rows.append({"provider": name, "median_ms": med * 1e3, "p20_ms": q[0] * 1e3, "p80_ms": q[-1] * 1e3,
                      "saved_MiB": None if b is None else b / 2**20, "time_vs_fp": med / fp_t,
                      "bytes_vs_fp": None if b is None else b / fp_b, "compile_s": p["compile_s"],
+                     "epochs_per_hour": epochs_per_hour(med * 1e3, steps_per_epoch),
                      "launches": p.get("launches")})
 
     record = {
         "bench": "qat_step", "model": model_name, "batch": args.batch, "input": [3, 32, 32],
-        "rounds": args.rounds, "clock": args.clock, "precision": args.precision, "channels_last": bool(args.channels_last),
+        "rounds": args.rounds, "clock": args.clock, "steps_per_epoch": steps_per_epoch, "precision": args.precision, "channels_last": bool(args.channels_last),
         "argv": argv if argv is not None else sys.argv[1:], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "backend": os.environ.get("GDNSQ_BACKEND", "auto"),
@@ -383,12 +406,13 @@ def main(argv=None):
     except ImportError:
         record["triton"] = None
 
-    lines = [f"{'provider':<14} {'median ms':>10} {'p20-p80 ms':>16} {'saved MiB':>10} {'time/FP':>8} {'bytes/FP':>9}"]
+    lines = [f"{'provider':<14} {'median ms':>10} {'p20-p80 ms':>16} {'saved MiB':>10} {'time/FP':>8} {'bytes/FP':>9} "
+             f"{'epochs/h':>9}"]
     for r in rows:
         saved = "-" if r["saved_MiB"] is None else f"{r['saved_MiB']:.1f}"
         ratio = "-" if r["bytes_vs_fp"] is None else f"{r['bytes_vs_fp']:.3f}"
         lines.append(f"{r['provider']:<14} {r['median_ms']:>10.1f} {r['p20_ms']:>7.1f}-{r['p80_ms']:<8.1f} "
-                     f"{saved:>10} {r['time_vs_fp']:>8.2f} {ratio:>9}"
+                     f"{saved:>10} {r['time_vs_fp']:>8.2f} {ratio:>9} {r['epochs_per_hour']:>9.1f}"
                      + (f"   (compile {r['compile_s']:.1f} s)" if r["compile_s"] is not None else ""))
     for r in rows:
         if r["launches"]:
