@@ -210,6 +210,56 @@ def launches_text(launches: dict) -> str:
             + f", {launches['aten_op_calls']} ATen op calls, nested included (CPU: no kernel launches)")
 
 
+# The pieces of a fused layer's forward and backward that --breakdown times: (module, function
+# name, label). Wrapping the module attribute reaches every call, since fused_layers looks them
+# up at call time (``_ops.act_forward_impl``) or through its own module globals.
+_BREAKDOWN_PIECES = (
+    ("gdnsq_kernels.quantize._ops", "act_forward_impl", "activation quantizer forward (forward + recompute)"),
+    ("gdnsq_kernels.quantize._ops", "act_backward_impl", "activation quantizer backward"),
+    ("gdnsq_kernels.quantize._ops", "w_forward_impl", "weight quantizer forward"),
+    ("gdnsq_kernels.quantize._ops", "w_step_grad_impl", "weight step gradient"),
+    ("gdnsq_kernels.quantize.fused_layers", "aewgs_grads", "aewgs weight gradient"),
+    ("gdnsq_kernels.quantize.fused_layers", "layer_forward", "conv/linear forward"),
+    ("gdnsq_kernels.quantize.fused_layers", "_layer_backward", "conv/linear backward"),
+    ("gdnsq_kernels.quantize.fused_layers", "_fused_forward", "fused layers' forward, all"),
+    ("gdnsq_kernels.quantize.fused_layers", "_fused_backward", "fused layers' backward, all"),
+)
+
+
+def breakdown(step, steps: int, clock) -> list:
+    """Time per step (ms) of each piece in ``_BREAKDOWN_PIECES`` over ``steps`` calls of
+    ``step``, by wrapping the functions with ``clock`` counters (a diagnostic: the wrappers add
+    a few microseconds per call). Returns [(label, ms per step, calls per step)]."""
+    import importlib
+    spent, calls, saved = {}, {}, []
+    for mod_name, fn_name, label in _BREAKDOWN_PIECES:
+        mod = importlib.import_module(mod_name)
+        fn = getattr(mod, fn_name)
+        spent[label], calls[label] = 0.0, 0
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t0 = clock()
+            try:
+                return _fn(*a, **k)
+            finally:
+                spent[_label] += clock() - t0
+                calls[_label] += 1
+        saved.append((mod, fn_name, fn))
+        setattr(mod, fn_name, timed)
+    try:
+        t0 = clock()
+        for _ in range(steps):
+            step()
+        total = clock() - t0
+    finally:
+        for mod, fn_name, fn in saved:
+            setattr(mod, fn_name, fn)
+    rows = [("whole step", total / steps * 1e3, 1)]
+    rows += [(label, spent[label] / steps * 1e3, calls[label] // steps) for _, _, label in _BREAKDOWN_PIECES
+             if calls[label]]
+    return rows
+
+
 def epochs_per_hour(step_ms: float, steps_per_epoch: int) -> float:
     """Training epochs per hour at ``step_ms`` per step: the steps alone (no data loading, no
     validation; ``benchmarks/profile_epoch.py`` measures whole epochs of the real trainer)."""
@@ -247,6 +297,11 @@ def markdown(record: dict, jsonl_text: str) -> str:
     if compiled:
         md += ["", "First call (compilation) of the compiled rows: " + ", ".join(
             f"{r['provider']} {r['compile_s']:.1f} s" for r in compiled) + "."]
+    if record.get("breakdown"):
+        md += ["", f"The gdnsq step piece by piece (`--breakdown`, {record.get('clock', 'wall')} clock, 4 more steps; "
+                   "the fused layers' totals include the pieces above them):", "",
+               "| piece | ms per step | calls per step |", "|---|---:|---:|"]
+        md += [f"| {b['piece']} | {b['ms_per_step']:.1f} | {b['calls_per_step']} |" for b in record["breakdown"]]
     if (record.get("loadavg") or [0])[0] > 0.5:
         md += ["", f"The machine was loaded during this run (load average {record['loadavg'][0]:.1f}); "
                    "rerun on a quiet machine for the figures that count."]
@@ -290,6 +345,9 @@ def main(argv=None):
     ap.add_argument("--channels-last", action="store_true",
                     help="models and input in channels_last memory format (every row)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the gdnsq step")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="after the timed rounds, time the pieces of gdnsq's fused layers (quantizer "
+                         "kernels, conv forward/backward) over 4 more steps and print them")
     ap.add_argument("--no-save", action="store_true", help="do not write the results files")
     ap.add_argument("--out-dir", default=RESULTS,
                     help="folder of qat_step.jsonl / qat_step.md (default benchmarks/results; use a "
@@ -419,6 +477,15 @@ def main(argv=None):
             lines.append(f"launches per step, {r['provider']}: {launches_text(r['launches'])}")
     print("\n".join(lines))
 
+    if args.breakdown:
+        rows = breakdown(providers["gdnsq"]["step"], 4, clock)
+        print(f"\n--- gdnsq step, piece by piece ({args.clock} clock, 4 steps) ---")
+        for label, ms, n in rows:
+            print(f"{label:<52} {ms:8.1f} ms/step  ({n} calls)")
+        record_breakdown = [{"piece": label, "ms_per_step": ms, "calls_per_step": n} for label, ms, n in rows]
+    else:
+        record_breakdown = None
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -429,6 +496,8 @@ def main(argv=None):
             print(f"\n--- {name} (3 steps) ---")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
+    if record_breakdown is not None:
+        record["breakdown"] = record_breakdown
     if not args.no_save:
         os.makedirs(args.out_dir, exist_ok=True)
         jsonl = os.path.join(args.out_dir, "qat_step.jsonl")
