@@ -191,8 +191,14 @@ class GDNSQSchedule(LRScheduler):
         self.total_steps = _count(total_steps, "total_steps")
         if self.shape == "cosine" and self.anneal_start is not None:
             self.rho = self._cosine_rho()
-            for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-                group["lr"] = lr
+            self._write_lrs()
+
+    def _write_lrs(self) -> None:
+        """Put the current batch's LRs into the optimizer groups (after a state change)."""
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
 
     def set_converged(self, flag: bool) -> None:
         """Record one convergence check (at an epoch end): annealing runs from the next step
@@ -224,10 +230,7 @@ class GDNSQSchedule(LRScheduler):
         self.__dict__.update(state)
         if self.shape == "cosine" and self.anneal_start is not None:
             self.rho = self._cosine_rho()
-        lrs = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self._last_lr = list(lrs)
+        self._write_lrs()
 
     def _from_legacy(self, state: dict) -> dict:
         missing = {"n", "rho", "converged"} - set(state)

@@ -1,6 +1,7 @@
 """The cosine anneal of GDNSQSchedule (shape="cosine") and TrainConfig.anneal_shape: the LR of
 each batch against values written out by hand, the freeze on a failed check, the state round
 trip, a raised planned length, and the errors."""
+import io
 import math
 
 import pytest
@@ -82,7 +83,10 @@ def test_state_round_trip_and_raised_length():
     sch = GDNSQSchedule(opt, 0, shape="cosine", total_steps=10)
     _run(sch, opt, 6, converge_at=2)  # anneal_start 2, k = 4 after 6 batches
     state = sch.state_dict()
-    assert torch.load(__import__("io").BytesIO(_save(state)), weights_only=True) == state
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True) == state
 
     same = _opt(1.0)
     resumed = GDNSQSchedule(same, 0, shape="cosine", total_steps=10)
@@ -95,13 +99,6 @@ def test_state_round_trip_and_raised_length():
     assert longer.param_groups[0]["lr"] == pytest.approx((1 + math.cos(math.pi * 4 / 16)) / 2)
     extended.set_total_steps(10)
     assert longer.param_groups[0]["lr"] == pytest.approx((1 + math.cos(math.pi * 4 / 8)) / 2)
-
-
-def _save(obj):
-    import io
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def test_exponential_is_unchanged_by_the_new_fields():

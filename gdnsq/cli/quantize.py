@@ -16,6 +16,7 @@ from typing import List
 from .. import data as gdata
 from .._atomic import atomic_write_text
 from ..models import MODELS, get_model, load_fp_checkpoint
+from ..schedule import ANNEAL_SHAPES
 from ._support import (CliError, RUN_FILE, act_bits_arg, add_subcommand, bits_arg, check_run_folder,
                        checkpoint_file, log as _log, nonneg_float, nonneg_int, number_arg, positive_float,
                        positive_int, resolve_device, usage_errors)
@@ -391,7 +392,7 @@ def add_parser(subparsers) -> None:
                        help="per-batch LR factor once converged and held")
     sched.add_argument("--anneal-half-life", type=positive_float, default=None, metavar="EPOCHS",
                        help="the same as a half-life in epochs (instead of --anneal)")
-    sched.add_argument("--anneal-shape", choices=["exponential", "cosine"], default=None,
+    sched.add_argument("--anneal-shape", choices=list(ANNEAL_SHAPES), default=None,
                        help="exponential: LR x anneal per batch (the paper's, default); cosine: the LR "
                             "falls along a half cosine to 0 at the end of --epochs (a fixed budget)")
     sched.add_argument("--hold-epochs", type=nonneg_int, default=None,
