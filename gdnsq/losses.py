@@ -22,6 +22,7 @@ one transfer.
 """
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import Callable, Optional
 
@@ -33,10 +34,24 @@ from ._dist import mean_over_ranks
 from .stats import quantized_layers
 
 
+def _check_temperature(temperature) -> float:
+    """``temperature`` as a float, or a ValueError naming it."""
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
 def jeffreys_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``KL(p_T || p_S) + KL(p_S || p_T)`` at temperature 1, summed over the last (class) axis,
-    averaged over the positions.
+                        mask: Optional[torch.Tensor] = None, *, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * (KL(p_T || p_S) + KL(p_S || p_T))`` with both distributions taken at temperature
+    ``T`` (``softmax(logits / T)``), summed over the last (class) axis, averaged over the positions.
+
+    ``T = 1`` (the default) is the paper's divergence. ``T > 1`` softens both distributions,
+    which matters when the teacher is nearly certain on the training images (one that trained on
+    them: its ``T = 1`` targets are then almost one-hot and carry little beyond the label); the
+    ``T^2`` factor keeps the gradients' scale comparable across temperatures (Hinton et al.,
+    2015).
 
     Args:
         student_logits, teacher_logits: logits of the same shape, classes last: (N, K) for a
@@ -45,17 +60,24 @@ def jeffreys_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tens
         mask: None (every position counts), or a bool / 0-1 tensor of the logits' shape
             without the class axis ((N,) or (B, T)): only positions where it is nonzero count,
             e.g. a tokenizer's ``attention_mask``. A mask with no nonzero entry gives 0.
+        temperature: ``T`` > 0 (keyword only).
     Returns:
-        0-d tensor, nats per position (per sample for (N, K) logits: ``batchmean``).
+        0-d tensor, nats per position (per sample for (N, K) logits: ``batchmean``), times ``T^2``.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() < 2:
         raise ValueError(f"student_logits and teacher_logits must have one shape (..., classes) with at "
                          f"least 2 dims, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    temperature = _check_temperature(temperature)
     ct = torch.promote_types(student_logits.dtype, torch.float32)  # float32 (float64 kept)
-    ls = F.log_softmax(student_logits.to(ct), dim=-1)
-    lt = F.log_softmax(teacher_logits.to(ct), dim=-1)
+    student_logits, teacher_logits = student_logits.to(ct), teacher_logits.to(ct)
+    if temperature != 1.0:  # at T = 1 the arithmetic is exactly the paper's (and earlier runs')
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+    ls = F.log_softmax(student_logits, dim=-1)
+    lt = F.log_softmax(teacher_logits, dim=-1)
     # KL(T||S) + KL(S||T) = sum (p_T - p_S) (log p_T - log p_S)
     per_position = ((lt.exp() - ls.exp()) * (lt - ls)).sum(-1)
+    if temperature != 1.0:
+        per_position = per_position * (temperature * temperature)
     if mask is None:
         return per_position.sum() / per_position.numel()
     if tuple(mask.shape) != tuple(per_position.shape):
@@ -158,8 +180,9 @@ class GDNSQObjective(nn.Module):
     Three ways to call it; each returns ``(loss, parts)``, ``loss`` a 0-d tensor to backward:
 
     * ``objective(student_logits, teacher_logits, t, mask=None)``: ``D`` is
-      :func:`jeffreys_divergence` ((N, K) or token-level (B, T, V) logits; ``mask`` (N,) or
-      (B, T) selects the positions, e.g. an ``attention_mask``);
+      :func:`jeffreys_divergence` at the objective's ``temperature`` (default 1, the paper's)
+      ((N, K) or token-level (B, T, V) logits; ``mask`` (N,) or (B, T) selects the positions,
+      e.g. an ``attention_mask``);
       ``objective(student_logits, None, t, labels=y, mask=None)``: ``D`` is the cross-entropy
       with ``labels`` ((N,) or (B, T) class indices; -100 and masked positions are ignored).
       With ``base_loss=fn`` given at construction, ``D = fn(student_logits, teacher_logits,
@@ -189,7 +212,7 @@ class GDNSQObjective(nn.Module):
     """
 
     def __init__(self, student: nn.Module, epsilon: float = 1e-3, p: float = 1.0, *,
-                 base_loss: Optional[Callable] = None):
+                 base_loss: Optional[Callable] = None, temperature: float = 1.0):
         super().__init__()
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
@@ -200,6 +223,8 @@ class GDNSQObjective(nn.Module):
         object.__setattr__(self, "student", student)
         self.penalty = BitWidthPenalty(epsilon=epsilon, p=p)
         self.base_loss = base_loss
+        #: distillation temperature of the built-in Jeffreys base loss (not used by ``base_loss``)
+        self.temperature = _check_temperature(temperature)
         self.reduce_fn: Optional[Callable] = mean_over_ranks
         param = next(student.parameters(), None)
         device = param.device if param is not None else None
@@ -224,7 +249,7 @@ class GDNSQObjective(nn.Module):
                 raise ValueError("mask applies to the built-in base losses; apply it inside base_loss")
             d = self.base_loss(student_logits, teacher_logits, labels)
         elif teacher_logits is not None:
-            d = jeffreys_divergence(student_logits, teacher_logits, mask)
+            d = jeffreys_divergence(student_logits, teacher_logits, mask, temperature=self.temperature)
         elif labels is not None:
             d = _masked_cross_entropy(student_logits, labels, mask)
         else:
@@ -279,7 +304,8 @@ class GDNSQObjective(nn.Module):
         return super().load_state_dict(state, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
-        return f"epsilon={self.penalty.epsilon:g}, p={self.penalty.p:g}, base_loss={self.base_loss!r}"
+        return (f"epsilon={self.penalty.epsilon:g}, p={self.penalty.p:g}, temperature={self.temperature:g}, "
+                f"base_loss={self.base_loss!r}")
 
 
 def read_parts(parts: dict) -> dict:

@@ -34,7 +34,7 @@ _SCHEDULE_FLAGS = (("epochs", "max_epochs"), ("max_minutes", "max_minutes"), ("b
                    ("hold_epochs", "hold_epochs"), ("patience", "patience"), ("val_every", "val_every"),
                    ("precision", "precision"), ("channels_last", "channels_last"), ("seed", "seed"),
                    ("start_bits", "start_bits"), ("start_grid", "start_grid"),
-                   ("label_weight", "label_weight"))
+                   ("label_weight", "label_weight"), ("distill_temperature", "distill_temperature"))
 
 
 def argv_of(args) -> List[str]:
@@ -414,6 +414,9 @@ def add_parser(subparsers) -> None:
     sched.add_argument("--label-weight", type=nonneg_float, default=None, metavar="W",
                        help="add W x cross-entropy on the training labels to the distillation loss "
                             "(default 0: pure Jeffreys distillation, the paper's)")
+    sched.add_argument("--distill-temperature", type=positive_float, default=None, metavar="T",
+                       help="temperature of the Jeffreys distillation, scaled by T^2 (default 1, the "
+                            "paper's; 4 softens a teacher that is nearly certain on its training images)")
     q.add_argument("--resume-from", default=None, metavar="FILE",
                    help="a `gdnsq snapshot` of this run (e.g. committed from another machine): "
                         "restored into --out unless --out holds the same or a later epoch")

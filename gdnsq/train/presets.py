@@ -92,6 +92,11 @@ class TrainConfig:
             labels)`` (default 0: the paper's pure distillation). A recipe departure
             (METHOD Part A item 10) for short runs, where fitting the teacher alone also fits
             its memorisation of the training images.
+        distill_temperature: temperature ``T`` of the Jeffreys distillation, ``D = T^2 *
+            J(softmax(teacher/T), softmax(student/T))`` (default 1: the paper's). A recipe
+            departure (METHOD Part A item 10) for a teacher that is nearly certain on the
+            training images (one that trained on them): ``T = 4`` turns its almost one-hot
+            outputs back into a distribution over the classes.
     """
 
     lr: float = 0.002
@@ -120,6 +125,7 @@ class TrainConfig:
     start_bits: float = 10.0
     start_grid: str = "minmax"
     label_weight: float = 0.0
+    distill_temperature: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -155,6 +161,10 @@ class TrainConfig:
         positive("label_weight", allow_zero=True)
         if not math.isfinite(self.label_weight):
             raise ValueError(f"TrainConfig.label_weight: expected a finite number, got {self.label_weight!r}")
+        positive("distill_temperature")
+        if not math.isfinite(self.distill_temperature):
+            raise ValueError(f"TrainConfig.distill_temperature: expected a finite number > 0, "
+                             f"got {self.distill_temperature!r}")
         if self.anneal_shape not in ANNEAL_SHAPES:
             raise ValueError(f"TrainConfig.anneal_shape: expected one of {ANNEAL_SHAPES}, got {self.anneal_shape!r}")
         if self.start_grid not in ("minmax", "mse"):

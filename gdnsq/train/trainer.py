@@ -61,14 +61,15 @@ from .report import MetricsLog, build_report, per_layer_bits, realised_bits, tar
 from .selection import Selection, selected_checkpoint
 
 
-def _distill_with_labels(label_weight: float):
-    """The objective's base loss for ``TrainConfig.label_weight``: None (the default Jeffreys
-    distillation) at 0, else ``D = Jeffreys(student, teacher) + label_weight * CE(student, labels)``."""
+def _distill_with_labels(label_weight: float, temperature: float = 1.0):
+    """The objective's base loss for ``TrainConfig.label_weight``: None (the built-in Jeffreys
+    distillation, at the objective's temperature) at 0, else ``D = T^2 Jeffreys_T(student,
+    teacher) + label_weight * CE(student, labels)`` (the cross-entropy at temperature 1)."""
     if not label_weight:
         return None
 
     def distill_and_labels(student_logits, teacher_logits, labels):
-        return (jeffreys_divergence(student_logits, teacher_logits)
+        return (jeffreys_divergence(student_logits, teacher_logits, temperature=temperature)
                 + label_weight * _masked_cross_entropy(student_logits, labels, None))
     return distill_and_labels
 
@@ -192,7 +193,9 @@ class Trainer:
                                       total_steps=_planned_steps(config, train_loader))
         # Under DDP its default reduce_fn averages D over ranks, so every rank keeps the same mu.
         self.objective = GDNSQObjective(self.student, epsilon=config.epsilon,
-                                        base_loss=_distill_with_labels(config.label_weight))
+                                        base_loss=_distill_with_labels(config.label_weight,
+                                                                       config.distill_temperature),
+                                        temperature=config.distill_temperature)
         self.convergence = ConvergenceTracker(self.student, self.schedule)
         # The module the training step runs: under DDP a DistributedDataParallel wrapper that
         # averages the gradients over ranks with bucketed all-reduces overlapping the backward.
