@@ -200,17 +200,23 @@ def summarize(run_dirs) -> None:
     records = [json.loads((pathlib.Path(d) / RESULT_FILE).read_text()) for d in run_dirs]
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_append_text(RESULTS / "ab_lsq_peer.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    print(write_table())
+
+
+def write_table() -> str:
+    """Rewrite ``ab_lsq_peer.md`` from every record of ``ab_lsq_peer.jsonl``; return the table."""
     every = [json.loads(line) for line in open(RESULTS / "ab_lsq_peer.jsonl", encoding="utf-8")]
     lines = ["# gdnsq vs a plain LSQ-style fine-tune (Brevitas), equal epochs",
              "", "Written by `python benchmarks/ab_lsq_peer.py --summarize ...` (see its docstring).", "",
-             "| date | arm | recipe | epochs | test top-1 | val top-1 (selected epoch) | wall time | CPU, load |",
-             "|---|---|---|---:|---:|---|---:|---|"]
+             "| date | arm | recipe | seed | epochs | test top-1 | val top-1 (selected epoch) | wall time | CPU, load |",
+             "|---|---|---|---:|---:|---:|---|---:|---|"]
     for r in every:
-        lines.append(f"| {r['date']} | {r['arm']} | {r['recipe']} | {r['epochs']} | {r['test_top1']:.2f} | "
+        # records written before the seed was recorded all ran with the default seed 0
+        lines.append(f"| {r['date']} | {r['arm']} | {r['recipe']} | {r.get('seed', 0)} | {r['epochs']} | {r['test_top1']:.2f} | "
                      f"{r['val_top1']:.2f} ({r['selected_epoch']}) | {r['wall_seconds'] / 60:.0f} min | "
                      f"{r['machine']['cpu']}, {r['machine']['threads']} thread(s), load {r['machine']['load_1min']:.1f} |")
     atomic_write_text(RESULTS / "ab_lsq_peer.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -234,7 +240,7 @@ def main(argv=None) -> int:
     if not args.arm or not args.out:
         p.error("--arm and --out are required (or --summarize)")
     result = run_brevitas(args) if args.arm == "brevitas" else run_gdnsq(args, recipe)
-    result.update(date=time.strftime("%Y-%m-%d"), machine=machine())
+    result.update(date=time.strftime("%Y-%m-%d"), seed=args.seed, machine=machine())
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(pathlib.Path(args.out) / RESULT_FILE, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
