@@ -144,3 +144,23 @@ def test_cli_flag_reaches_the_config(capsys):
                                        "--distill-temperature", "0"])
     assert exit_info.value.code == 2
     assert "--distill-temperature" in capsys.readouterr().err
+
+
+def test_framework_loop_distils_at_the_objectives_temperature():
+    """GDNSQLoop (the Hugging Face / Lightning / any-loop adapter) takes the temperature through
+    its objective: its training loss is the oracle's T = 4 divergence plus the (zero-mu) penalty."""
+    import gdnsq
+    from gdnsq.integrations.loop import GDNSQLoop
+
+    student, teacher = tiny.student_teacher()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    schedule = gdnsq.GDNSQSchedule(optimizer, warmup_steps=1)
+    loop = GDNSQLoop(student, schedule, teacher=teacher,
+                     objective=GDNSQObjective(student, temperature=4.0))
+    x, _ = tiny.make_data(8, 2)
+    student.train()
+    s_logits = student(x)
+    with torch.no_grad():
+        t_logits = teacher(x)
+    _, parts = loop.training_loss(s_logits, x)
+    assert float(parts["distill"]) == pytest.approx(float(_oracle(s_logits.detach(), t_logits, 4.0)), rel=1e-5)
