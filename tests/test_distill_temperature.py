@@ -164,3 +164,20 @@ def test_framework_loop_distils_at_the_objectives_temperature():
         t_logits = teacher(x)
     _, parts = loop.training_loss(s_logits, x)
     assert float(parts["distill"]) == pytest.approx(float(_oracle(s_logits.detach(), t_logits, 4.0)), rel=1e-5)
+
+
+def test_cpu_8ep_preset_is_the_measured_recipe():
+    """`--preset cpu-8ep` resolves to the flags of the 8-epoch arm in docs/results.md."""
+    from gdnsq import cli
+
+    def resolved(argv):
+        args = cli.build_parser().parse_args(["quantize", "--weight-bits", "2", "--act-bits", "2", "--out", "x"] + argv)
+        return cli.quantize.resolve_train_config(args)[0].to_dict()
+
+    preset = resolved(["--preset", "cpu-8ep"])
+    arm = resolved(["--preset", "cpu-fast", "--patience", "100", "--lr", "1e-3", "--quantizer-lr-scale", "14",
+                    "--t-scale", "560", "--anneal-shape", "cosine", "--distill-temperature", "4"])
+    preset.pop("extra"), arm.pop("extra")
+    # cpu-fast's per-batch anneal factor is unused under the cosine shape
+    assert preset.pop("anneal") == 0.9985 and arm.pop("anneal") != 0.9985
+    assert preset == arm

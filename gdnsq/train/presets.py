@@ -1,4 +1,5 @@
-"""Training hyper-parameters (``TrainConfig``) and the named presets ``"paper"`` and ``"cpu-fast"``.
+"""Training hyper-parameters (``TrainConfig``) and the named presets ``"paper"``, ``"cpu-fast"``,
+``"cpu-long"`` and ``"cpu-8ep"``.
 
 Units are part of every field's name or docstring: LR schedule lengths are counted in optimizer
 steps (= batches per rank), validation cadence and patience in epochs / validations.
@@ -230,6 +231,16 @@ PRESETS = {
         lr=0.0005, quantizer_lr_scale=4.0, warmup_steps=200, t_scale=50.0, hold_epochs=8,
         anneal=round(0.5 ** (1.0 / (6 * _CPU_FAST_BATCHES_PER_EPOCH)), 6), batch_size=128,
         val_every=2, patience=4, min_delta=0.05, max_epochs=60, log_every=20,
+    ),
+    # Eight epochs at W2A2 and similar (docs/results.md, the comparison with a plain LSQ
+    # fine-tune): the weights at lr 1e-3, the quantizers at 14x that (the bits reach the target
+    # in the second epoch), then the LR along a half cosine to 0 at the end of epoch 8, so the
+    # last epoch is the selected one; no early stopping inside the budget. Distillation at
+    # temperature 4, for a teacher that is nearly certain on its own training images.
+    "cpu-8ep": dict(
+        lr=0.001, quantizer_lr_scale=14.0, warmup_steps=100, t_scale=560.0, anneal_shape="cosine",
+        batch_size=128, val_every=1, patience=100, min_delta=1e-4, max_epochs=8, log_every=20,
+        distill_temperature=4.0,
     ),
 }
 
