@@ -69,15 +69,11 @@ def jeffreys_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tens
                          f"least 2 dims, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     temperature = _check_temperature(temperature)
     ct = torch.promote_types(student_logits.dtype, torch.float32)  # float32 (float64 kept)
-    student_logits, teacher_logits = student_logits.to(ct), teacher_logits.to(ct)
-    if temperature != 1.0:  # at T = 1 the arithmetic is exactly the paper's (and earlier runs')
-        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
-    ls = F.log_softmax(student_logits, dim=-1)
-    lt = F.log_softmax(teacher_logits, dim=-1)
+    # x / 1 and x * 1 are exact, so T = 1 gives the paper's values (and earlier runs') bit for bit
+    ls = F.log_softmax(student_logits.to(ct) / temperature, dim=-1)
+    lt = F.log_softmax(teacher_logits.to(ct) / temperature, dim=-1)
     # KL(T||S) + KL(S||T) = sum (p_T - p_S) (log p_T - log p_S)
-    per_position = ((lt.exp() - ls.exp()) * (lt - ls)).sum(-1)
-    if temperature != 1.0:
-        per_position = per_position * (temperature * temperature)
+    per_position = ((lt.exp() - ls.exp()) * (lt - ls)).sum(-1) * (temperature * temperature)
     if mask is None:
         return per_position.sum() / per_position.numel()
     if tuple(mask.shape) != tuple(per_position.shape):

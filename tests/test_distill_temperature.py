@@ -181,3 +181,20 @@ def test_cpu_8ep_preset_is_the_measured_recipe():
     # cpu-fast's per-batch anneal factor is unused under the cosine shape
     assert preset.pop("anneal") == 0.9985 and arm.pop("anneal") != 0.9985
     assert preset == arm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_temperature_one_is_the_previous_formula_bit_for_bit(dtype):
+    """Long runs resume bit-exactly across this change only if T = 1 computes exactly what the
+    divergence computed before temperatures existed (written out here): value and gradient."""
+    import torch.nn.functional as F
+
+    s, t = _logits(128, 10, seed=7, scale=5.0)
+    s, t = s.to(dtype).requires_grad_(True), t.to(dtype)
+    ct = torch.promote_types(dtype, torch.float32)
+    ls, lt = F.log_softmax(s.to(ct), dim=-1), F.log_softmax(t.to(ct), dim=-1)
+    per_position = ((lt.exp() - ls.exp()) * (lt - ls)).sum(-1)
+    before = per_position.sum() / per_position.numel()
+    now = jeffreys_divergence(s, t)
+    assert torch.equal(now, before)
+    assert torch.equal(torch.autograd.grad(now, s)[0], torch.autograd.grad(before, s)[0])
